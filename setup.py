@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unet-em",
+    version="0.1.0",
+    description="UNet for 2D biomedical image segmentation on Ascend NPUs, NVIDIA GPUs and CPUs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["unet", "unet.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "torchvision",
+        "numpy",
+        "tifffile",
+        "pillow",
+        "scikit-image",
+        "scipy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "npu": ["torch-npu"],
+        "onnx": ["onnx", "onnxscript"],
+    },
+    entry_points={
+        "console_scripts": [
+            "unet-train=unet.cli:train",
+            "unet-evaluate=unet.cli:evaluate",
+            "unet-infer=unet.cli:infer",
+        ],
+    },
+)

@@ -1,0 +1,26 @@
+"""Shared fixtures: the real ISBI 2012 stacks (via ISBI_DIR) and a quiet, deterministic torch."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def isbi_dir() -> Path:
+    """The directory with train-volume.tif / train-labels.tif; skips when ISBI_DIR is not set."""
+    d = os.environ.get("ISBI_DIR")
+    if not d:
+        pytest.skip("ISBI_DIR is not set (CI sets it to ../shared/isbi2012)")
+    d = Path(d)
+    if not (d / "train-volume.tif").is_file():
+        pytest.fail(f"ISBI_DIR={d} has no train-volume.tif")
+    return d

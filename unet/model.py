@@ -1,0 +1,268 @@
+"""The UNet (Ronneberger et al. 2015) as configured in NVIDIA's UNet_Medical, and its size arithmetic.
+
+The default configuration reproduces UNet_Medical exactly: 5 levels of 64-128-256-512-1024 filters,
+unpadded 3x3 convolutions, dropout 0.5 after the bottleneck, 3x3 stride-2 transposed convolutions for
+upsampling, crop-and-concatenate skips and a 1x1 convolution to 2 logits: 572x572 in, 388x388 out,
+34,512,258 parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+PADDINGS = ("valid", "same")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a UNet and feed it: architecture plus input normalisation.
+
+    Stored in every checkpoint so that evaluation and inference need nothing but the checkpoint.
+
+    Args:
+        in_channels: channels of the input image.
+        num_classes: output logits per pixel (2: membrane = 0, cell interior = 1).
+        base_filters: filters of the first level; level i has ``base_filters * 2**i``.
+        depth: number of levels including the bottleneck.
+        padding: ``valid`` (unpadded convolutions, output smaller than input) or ``same``.
+        batch_norm: add BatchNorm after every 3x3 convolution.
+        dropout: dropout probability after the bottleneck (training only).
+        mean, std: input normalisation ``(x - mean) / std``, applied by the model itself to images
+            already scaled by dtype to [0, 1], so training, evaluation, inference and exported
+            programs can never disagree about it (default: [0, 1] -> [-1, 1]).
+        class_names: what each output class means.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 2
+    base_filters: int = 64
+    depth: int = 5
+    padding: str = "valid"
+    batch_norm: bool = False
+    dropout: float = 0.5
+    mean: float = 0.5
+    std: float = 0.5
+    class_names: list[str] = field(default_factory=lambda: ["membrane", "cell"])
+
+    def __post_init__(self):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.depth < 2:
+            raise ValueError(f"depth must be at least 2 (one pooling level), got {self.depth}")
+        if self.base_filters < 1 or self.in_channels < 1 or self.num_classes < 2:
+            raise ValueError("base_filters and in_channels must be >= 1 and num_classes >= 2")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if not self.std > 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def _conv3x3(in_ch: int, out_ch: int, padding: str, batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1 if padding == "same" else 0,
+                                         bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 convolutions, each followed by (optional BatchNorm and) ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, padding: str = "valid", batch_norm: bool = False):
+        super().__init__(*_conv3x3(in_ch, out_ch, padding, batch_norm), *_conv3x3(out_ch, out_ch, padding, batch_norm))
+
+
+class UpConv(nn.Sequential):
+    """3x3 stride-2 transposed convolution + ReLU: exactly doubles height and width."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1),
+                         nn.ReLU(inplace=True))
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Crop the spatial centre of an NCHW tensor to ``height`` x ``width``."""
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+class Down(nn.Module):
+    """Encoder level: DoubleConv, then 2x2 max-pool; returns (pooled, skip)."""
+
+    def __init__(self, in_ch: int, out_ch: int, padding: str, batch_norm: bool):
+        super().__init__()
+        self.conv = DoubleConv(in_ch, out_ch, padding, batch_norm)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.conv(x)
+        return self.pool(skip), skip
+
+
+class Bottleneck(nn.Module):
+    """DoubleConv, dropout (training only), then upsampling to the next decoder level."""
+
+    def __init__(self, in_ch: int, out_ch: int, padding: str, batch_norm: bool, dropout: float):
+        super().__init__()
+        self.conv = DoubleConv(in_ch, out_ch, padding, batch_norm)
+        self.dropout = nn.Dropout(dropout)
+        self.up = UpConv(out_ch, out_ch // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.conv(x)))
+
+
+class Up(nn.Module):
+    """Decoder level: concat(upsampled, cropped skip), DoubleConv, then upsampling."""
+
+    def __init__(self, in_ch: int, out_ch: int, padding: str, batch_norm: bool):
+        super().__init__()
+        self.conv = DoubleConv(in_ch, out_ch, padding, batch_norm)
+        self.up = UpConv(out_ch, out_ch // 2)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        return self.up(self.conv(torch.cat([x, skip], dim=1)))
+
+
+class OutBlock(nn.Module):
+    """Last level: concat(upsampled, cropped skip), DoubleConv, 1x1 convolution to class logits."""
+
+    def __init__(self, in_ch: int, mid_ch: int, num_classes: int, padding: str, batch_norm: bool):
+        super().__init__()
+        self.conv = DoubleConv(in_ch, mid_ch, padding, batch_norm)
+        self.head = nn.Conv2d(mid_ch, num_classes, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        return self.head(self.conv(torch.cat([x, skip], dim=1)))
+
+
+class UNet(nn.Module):
+    """UNet returning per-pixel class logits (no activation).
+
+    Args:
+        config: a :class:`ModelConfig`; keyword arguments override its fields (or build one).
+
+    Example:
+        >>> model = UNet()                      # NVIDIA UNet_Medical: 572x572 -> 388x388
+        >>> small = UNet(base_filters=16, padding="same")
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = ModelConfig(**overrides)
+        elif overrides:
+            config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        c, p, bn = config, config.padding, config.batch_norm
+        filters = [c.base_filters * 2 ** i for i in range(c.depth)]
+        self.downs = nn.ModuleList(
+            Down(c.in_channels if i == 0 else filters[i - 1], filters[i], p, bn) for i in range(c.depth - 1))
+        self.bottleneck = Bottleneck(filters[-2], filters[-1], p, bn, c.dropout)
+        # Each decoder level sees its upsampled input (f // 2 channels) concatenated with an equal skip.
+        self.ups = nn.ModuleList(Up(filters[i + 1], filters[i], p, bn) for i in reversed(range(1, c.depth - 1)))
+        self.out = OutBlock(filters[1], filters[0], c.num_classes, p, bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes, h, w)`` for images ``(N, in_channels, H, W)`` scaled to [0, 1]."""
+        x = (x - self.config.mean) / self.config.std
+        skips = []
+        for down in self.downs:
+            x, skip = down(x)
+            skips.append(skip)
+        x = self.bottleneck(x)
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.out(x, skips.pop())
+
+    # Size arithmetic, so that samplers and tilers never hard-code 572 -> 388.
+    @property
+    def padding(self) -> str:
+        return self.config.padding
+
+    def output_size(self, input_size: int) -> int:
+        """Output height (or width) for an input height (or width); ValueError if it is not valid."""
+        return output_size(input_size, self.config.depth, self.config.padding)
+
+    def valid_input_size(self, min_size: int) -> int:
+        """Smallest valid input size >= ``min_size``."""
+        return valid_input_size(min_size, self.config.depth, self.config.padding)
+
+    def input_size_for_output(self, min_output: int) -> int:
+        """Smallest valid input size whose output is at least ``min_output``."""
+        return input_size_for_output(min_output, self.config.depth, self.config.padding)
+
+
+def _trace(n: int, depth: int, padding: str) -> int | None:
+    """Follow a size through the network; None where a pooling sees an odd size or a size reaches < 1."""
+    shrink = 4 if padding == "valid" else 0
+    for _ in range(depth - 1):
+        n -= shrink
+        if n < 2 or n % 2:
+            return None
+        n //= 2
+    n -= shrink  # bottleneck convolutions
+    if n < 1:
+        return None
+    for _ in range(depth - 1):
+        n = 2 * n - shrink
+    return n
+
+
+def output_size(input_size: int, depth: int = 5, padding: str = "valid") -> int:
+    """Output size of a UNet for ``input_size``.
+
+    Raises:
+        ValueError: naming the nearest valid sizes when ``input_size`` is not valid.
+    """
+    out = _trace(int(input_size), depth, padding)
+    if out is None:
+        lo = _nearest_valid(input_size, depth, padding, step=-1)
+        hi = valid_input_size(input_size, depth, padding)
+        near = f"{lo} or {hi}" if lo else f"{hi}"
+        rule = (f"(n - 4) must stay even through {depth - 1} poolings" if padding == "valid"
+                else f"n must be divisible by {2 ** (depth - 1)}")
+        raise ValueError(f"input size {input_size} is not valid for a depth-{depth} '{padding}' UNet: "
+                         f"{rule}; the nearest valid sizes are {near}")
+    return out
+
+
+def _nearest_valid(n: int, depth: int, padding: str, step: int) -> int | None:
+    n = max(int(n), 1)
+    while n >= 1:
+        if _trace(n, depth, padding) is not None:
+            return n
+        n += step
+        if step > 0 and n > 1 << 20:
+            break
+    return None
+
+
+def valid_input_size(min_size: int, depth: int = 5, padding: str = "valid") -> int:
+    """Smallest valid input size >= ``min_size``."""
+    return _nearest_valid(min_size, depth, padding, step=1)
+
+
+def input_size_for_output(min_output: int, depth: int = 5, padding: str = "valid") -> int:
+    """Smallest valid input size whose output size is >= ``min_output``."""
+    n = valid_input_size(max(min_output, 1), depth, padding)
+    while _trace(n, depth, padding) < min_output:
+        n = valid_input_size(n + 1, depth, padding)
+    return n
