@@ -1,0 +1,66 @@
+"""NVIDIA UNet_Medical's training loss: softmax cross-entropy + (1 - soft Dice).
+
+UNet_Medical (TensorFlow) computes, on logits flattened to ``(N, pixels, K)``:
+
+    ce   = mean over pixels and images of softmax_cross_entropy(logits, onehot)
+    dice = (2 * sum_px(p * t) + eps) / (sum_px(p * p + t * t) + eps)    per image and class
+    loss = ce + mean over images and classes of (1 - dice)
+
+with ``p`` the softmax probabilities, ``t`` the one-hot target and ``eps = 1e-6``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["soft_dice", "ce_dice_loss"]
+
+
+def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft Dice of every image and class, summed over pixels (NVIDIA UNet_Medical's ``dice_coef``).
+
+    Args:
+        probs: per-pixel class probabilities ``(N, K, ...)``.
+        onehot: one-hot (or soft) targets of the same shape.
+        eps: added to numerator and denominator, so an empty class predicted empty scores 1.
+
+    Returns:
+        ``(N, K)`` tensor of ``(2 * sum(p * t) + eps) / (sum(p^2) + sum(t^2) + eps)``.
+    """
+    if probs.shape != onehot.shape or probs.dim() < 2:
+        raise ValueError(f"probs {tuple(probs.shape)} and onehot {tuple(onehot.shape)} must both be (N, K, ...)")
+    p = probs.flatten(2)
+    t = onehot.flatten(2).to(p.dtype)
+    intersection = (p * t).sum(-1)
+    union = (p * p).sum(-1) + (t * t).sum(-1)
+    return (2 * intersection + eps) / (union + eps)
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Softmax cross-entropy plus mean (1 - soft Dice), as in NVIDIA UNet_Medical.
+
+    Computed in float32 even under autocast: low-precision sums over 10^5 pixels lose the Dice signal.
+
+    Args:
+        logits: raw class scores ``(N, K, H, W)`` (any float dtype).
+        target: class indices ``(N, H, W)``, integer dtype, values in ``[0, K)``.
+        eps: soft Dice smoothing term.
+
+    Returns:
+        Scalar float32 loss ``CE + mean_{n,k}(1 - dice[n, k])``.
+    """
+    if logits.dim() != 4 or target.dim() != 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"expected logits (N, K, H, W) and target (N, H, W), "
+                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if target.is_floating_point():
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    num_classes = logits.shape[1]
+    # Upcasting is enough: autocast keeps softmax / cross-entropy in float32 and never lowers
+    # elementwise ops or sums, so everything below stays float32 without touching device-specific autocast.
+    logits = logits.float()
+    target = target.long()
+    ce = F.cross_entropy(logits, target)
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
+    dice = soft_dice(probs, onehot, eps)
+    return ce + (1 - dice).mean()
