@@ -182,6 +182,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes, h, w)`` for images ``(N, in_channels, H, W)`` scaled to [0, 1]."""
+        for n in x.shape[-2:]:
+            self.output_size(int(n))  # a clear error instead of silently misaligned skips
         x = (x - self.config.mean) / self.config.std
         skips = []
         for down in self.downs:
@@ -223,6 +225,8 @@ def _trace(n: int, depth: int, padding: str) -> int | None:
         return None
     for _ in range(depth - 1):
         n = 2 * n - shrink
+        if n < 1:
+            return None
     return n
 
 

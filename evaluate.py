@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Thin entry point: see `python evaluate.py --help` (the code lives in unet/)."""
+import sys
+
+from unet.cli import evaluate
+
+if __name__ == "__main__":
+    sys.exit(evaluate())

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from unet.device import dist_backend, resolve_device_type, setup_device
+
+YES, NO = (lambda: True), (lambda: False)
+
+
+@pytest.mark.parametrize("npu,cuda,expected", [(YES, YES, "npu"), (NO, YES, "cuda"), (NO, NO, "cpu")])
+def test_auto_prefers_npu_then_cuda_then_cpu(npu, cuda, expected):
+    assert resolve_device_type("auto", {"npu": npu, "cuda": cuda}) == expected
+
+
+def test_explicit_device_must_be_available():
+    assert resolve_device_type("cpu", {"npu": NO, "cuda": NO}) == "cpu"
+    assert resolve_device_type("cuda", {"cuda": YES}) == "cuda"
+    with pytest.raises(ValueError, match="--device npu was asked for but no NPU is available: install torch_npu"):
+        resolve_device_type("npu", {"npu": NO})
+    with pytest.raises(ValueError, match="--device must be one of auto, npu, cuda, cpu"):
+        resolve_device_type("tpu")
+
+
+def test_backend_map():
+    assert dist_backend("cpu") == "gloo"
+    assert dist_backend("cuda") == "nccl"
+    assert dist_backend("npu") == "hccl"
+
+
+def test_cpu_setup_amp_defaults_to_bf16_and_runs_for_real():
+    dev = setup_device("cpu", amp=True)
+    assert dev.device == torch.device("cpu") and dev.amp_dtype == torch.bfloat16 and dev.amp_name == "bf16"
+    assert dev.memory_format == torch.channels_last and dev.pin_memory is False
+    assert not dev.grad_scaler().is_enabled()  # bf16 needs no loss scaling
+    model = dev.prepare_model(torch.nn.Conv2d(1, 4, 3))
+    x = dev.to_device(torch.rand(2, 1, 16, 16))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with dev.autocast():
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    assert dev.peak_memory_bytes() > 0 and dev.name()
+
+
+def test_fp16_gets_an_enabled_scaler_and_fp32_none():
+    assert setup_device("cpu", amp=True, amp_dtype="fp16").grad_scaler().is_enabled()
+    off = setup_device("cpu")
+    assert off.amp_name == "fp32" and not off.grad_scaler().is_enabled()
+    with off.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="--amp-dtype must be one of bf16, fp16"):
+        setup_device("cpu", amp=True, amp_dtype="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_setup_for_real():
+    dev = setup_device("cuda", amp=True)
+    assert dev.device.type == "cuda" and torch.backends.cudnn.benchmark
+    assert dev.amp_dtype == (torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
+
+
+@pytest.mark.skipif(getattr(torch, "npu", None) is None, reason="needs torch_npu and an Ascend NPU")
+def test_npu_setup_for_real():
+    dev = setup_device("npu", amp=True, amp_dtype="fp16")
+    assert dev.memory_format == torch.contiguous_format and dev.grad_scaler().is_enabled()

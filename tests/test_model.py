@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from unet.model import ModelConfig, UNet, input_size_for_output, output_size, valid_input_size
+
+
+def test_reference_geometry_and_parameter_count():
+    model = UNet()
+    assert sum(p.numel() for p in model.parameters()) == 34_512_258
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 1, 572, 572))
+    assert out.shape == (1, 2, 388, 388)
+    assert model.output_size(572) == 388
+    assert model.output_size(700) == 516  # one tile covers a whole 512x512 ISBI slice
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (320, 480)])
+def test_same_padding_keeps_size(shape):
+    model = UNet(base_filters=4, padding="same").eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, *shape))
+    assert out.shape == (2, 2, *shape)
+
+
+def test_invalid_sizes_name_the_nearest_valid_ones():
+    with pytest.raises(ValueError, match=r"input size 573 .* nearest valid sizes are 572 or 588"):
+        output_size(573)
+    with pytest.raises(ValueError, match=r"divisible by 16.*nearest valid sizes are 320 or 336"):
+        output_size(330, padding="same")
+    with pytest.raises(ValueError, match="not valid"):
+        output_size(100)  # too small to survive four poolings unpadded
+    model = UNet(base_filters=4, padding="same")
+    with pytest.raises(ValueError, match="input size 330"):
+        model(torch.rand(1, 1, 320, 330))  # same padding would otherwise silently crop a skip
+
+
+def test_size_helpers_agree_with_a_real_forward_pass():
+    model = UNet(base_filters=2, depth=3).eval()
+    for n in (44, 60, 61, 100):
+        v = model.valid_input_size(n)
+        assert v >= n and (v == n or model.valid_input_size(v) == v)
+        with torch.no_grad():
+            assert model(torch.rand(1, 1, v, v)).shape[-1] == model.output_size(v)
+    assert output_size(input_size_for_output(388)) == 388
+    assert valid_input_size(1) == 188 and output_size(188) == 4
+
+
+def test_config_options_and_validation():
+    model = UNet(in_channels=3, num_classes=4, base_filters=8, depth=4, batch_norm=True,
+                 class_names=["a", "b", "c", "d"], padding="same").eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        ModelConfig(padding="reflect")
+    with pytest.raises(ValueError, match="class_names has 2 names for 3 classes"):
+        ModelConfig(num_classes=3)
+    assert ModelConfig.from_dict(model.config.to_dict()) == model.config
+
+
+def test_dropout_only_in_training():
+    model = UNet(base_filters=4, padding="same")
+    x = torch.rand(1, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_backward_cpu(autocast):
+    model = UNet(base_filters=4, padding="same")
+    x = torch.rand(2, 1, 48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    out.float().logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

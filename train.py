@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Thin entry point: see `python train.py --help` (the code lives in unet/)."""
+import sys
+
+from unet.cli import train
+
+if __name__ == "__main__":
+    sys.exit(train())

@@ -1,0 +1,126 @@
+"""Checkpoints: one dict with the weights, the model config and whatever the trainer adds.
+
+Saved atomically (temporary file in the same folder, fsync, rename) so that a crash or SIGKILL
+never leaves a half-written file under the final name, and loaded with ``weights_only=True``
+so that opening a checkpoint can never run code.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from unet.errors import UserError
+from unet.model import ModelConfig, UNet
+
+FORMAT = "unet-em-checkpoint"
+VERSION = 1
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place.
+
+    Args:
+        path: final file name; its folder must exist.
+        write: callable writing the content to a binary file object.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself must reach the disk too, or a power cut could bring back the old name.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, model: UNet, **extra) -> None:
+    """Write a checkpoint atomically.
+
+    Args:
+        path: destination file.
+        model: the UNet (unwrapped from DDP / torch.compile); its config and weights are saved.
+        **extra: trainer state (optimizer, scaler, step, rng, args, metrics, ...), weights_only-loadable
+            types only: tensors, numbers, strings, lists, tuples and dicts of them.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(), "model": state, **extra}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and check a checkpoint (on CPU).
+
+    Raises:
+        UserError: one line for a missing file, a file that is not a readable PyTorch checkpoint
+            (truncated, corrupt, or holding unsafe objects), or a checkpoint that is not ours.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the same user-facing problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                        f"{first[:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is not a unet-em checkpoint (it has no format={FORMAT!r} entry); "
+                        f"pass a file written by train.py")
+    if ckpt.get("version", 0) > VERSION:
+        raise UserError(f"checkpoint {path} has format version {ckpt['version']}, newer than this unet-em "
+                        f"(version {VERSION}); upgrade the package")
+    for key in ("model_config", "model"):
+        if key not in ckpt:
+            raise UserError(f"checkpoint {path} has no {key!r} entry; it is incomplete")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> UNet:
+    """Build the UNet a checkpoint describes and load its weights (strictly).
+
+    Raises:
+        UserError: when the config is unknown or the weights were made for another architecture.
+    """
+    try:
+        model = UNet(ModelConfig.from_dict(ckpt["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} has an invalid model config: {e}") from None
+    missing, unexpected, mismatched = _compare(model.state_dict(), ckpt["model"])
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {names[:3]}{' ...' if len(names) > 3 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected),
+                                      ("shape mismatch", mismatched)) if names]
+        raise UserError(f"checkpoint {path} holds weights for another architecture than its config "
+                        f"({'; '.join(parts)})")
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def _compare(expected: dict, got: dict) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    mismatched = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    return missing, unexpected, mismatched
+
+
+def load_model(path: str | Path) -> tuple[UNet, dict]:
+    """Checkpoint file -> (model in eval mode on CPU, the checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, path).eval(), ckpt

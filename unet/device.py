@@ -1,0 +1,236 @@
+"""The one place that knows about device kinds: Ascend NPU (torch_npu), CUDA and CPU.
+
+Everything device-specific — choosing the device, the mixed-precision dtype, the gradient scaler,
+the memory layout and backend speed flags, peak-memory readings — lives here, so the rest of the
+package runs unchanged on any of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense bf16/fp16 matrix peaks (FLOP/s) by device-name fragment, for model-FLOP-utilisation figures.
+# Only used when the user does not give --peak-tflops; unknown devices report MFU as unknown.
+KNOWN_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is lower, pass --peak-tflops for it
+    "A100": 312e12,
+    "V100": 125e12,
+    "L40S": 362e12,
+    "Ascend910B": 313e12,
+    "Ascend910": 256e12,
+}
+
+
+def _npu_available() -> bool:
+    # torch_npu registers torch.npu when torch auto-loads it (torch >= 2.5); we never import it ourselves.
+    mod = getattr(torch, "npu", None)
+    return bool(mod is not None and mod.is_available())
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+DEFAULT_PROBES: dict[str, Callable[[], bool]] = {"npu": _npu_available, "cuda": _cuda_available,
+                                                 "cpu": lambda: True}
+
+
+def device_module(device_type: str):
+    """torch.cuda / torch.npu / torch.cpu for a device type."""
+    return torch.get_device_module(device_type)
+
+
+def resolve_device_type(name: str = "auto", probes: dict[str, Callable[[], bool]] | None = None) -> str:
+    """Device type for ``--device``: auto = NPU if available, else CUDA, else CPU.
+
+    Args:
+        name: one of ``auto``, ``npu``, ``cuda``, ``cpu``.
+        probes: availability checks by device type (tests inject these); defaults to torch's own.
+
+    Raises:
+        ValueError: for an unknown name, or an explicit device that is not available, with what to do.
+    """
+    probes = {**DEFAULT_PROBES, **(probes or {})}
+    if name not in DEVICE_CHOICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
+    if name == "auto":
+        return next(t for t in ("npu", "cuda", "cpu") if probes[t]())
+    if not probes[name]():
+        hint = {"npu": "install torch_npu with the CANN toolkit (pip install -e .[npu])",
+                "cuda": "install a CUDA build of torch and check nvidia-smi"}.get(name, "")
+        raise ValueError(f"--device {name} was asked for but no {name.upper()} is available: {hint}, "
+                         f"or use --device auto")
+    return name
+
+
+def dist_backend(device_type: str) -> str:
+    """Collective backend for a device type: hccl (NPU), nccl (CUDA), gloo (CPU)."""
+    getter = getattr(torch.distributed, "get_default_backend_for_device", None)
+    if getter is not None:
+        try:
+            return getter(device_type)
+        except (RuntimeError, ValueError):
+            pass  # torch without that backend registered: use the fixed map below
+    return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[device_type]
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether the device runs bf16 autocast natively (CPU; CUDA sm80+; Ascend 910B and later)."""
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability()[0] >= 8
+    if device_type == "npu":
+        check = getattr(device_module("npu"), "is_bf16_supported", None)
+        return bool(check and check())
+    return False
+
+
+@dataclass
+class DeviceSetup:
+    """A chosen device and how to run on it.
+
+    Attributes:
+        device: the torch device (``npu:i`` / ``cuda:i`` use the process's local rank).
+        amp: whether autocast is on.
+        amp_dtype: autocast dtype when ``amp`` (bf16 or fp16).
+        memory_format: channels_last on CUDA/CPU, contiguous (NCHW) on NPU where that is the fast layout.
+    """
+
+    device: torch.device
+    amp: bool = False
+    amp_dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def type(self) -> str:
+        return self.device.type
+
+    @property
+    def backend(self) -> str:
+        return dist_backend(self.type)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.type != "cpu"
+
+    @property
+    def amp_name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32") if self.amp else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for this device (a no-op context when AMP is off)."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self):
+        """A gradient scaler: active only for fp16, where small gradients would underflow."""
+        enabled = self.amp and self.amp_dtype == torch.float16
+        if enabled and self.type == "npu":
+            # torch_npu ships its own scaler; the generic one is not validated on NPU here.
+            import torch_npu  # noqa: F401  (only reachable when torch_npu is loaded)
+            return torch_npu.npu.amp.GradScaler()
+        return torch.amp.GradScaler(self.type, enabled=enabled)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a model to the device in its fast memory layout."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Move an NCHW batch to the device in the model's layout (non-blocking from pinned memory)."""
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=self.memory_format) if batch.dim() == 4 else batch
+
+    def synchronize(self) -> None:
+        if self.type != "cpu":
+            device_module(self.type).synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.type != "cpu":
+            device_module(self.type).reset_peak_memory_stats(self.device)
+
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory allocated (for CPU: the process's peak resident set size)."""
+        if self.type != "cpu":
+            return int(device_module(self.type).max_memory_allocated(self.device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+    def name(self) -> str:
+        """Human-readable device name, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model."""
+        if self.type == "cpu":
+            return cpu_name()
+        return str(device_module(self.type).get_device_name(self.device))
+
+    def peak_flops(self, dtype_name: str | None = None) -> float | None:
+        """Known dense matrix peak in FLOP/s for this accelerator at 16-bit precision, else None."""
+        if self.type == "cpu":
+            return None
+        name = self.name().replace(" ", "")
+        for fragment, flops in KNOWN_PEAK_FLOPS.items():
+            if fragment.replace(" ", "") in name:
+                return flops
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def setup_device(name: str = "auto", *, amp: bool = False, amp_dtype: str | None = None, local_rank: int = 0,
+                 probes: dict[str, Callable[[], bool]] | None = None) -> DeviceSetup:
+    """Choose the device and apply its speed settings.
+
+    Args:
+        name: ``--device`` value.
+        amp: turn on autocast.
+        amp_dtype: ``bf16`` or ``fp16``; None = bf16 where supported natively, else fp16.
+        local_rank: index of the device this process drives (torchrun's LOCAL_RANK).
+        probes: injected availability checks (tests).
+
+    Returns:
+        A :class:`DeviceSetup`.
+    """
+    device_type = resolve_device_type(name, probes)
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+    device = torch.device(device_type) if device_type == "cpu" else torch.device(device_type, local_rank)
+    if device_type != "cpu":
+        device_module(device_type).set_device(device)
+    dtype = None
+    if amp:
+        dtype = AMP_DTYPES[amp_dtype] if amp_dtype else (
+            torch.bfloat16 if bf16_supported(device_type) else torch.float16)
+    apply_speed_settings(device_type)
+    memory_format = torch.contiguous_format if device_type == "npu" else torch.channels_last
+    return DeviceSetup(device=device, amp=amp, amp_dtype=dtype, memory_format=memory_format)
+
+
+def apply_speed_settings(device_type: str) -> None:
+    """Backend flags that make convolutions fast on each device."""
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device_type == "npu":
+        # Binary (pre-compiled) operators: online JIT compilation is slow for the dynamic tile shapes here.
+        device_module("npu").set_compile_mode(jit_compile=False)

@@ -1,0 +1,72 @@
+"""Process-group set-up from torchrun's environment, rank-0 helpers and sum reductions."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (all zeros/ones for a plain ``python`` run)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE as set by torchrun."""
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout_s: float = 1800) -> None:
+    """Join the process group (env:// rendezvous from torchrun) when more than one process runs."""
+    if not info.distributed or dist.is_initialized():
+        return
+    kwargs = {}
+    if device.type != "cpu":
+        kwargs["device_id"] = device  # binds the communicator to this device up front
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a tensor over all ranks (on the communication device); returns it on its original device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    home = t.device
+    # float64 sums stay exact for pixel counts; hccl has no float64, so NPU reduces in float32.
+    buf = t.to(device=device, dtype=torch.float32 if device.type == "npu" else t.dtype)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(device=home, dtype=t.dtype)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
