@@ -8,6 +8,35 @@ from typing import Callable, Sequence
 from unet.errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default and keeps the description's line breaks."""
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --amp, --amp-dtype: the same spelling in every command."""
+    from unet.device import AMP_DTYPES, DEVICE_CHOICES
+    g = parser.add_argument_group("device")
+    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="auto = Ascend NPU if torch_npu is loaded and one is present, else CUDA, else CPU")
+    g.add_argument("--amp", action="store_true", help="mixed precision with torch.autocast on the device")
+    g.add_argument("--amp-dtype", "--amp_dtype", default=None, choices=sorted(AMP_DTYPES),
+                   help="autocast dtype (default: bf16 where the device supports it, else fp16 with loss scaling)")
+
+
+def add_tiling_args(parser: argparse.ArgumentParser) -> None:
+    """--tile-size, --tile-batch, --overlap, --blend, --tta: whole-slice prediction options."""
+    g = parser.add_argument_group("whole-slice prediction")
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="input tile size (default: the tiling with the fewest FLOPs that fits memory)")
+    g.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")
+    g.add_argument("--overlap", type=float, default=0.25,
+                   help="window overlap fraction for 'same'-padding models ('valid' tiles never overlap)")
+    g.add_argument("--blend", default="gaussian", choices=("gaussian", "constant"),
+                   help="weight map for overlapping windows ('same' padding)")
+    g.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the 8 flips/rotations (8x the compute)")
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and call ``main(args)``; a UserError becomes one line on stderr and exit status 2."""
