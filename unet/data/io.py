@@ -1,0 +1,411 @@
+"""Reading image stacks (TIFF, PNG) and validating image/label data sets.
+
+Every problem with the user's files becomes a :class:`~unet.errors.UserError` with a one-line message
+that names the file, says what is wrong and what to do.
+
+Axis convention: ``read_stack`` returns ``(N, H, W)`` for single-channel data and ``(N, C, H, W)`` when
+pixels have several samples (RGB) or an ImageJ/OME hyperstack has a channel axis next to a Z/T axis.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from unet.errors import UserError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+
+# Everything a truncated or corrupt file makes tifffile / Pillow raise; turned into one UserError.
+_READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, EOFError, IndexError, KeyError,
+                SyntaxError, RuntimeError, MemoryError)
+
+
+def scale_by_dtype(arr: np.ndarray, *, source: str = "image") -> np.ndarray:
+    """Scale an image to float32 in [0, 1] by its dtype (the only normalisation the data layer does).
+
+    Args:
+        arr: uint8 (divided by 255), uint16 (divided by 65535), bool, or float (kept as is).
+        source: file name used in the error message.
+
+    Returns:
+        float32 array of the same shape.
+
+    Raises:
+        UserError: for any other dtype.
+    """
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255)
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / np.float32(65535)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32, copy=False)
+    raise UserError(f"{source}: pixel type {arr.dtype} is not supported; "
+                    f"save the images as uint8, uint16 or float (scaled to [0, 1])")
+
+
+@dataclass
+class SliceSet:
+    """A list of 2D slices (and their labels) in memory, ready for sampling or whole-slice evaluation.
+
+    Args:
+        images: float32 ``(C, H, W)`` arrays scaled to [0, 1].
+        labels: uint8 ``(H, W)`` arrays with values {0, 1} (1 = cell interior), or None (no labels).
+        names: one name per slice (file stem, plus ``_NNN`` page index for multi-page stacks).
+        source: the data directory, or ``"synthetic"``.
+    """
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray] | None
+    names: list[str]
+    source: str
+
+    def __post_init__(self):
+        if len(self.names) != len(self.images):
+            raise ValueError(f"{len(self.names)} names for {len(self.images)} images")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: Sequence[int]) -> "SliceSet":
+        """The slices at ``indices`` (in that order), sharing the arrays."""
+        idx = [int(i) for i in indices]
+        return SliceSet(images=[self.images[i] for i in idx],
+                        labels=None if self.labels is None else [self.labels[i] for i in idx],
+                        names=[self.names[i] for i in idx], source=self.source)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file; give the path of a TIFF or PNG image")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use TIFF (.tif/.tiff) or PNG (.png)")
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return UserError(f"{path}: cannot be read ({reason[:200]}); the file is truncated or corrupt, "
+                     f"copy or export it again")
+
+
+@dataclass
+class _Layout:
+    """How a TIFF series maps to ``(N, [C,] H, W)``: which leading axes are slices and which are channels."""
+
+    lead_shape: tuple[int, ...]   # series shape without the Y, X (and S) axes, in page order
+    channel_axis: int | None      # index into lead_shape of a hyperstack channel axis
+    samples: int                  # samples per pixel (RGB = 3), 1 when there is no S axis
+    height: int
+    width: int
+    dtype: np.dtype
+
+    @property
+    def channels(self) -> int:
+        return self.samples * (self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1)
+
+    @property
+    def num_slices(self) -> int:
+        n = math.prod(self.lead_shape)
+        return n // (self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1)
+
+
+def _tiff_layout(tif: tifffile.TiffFile, path: Path) -> _Layout:
+    if not tif.series:
+        raise UserError(f"{path}: TIFF file has no images; export the stack again")
+    series = tif.series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise UserError(f"{path}: TIFF series has axes {axes!r} without Y and X; save it as a plain image stack")
+    samples = shape[axes.index("S")] if "S" in axes else 1
+    if "S" in axes and axes[-1] != "S":
+        raise UserError(f"{path}: planar RGB TIFF (axes {axes!r}) is not supported; save it as grayscale")
+    lead_axes = axes.replace("Y", "").replace("X", "").replace("S", "")
+    lead_shape = tuple(s for a, s in zip(axes, shape) if a in lead_axes)
+    channel_axis = None
+    if "C" in lead_axes:
+        others = [s for a, s in zip(lead_axes, lead_shape) if a != "C"]
+        # Old ImageJ writers (the ISBI 2012 stacks among them) store a plain stack as "channels";
+        # a C axis only means channels when the stack also has another axis with more than one plane.
+        if any(s > 1 for s in others):
+            channel_axis = lead_axes.index("C")
+    if samples > 1 and channel_axis is not None:
+        raise UserError(f"{path}: TIFF has both RGB samples and a channel axis ({axes!r}); save it as grayscale")
+    return _Layout(lead_shape, channel_axis, samples, shape[axes.index("Y")], shape[axes.index("X")],
+                   np.dtype(series.dtype))
+
+
+def _normalise(arr: np.ndarray, layout: _Layout) -> np.ndarray:
+    """Reshape a series array ``(*lead, H, W[, S])`` to ``(N, H, W)`` or ``(N, C, H, W)``."""
+    arr = arr.reshape(*layout.lead_shape, layout.height, layout.width, layout.samples)
+    nlead = len(layout.lead_shape)
+    if layout.channel_axis is not None:
+        arr = np.moveaxis(arr, layout.channel_axis, nlead - 1)   # channels right before H, W
+    arr = arr.reshape(layout.num_slices, -1, layout.height, layout.width, layout.samples)
+    arr = np.moveaxis(arr, -1, 2).reshape(layout.num_slices, layout.channels, layout.height, layout.width)
+    return arr[:, 0] if layout.channels == 1 else arr
+
+
+def _png_array(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("I;16B", "I;16L", "I;16N"):
+        img = img.convert("I;16")
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = np.moveaxis(arr, -1, 0)
+    return arr[None]
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Read a whole image stack in its raw dtype.
+
+    Args:
+        path: multi-page TIFF, ImageJ hyperstack, OME-TIFF, or a single TIFF/PNG image (N = 1).
+
+    Returns:
+        ``(N, H, W)``, or ``(N, C, H, W)`` for RGB pixels or a hyperstack with channels.
+
+    Raises:
+        UserError: missing, unsupported, unreadable or truncated file, or an empty stack.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        if path.suffix.lower() in PNG_SUFFIXES:
+            with Image.open(path) as img:
+                img.load()
+                arr = _png_array(img, path)
+        else:
+            with tifffile.TiffFile(path) as tif:
+                layout = _tiff_layout(tif, path)
+                if layout.num_slices == 0 or layout.height == 0 or layout.width == 0:
+                    raise UserError(f"{path}: the stack is empty (no slices); export it again")
+                arr = _normalise(tif.series[0].asarray(), layout)
+    except UserError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    if arr.size == 0:
+        raise UserError(f"{path}: the stack is empty (no slices); export it again")
+    return arr
+
+
+def stack_info(path: str | Path) -> tuple[int, int, int, int, np.dtype]:
+    """Shape and dtype of a stack from its header, without reading the pixels.
+
+    Args:
+        path: a file :func:`read_stack` accepts.
+
+    Returns:
+        ``(num_slices, height, width, channels, dtype)``.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        if path.suffix.lower() in PNG_SUFFIXES:
+            with Image.open(path) as img:
+                # Decoding one row would cost as much as the header; the mode tells channels and dtype.
+                probe = _png_array(img.crop((0, 0, 1, 1)), path)
+                return 1, img.height, img.width, probe.shape[1] if probe.ndim == 4 else 1, probe.dtype
+        with tifffile.TiffFile(path) as tif:
+            layout = _tiff_layout(tif, path)
+            return layout.num_slices, layout.height, layout.width, layout.channels, layout.dtype
+    except UserError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
+    """Stream a stack in chunks of slices, reading only the TIFF pages each chunk needs.
+
+    Args:
+        path: a file :func:`read_stack` accepts.
+        batch: slices per chunk (the last chunk may be shorter).
+
+    Returns:
+        An iterator of ``(b, H, W)`` or ``(b, C, H, W)`` arrays in raw dtype; concatenated they equal
+        ``read_stack(path)``.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in PNG_SUFFIXES:
+        yield read_stack(path)
+        return
+    try:
+        with tifffile.TiffFile(path) as tif:
+            layout = _tiff_layout(tif, path)
+            series = tif.series[0]
+            num_pages = math.prod(layout.lead_shape)
+            if layout.num_slices == 0:
+                raise UserError(f"{path}: the stack is empty (no slices); export it again")
+            if len(series.pages) != num_pages:
+                # Pages do not map one-to-one to planes (e.g. ImageJ files > 4 GB): read it all at once.
+                yield from _chunks(_normalise(series.asarray(), layout), batch)
+                return
+            lead = list(layout.lead_shape)
+            c_axis = layout.channel_axis
+            nchan = lead[c_axis] if c_axis is not None else 1
+            slice_shape = [s for k, s in enumerate(lead) if k != c_axis]
+            for start in range(0, layout.num_slices, batch):
+                stop = min(start + batch, layout.num_slices)
+                keys = []
+                for n in range(start, stop):
+                    pos = list(np.unravel_index(n, slice_shape)) if slice_shape else []
+                    for c in range(nchan):
+                        full = pos[:c_axis] + [c] + pos[c_axis:] if c_axis is not None else pos
+                        keys.append(int(np.ravel_multi_index(full, lead)) if lead else 0)
+                pages = tif.asarray(key=keys, series=0)
+                pages = pages.reshape(stop - start, nchan, layout.height, layout.width, layout.samples)
+                pages = np.moveaxis(pages, -1, 2).reshape(stop - start, layout.channels,
+                                                           layout.height, layout.width)
+                yield pages[:, 0] if layout.channels == 1 else pages
+    except UserError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _chunks(arr: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(arr), batch):
+        yield arr[start:start + batch]
+
+
+# ------------------------------------------------------------------------------------------ data sets
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def _read_many(files: list[Path]) -> tuple[list[np.ndarray], list[str], list[Path]]:
+    """Slices of several files, their names, and the file each slice came from."""
+    slices, names, origin = [], [], []
+    for f in files:
+        stack = read_stack(f)
+        stem = f.name.split(".")[0]
+        for k in range(len(stack)):
+            slices.append(stack[k])
+            names.append(stem if len(stack) == 1 else f"{stem}_{k:03d}")
+            origin.append(f)
+    return slices, names, origin
+
+
+def _as_image(raw: np.ndarray, path: Path, channels: int | None) -> np.ndarray:
+    img = raw[None] if raw.ndim == 2 else raw
+    if channels is not None and img.shape[0] != channels:
+        kind = " (RGB)" if img.shape[0] in (3, 4) else ""
+        raise UserError(f"{path}: images have {img.shape[0]} channels{kind} but {channels} expected; "
+                        f"convert the images to {'grayscale' if channels == 1 else f'{channels} channels'}")
+    return scale_by_dtype(img, source=str(path))
+
+
+def _as_label(raw: np.ndarray, path: Path) -> np.ndarray:
+    if raw.ndim != 2:
+        raise UserError(f"{path}: labels have {raw.shape[0]} channels (RGB?); "
+                        f"save labels as single-channel images with 0 = membrane, 255 = cell")
+    if raw.dtype == np.bool_:
+        return raw.astype(np.uint8)
+    values = np.unique(raw)
+    if set(values.tolist()) <= {0, 1}:
+        return raw.astype(np.uint8)
+    if set(values.tolist()) <= {0, 255}:
+        return (raw == 255).astype(np.uint8)
+    shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    raise UserError(f"{path}: label values are {{{shown}}} but must be {{0, 255}} or {{0, 1}} "
+                    f"(0 = membrane); threshold the labels to binary")
+
+
+def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_labels: bool = True,
+                 channels: int | None = 1) -> SliceSet:
+    """Load and validate a data set of 2D slices and binary labels.
+
+    Layouts: ISBI 2012 (``train-volume.tif`` + ``train-labels.tif``; split ``test`` reads ``test-volume.tif``
+    and ``test-labels.tif`` if present), or ``images/`` + ``labels/`` folders of TIFF/PNG files paired by
+    sorted file name (split is ignored there).
+
+    Args:
+        data_dir: the data directory; None gives the built-in synthetic set (30 slices of 256 x 256).
+        split: ``train`` or ``test`` (ISBI layout).
+        require_labels: fail when there are no labels (training, evaluation); otherwise labels may be None.
+        channels: channels every image must have (1: grayscale); None accepts any consistent count.
+
+    Returns:
+        A validated :class:`SliceSet`.
+
+    Raises:
+        UserError: naming the file for any missing, unreadable or inconsistent input.
+    """
+    if split not in ("train", "test"):
+        raise UserError(f"split {split!r} is not known; use 'train' or 'test'")
+    if data_dir is None:
+        from unet.data.synthetic import synthetic_dataset
+        return synthetic_dataset()
+    root = Path(data_dir)
+    if not root.exists():
+        raise UserError(f"{root}: data directory not found; check --data-dir "
+                        f"(or run datasets/isbi2012.py --data-dir {root} to download ISBI 2012)")
+    if not root.is_dir():
+        raise UserError(f"{root}: is not a directory; --data-dir takes a folder with train-volume.tif "
+                        f"or images/ and labels/")
+
+    volume = root / f"{split}-volume.tif"
+    if volume.exists() or (root / "train-volume.tif").exists():
+        image_files = [volume]
+        label_path = root / f"{split}-labels.tif"
+        label_files = [label_path] if label_path.exists() else None
+        if not volume.exists():
+            raise UserError(f"{volume}: file not found; the ISBI layout needs {volume.name} for split {split!r}")
+        missing_labels = f"{label_path}: file not found; labels are needed here (0 = membrane, 255 = cell)"
+    elif (root / "images").is_dir():
+        image_files = _list_images(root / "images")
+        if not image_files:
+            raise UserError(f"{root / 'images'}: no TIFF or PNG files; put one image per slice there")
+        label_dir = root / "labels"
+        label_files = _list_images(label_dir) if label_dir.is_dir() else None
+        if label_files == []:
+            label_files = None
+        missing_labels = (f"{label_dir}: no label files; put one TIFF/PNG label per image there "
+                          f"(0 = membrane, 255 = cell), paired by sorted file name")
+    else:
+        raise UserError(f"{root}: no data found; expected train-volume.tif (+ train-labels.tif) or "
+                        f"images/ and labels/ folders of TIFF/PNG files")
+    if label_files is None and require_labels:
+        raise UserError(missing_labels)
+
+    raw_images, names, image_origin = _read_many(image_files)
+    images = [_as_image(r, o, channels) for r, o in zip(raw_images, image_origin)]
+    if channels is None and len({im.shape[0] for im in images}) > 1:
+        raise UserError(f"{root}: images have different channel counts; convert them all to the same")
+    labels = None
+    if label_files is not None:
+        raw_labels, _, label_origin = _read_many(label_files)
+        if len(raw_labels) != len(raw_images):
+            where = label_files[0] if len(label_files) == 1 else label_files[0].parent
+            raise UserError(f"{where}: {len(raw_labels)} label slices for {len(raw_images)} image slices; "
+                            f"every image slice needs exactly one label")
+        labels = []
+        for img, raw, lo, io_ in zip(images, raw_labels, label_origin, image_origin):
+            lab = _as_label(raw, lo)
+            if lab.shape != img.shape[1:]:
+                raise UserError(f"{lo}: label size {lab.shape[1]}x{lab.shape[0]} differs from image size "
+                                f"{img.shape[2]}x{img.shape[1]} of {io_.name}; labels must match their images")
+            labels.append(lab)
+    return SliceSet(images=images, labels=labels, names=names, source=str(root))
