@@ -1,0 +1,174 @@
+"""An endless, reproducible, resumable stream of (augmented) training tiles, and its DataLoader.
+
+Sample ``i`` of rank ``r`` is a pure function of ``(seed, r, i)``: it draws a slice, a crop centre anywhere
+on that slice and the augmentation from ``np.random.default_rng([seed, r, i])``. Hence the stream does
+not depend on the number of loader workers, differs between ranks, and ``start_index = step * batch``
+resumes it where a checkpoint left off. Tiles are taken at native resolution from the mirror-padded slice
+(the UNet paper's overlap-tile strategy): the image is the ``input_size`` context around the
+``output_size`` label crop, and crops near the border see mirrored image and mirrored label.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from unet.data.augment import AugmentConfig, intensity, sampling_grid, warp
+from unet.data.io import SliceSet
+from unet.errors import UserError
+
+
+def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
+    """Map any integer index into [0, n) the way ``np.pad(mode="reflect")`` does."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+class TrainTiles(IterableDataset):
+    """Endless stream of training tiles ``(image (C, in, in) float32, label (out, out) int64)``.
+
+    Iterating it directly (or through a ``DataLoader(batch_size=None)``) gives samples ``start_index,
+    start_index + 1, ...``; loader worker ``w`` of ``k`` takes every k-th sample starting at ``w``.
+    :func:`build_train_loader` batches inside the workers instead (see :meth:`batches`).
+
+    Args:
+        slices: training slices with labels.
+        input_size: image tile size (e.g. 572).
+        output_size: label tile size (e.g. 388); ``input_size - output_size`` must be even.
+        augment: True for the default :class:`AugmentConfig`, False for plain crops, or a config.
+        seed: stream seed.
+        rank: distributed rank; each rank draws a different stream.
+        world_size: number of ranks (checked against ``rank``).
+        start_index: first sample index (``step * batch_size`` when resuming).
+    """
+
+    def __init__(self, slices: SliceSet, input_size: int, output_size: int, *, augment: bool | AugmentConfig = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, start_index: int = 0):
+        super().__init__()
+        if slices.labels is None:
+            raise UserError(f"{slices.source}: training needs labels, and this data set has none")
+        if len(slices) == 0:
+            raise UserError(f"{slices.source}: no slices to train on (is the training fold empty?)")
+        if output_size < 1 or input_size < output_size or (input_size - output_size) % 2:
+            raise ValueError(f"tile sizes {input_size} -> {output_size}: need input >= output >= 1 "
+                             f"and an even difference")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.input_size, self.output_size = int(input_size), int(output_size)
+        self.margin = (self.input_size - self.output_size) // 2
+        self.config = AugmentConfig() if augment is True else (augment or None)
+        self.seed, self.rank, self.world_size, self.start_index = int(seed), int(rank), int(world_size), int(start_index)
+        self.names = list(slices.names)
+        self.channels = slices.images[0].shape[0]
+        # Kept as numpy for the plain-crop path and as tensors for grid_sample; labels as float for
+        # grid_sample's nearest mode (the values stay exactly 0 and 1).
+        self._images = [np.ascontiguousarray(im, dtype=np.float32) for im in slices.images]
+        self._labels = [np.ascontiguousarray(lab, dtype=np.uint8) for lab in slices.labels]
+        self._timages = [torch.from_numpy(im) for im in self._images]
+        self._tlabels = [torch.from_numpy(lab.astype(np.float32))[None] for lab in self._labels]
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``index`` of this rank's stream (a pure function of seed, rank and index)."""
+        rng = np.random.default_rng([self.seed, self.rank, int(index)])
+        k = int(rng.integers(len(self._images)))
+        _, h, w = self._images[k].shape
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        # Label crop [top, top + out) x [left, left + out) is centred on (cy, cx).
+        top, left = cy - self.output_size // 2, cx - self.output_size // 2
+        if self.config is None:
+            return self._crop(k, top, left)
+        size, m = self.input_size, self.margin
+        centre = (top - m + (size - 1) / 2, left - m + (size - 1) / 2)
+        grid = sampling_grid(rng, self.config, size, centre, (h, w))
+        image = warp(self._timages[k], grid, self.config.interpolation)
+        label_grid = grid[:, m:m + self.output_size, m:m + self.output_size]
+        label = warp(self._tlabels[k], label_grid, "nearest")[0].to(torch.int64)
+        return intensity(image, rng, self.config), label
+
+    def _crop(self, k: int, top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self._images[k], self._labels[k]
+        m, size, out = self.margin, self.input_size, self.output_size
+        iy = _mirror(np.arange(top - m, top - m + size), image.shape[1])
+        ix = _mirror(np.arange(left - m, left - m + size), image.shape[2])
+        ly = _mirror(np.arange(top, top + out), label.shape[0])
+        lx = _mirror(np.arange(left, left + out), label.shape[1])
+        return (torch.from_numpy(image[:, iy[:, None], ix[None, :]]),
+                torch.from_numpy(label[ly[:, None], lx[None, :]].astype(np.int64)))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start_index + wid
+        while True:
+            yield self.sample(i)
+            i += nw
+
+    def batch(self, number: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``number`` of the stream: samples ``start_index + number * batch_size`` onwards, stacked."""
+        first = self.start_index + number * batch_size
+        images, labels = zip(*(self.sample(first + j) for j in range(batch_size)))
+        return torch.stack(images), torch.stack(labels)
+
+    def batches(self, batch_size: int) -> "TileBatches":
+        """The stream grouped into batches, for loaders whose workers each build whole batches."""
+        return TileBatches(self, batch_size)
+
+
+class TileBatches(IterableDataset):
+    """Endless batches of a :class:`TrainTiles` stream; loader worker ``w`` of ``k`` builds batches w, w+k, ...
+
+    The DataLoader collects batches from its workers round-robin, so the batch sequence is the same for
+    any number of workers (batch b always holds samples ``start_index + b*B ... + B-1``).
+    """
+
+    def __init__(self, tiles: TrainTiles, batch_size: int):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tiles, self.batch_size = tiles, int(batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = wid
+        while True:
+            yield self.tiles.batch(b, self.batch_size)
+            b += nw
+
+
+def default_workers() -> int:
+    """Loader worker processes for this machine: one CPU left for the training process, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def build_train_loader(dataset: TrainTiles, batch_size: int, workers: int, pin_memory: bool,
+                       multiprocessing_context: str | None = None) -> DataLoader:
+    """An endless DataLoader of ``(images (B, C, in, in), labels (B, out, out))`` batches.
+
+    Args:
+        dataset: the tile stream (its ``start_index`` says where to resume).
+        batch_size: samples per batch (per rank).
+        workers: worker processes; 0 builds batches in the calling process.
+        pin_memory: pin batches for faster host-to-device copies (CUDA/NPU).
+        multiprocessing_context: e.g. ``"spawn"`` where forking the trainer is unsafe; None = platform default.
+
+    Returns:
+        A DataLoader whose batch sequence is independent of ``workers``.
+    """
+    kwargs = {}
+    if workers > 0:
+        # Each worker builds whole batches; a few in flight per worker hides augmentation jitter.
+        kwargs = {"persistent_workers": True, "prefetch_factor": 4,
+                  "multiprocessing_context": multiprocessing_context}
+    return DataLoader(dataset.batches(batch_size), batch_size=None, num_workers=workers,
+                      pin_memory=pin_memory, **kwargs)
