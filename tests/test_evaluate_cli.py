@@ -1,0 +1,169 @@
+"""evaluate.py end to end: JSON output, folds from the checkpoint, CV summary, one-line errors, torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet.checkpoint import save_checkpoint
+from unet.cli import evaluate
+from unet.data.synthetic import make_synthetic_em
+from unet.model import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = ("dice_nvidia", "dice_membrane", "dice_cell", "dice_mean", "iou_membrane", "iou_cell",
+               "iou_mean", "pixel_error", "v_rand", "v_info", "num_images")
+
+
+def make_ckpt(path, seed=0, **args):
+    torch.manual_seed(seed)
+    model_kw = {"in_channels": args.pop("in_channels", 1)}
+    save_checkpoint(path, UNet(base_filters=4, depth=3, padding="same", **model_kw), args=args)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """images/ + labels/ of six 64x64 synthetic PNG slices."""
+    root = tmp_path_factory.mktemp("data")
+    images, labels = make_synthetic_em(6, 64, 64, seed=1)
+    for sub, arrs in (("images", images), ("labels", labels)):
+        (root / sub).mkdir()
+        for k, a in enumerate(arrs):
+            Image.fromarray(a).save(root / sub / f"s{k:02d}.png")
+    return root
+
+
+def run_cli(argv, capsys):
+    """unet.cli.evaluate(argv) -> (exit code, stdout, stderr)."""
+    try:
+        code = evaluate([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_single_checkpoint_json(tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=1, folds=3, fold_scheme="disjoint", seed=0, data_dir=str(data_dir))
+    out_json = tmp_path / "r.json"
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", out_json, "--device", "cpu", "--per-image"], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert set(METRIC_KEYS) <= set(r["metrics"])
+    for k in METRIC_KEYS[:-1]:
+        assert r["metrics"][k] is None or 0 <= r["metrics"][k] <= 1, k
+    assert r["metrics"]["num_images"] == 2 and len(r["per_image"]) == 2
+    assert r["fold"]["fold"] == 1 and r["fold"]["folds"] == 3 and r["fold"]["from"] == "checkpoint"
+    assert r["data"]["source"] == str(data_dir) and r["checkpoint"] == str(ckpt)
+    assert r["device"]["type"] == "cpu" and r["seconds"] > 0 and r["tiling"]["plans"]
+    assert "fold 1 of 3" in out
+    for k in METRIC_KEYS:  # the printed table: one line per metric
+        assert any(line.split()[:1] == [k] for line in out.splitlines()), k
+
+
+def test_synthetic_default_and_all_images(tmp_path, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt")  # no fold, no data dir: all slices of the built-in set
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "built-in synthetic" in out and "trained on all slices" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["data"]["source"] == "synthetic" and r["fold"]["fold"] is None and r["metrics"]["num_images"] == 30
+
+
+def test_command_line_overrides_checkpoint(tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=3, data_dir="/nonexistent/elsewhere")
+    code, out, err = run_cli(["--ckpt", ckpt, "--data-dir", data_dir, "--fold", 2, "--folds", 2,
+                              "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
+    assert code == 2 and "--fold 2 is out of range" in err  # folds=2 from the command line wins
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
+    assert code == 2 and "recorded in checkpoint" in err and "--data-dir" in err
+    code, out, err = run_cli(["--ckpt", ckpt, "--data-dir", data_dir, "--folds", 2,
+                              "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["fold"]["fold"] == 0 and r["fold"]["folds"] == 2 and r["metrics"]["num_images"] == 3
+
+
+def test_cv_dir_summary(tmp_path, data_dir, capsys):
+    runs = tmp_path / "results"
+    for fold in range(3):
+        (runs / f"fold{fold}").mkdir(parents=True)
+        name = "last.pt" if fold == 2 else "best.pt"  # a run without best.pt falls back to last.pt
+        make_ckpt(runs / f"fold{fold}" / name, seed=fold, fold=fold, folds=3, data_dir=str(data_dir))
+    code, out, err = run_cli(["--cv-dir", runs, "--output", tmp_path / "cv.json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "cv.json").read_text())
+    assert [run["fold"]["fold"] for run in r["runs"]] == [0, 1, 2]
+    assert r["runs"][2]["checkpoint"].endswith("last.pt")
+    for k in ("dice_nvidia", "dice_mean", "iou_mean", "pixel_error", "v_rand", "v_info"):
+        v = np.array([run["metrics"][k] for run in r["runs"]], dtype=float)
+        assert r["cv"]["mean"][k] == pytest.approx(v.mean(), rel=1e-9)
+        assert r["cv"]["std"][k] == pytest.approx(v.std(ddof=1), rel=1e-9)
+    assert "ddof=1" in r["cv"]["std_kind"]
+    assert "| mean ± std |" in out and r["cv"]["markdown"] in out
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "no_labels", "fold_range", "channels", "empty_cv",
+                                  "fold_with_many"])
+def test_bad_input_is_one_line_exit_2(case, tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "ok.pt", fold=0, folds=3, data_dir=str(data_dir))
+    if case == "missing":
+        argv, expect = ["--ckpt", tmp_path / "nope.pt"], "nope.pt does not exist"
+    elif case == "foreign":
+        torch.save(UNet(base_filters=4, depth=3).state_dict(), tmp_path / "bare.pt")
+        argv, expect = ["--ckpt", tmp_path / "bare.pt"], "is not a unet-em checkpoint"
+    elif case == "no_labels":
+        unlabelled = tmp_path / "nolabels"
+        (unlabelled / "images").mkdir(parents=True)
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(unlabelled / "images" / "a.png")
+        argv, expect = ["--ckpt", ckpt, "--data-dir", unlabelled], "labels"
+    elif case == "fold_range":
+        argv, expect = ["--ckpt", ckpt, "--fold", 7], "--fold 7 is out of range"
+    elif case == "channels":
+        rgb = make_ckpt(tmp_path / "rgb.pt", in_channels=3, fold=0, folds=3, data_dir=str(data_dir))
+        argv, expect = ["--ckpt", rgb], "made for 3-channel input"
+    elif case == "empty_cv":
+        (tmp_path / "empty" / "run1").mkdir(parents=True)
+        argv, expect = ["--cv-dir", tmp_path / "empty"], "holds no */best.pt or */last.pt"
+    else:
+        argv, expect = ["--ckpt", ckpt, ckpt, "--fold", 0], "--fold cannot be combined"
+    code, out, err = run_cli([*argv, "--device", "cpu"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: ") and expect in lines[0], err
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def test_subprocess_exit_code_and_one_line(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--ckpt", str(tmp_path / "missing.pt")],
+                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "missing.pt does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path, data_dir):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=None, data_dir=str(data_dir))
+    common = ["--ckpt", str(ckpt), "--device", "cpu"]
+    one = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *common, "--output", str(tmp_path / "1.json")],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "evaluate.py"), *common, "--output", str(tmp_path / "2.json")],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert two.returncode == 0, two.stderr
+    r1 = json.loads((tmp_path / "1.json").read_text())
+    r2 = json.loads((tmp_path / "2.json").read_text())
+    assert r2["device"]["world_size"] == 2 and r1["device"]["world_size"] == 1
+    assert r1["metrics"] == r2["metrics"] and r2["metrics"]["num_images"] == 6
+    assert two.stdout.count("dice_nvidia") == 1  # only rank 0 prints

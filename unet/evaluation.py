@@ -1,0 +1,467 @@
+"""Whole-slice evaluation: a model and labelled slices in, segmentation metrics out (one or many folds).
+
+:func:`predict_probabilities` is the single place that turns a model and one slice into class probabilities
+(training's validation, ``evaluate.py`` and inference all go through it). :func:`evaluate_slices` shards
+slices over ranks and sums the metric accumulators, so every rank gets exactly the one-process numbers.
+``evaluate.py`` (:func:`main`) evaluates one checkpoint on its own fold, or several checkpoints as a
+cross-validation summary (mean and sample standard deviation over folds).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from unet import tiling
+from unet.checkpoint import atomic_write, load_model
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.device import DeviceSetup, setup_device
+from unet.distributed import DistInfo, all_reduce_sum, cleanup, env_info, init_distributed
+from unet.errors import UserError
+from unet.metrics import SegmentationMetrics
+
+# Metrics summarised over cross-validation folds, with the column titles of the Markdown table.
+CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_mean": "IoU (mean)",
+              "pixel_error": "Pixel error", "v_rand": "V_Rand", "v_info": "V_Info"}
+STD_KIND = "sample standard deviation over folds (ddof=1)"
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tensor, dev: DeviceSetup, *,
+                          tile_size: int | None = None, tile_batch: int = 4, overlap: float = 0.25,
+                          blend: str = "gaussian", tta: bool = False) -> torch.Tensor:
+    """Class probabilities of one whole slice at native resolution.
+
+    The model runs in eval mode (dropout off, BatchNorm on running statistics) under ``inference_mode``
+    and the device's autocast; its previous train/eval mode is restored afterwards, so the training loop
+    can call this mid-epoch.
+
+    Args:
+        model: a UNet (unwrapped from DDP / torch.compile) already on ``dev.device``.
+        image: ``(C, H, W)`` float array or tensor scaled to [0, 1], any size.
+        dev: the device setup (autocast, memory layout).
+        tile_size, tile_batch, overlap, blend, tta: whole-slice tiling options (see :mod:`unet.tiling`).
+
+    Returns:
+        ``(num_classes, H, W)`` float32 probabilities on ``dev.device``.
+    """
+    x = torch.as_tensor(image)
+    if x.dim() != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
+    in_channels = model.config.in_channels
+    if x.shape[0] != in_channels:
+        raise UserError(f"the model expects {in_channels}-channel images but got {x.shape[0]} channels; "
+                        f"use data with {in_channels} channel(s) or a checkpoint trained on such data")
+    x = x.to(dev.device, dtype=torch.float32)
+    layout = dev.memory_format
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        # Tiles arrive as NCHW slices of the padded slice; the model's fast layout is dev.memory_format.
+        with dev.autocast():
+            logits = model(batch.contiguous(memory_format=layout))
+        return logits.float().softmax(1)
+
+    was_training = model.training
+    model.eval()  # NVIDIA's Ascend port predicts with dropout on; never do that here
+    try:
+        with torch.inference_mode():
+            probs = tiling.predict_slice(predictor, x, geometry=model, tile_size=tile_size,
+                                         tile_batch=tile_batch, overlap=overlap, blend=blend, tta=tta)
+    finally:
+        model.train(was_training)
+    return probs.float()
+
+
+def tiling_plan(model: torch.nn.Module, height: int, width: int, *, tile_size: int | None = None,
+                tile_batch: int = 4, overlap: float = 0.25) -> dict[str, Any]:
+    """The tile plan :func:`predict_probabilities` uses for one slice size, as a JSON-able dict.
+
+    Args:
+        model: the UNet (its size arithmetic decides the tiles).
+        height, width: slice size.
+        tile_size, tile_batch, overlap: as for :func:`predict_probabilities`.
+
+    Returns:
+        The plan's fields (or ``{"tile_size": tile_size}`` when the tiling module cannot say).
+    """
+    try:
+        plan = tiling.choose_tile_size(height, width, model, tile_size=tile_size, tile_batch=tile_batch,
+                                       overlap=overlap)
+    except TypeError:  # an older/newer choose_tile_size signature: record what we know
+        return {"tile_size": tile_size, "tile_batch": tile_batch, "overlap": overlap}
+    out = dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else dict(vars(plan))
+    return _jsonable(out)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def _check_channels(model: torch.nn.Module, slices, where: str) -> None:
+    want = model.config.in_channels
+    have = sorted({int(im.shape[0]) for im in slices.images})
+    if have and have != [want]:
+        got = "/".join(str(c) for c in have)
+        raise UserError(f"{where} was made for {want}-channel input but the data ({slices.source}) has "
+                        f"{got}-channel images; evaluate it on {want}-channel data or use a matching checkpoint")
+
+
+def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_info: DistInfo | None = None,
+                    per_image: bool = False, **tiling_kwargs):
+    """Metrics of a model over whole labelled slices, sharded over ranks, bit-identical to one process.
+
+    Rank ``r`` of ``W`` predicts slices ``r, r + W, ...``. Each slice's metric state goes into its own row
+    of an ``(N, S)`` float64 table that is all-reduced (adding zeros is exact) and then summed in slice
+    order, so every rank returns exactly the one-process totals whatever the world size. Under torchrun
+    every rank must call this.
+
+    Args:
+        model: the UNet (unwrapped from DDP) on ``dev.device``; its train/eval mode is kept.
+        slices: a :class:`~unet.data.io.SliceSet` with labels.
+        dev: the device setup.
+        dist_info: this process's rank and world size (None: a single process).
+        per_image: also return one metrics dict per slice (on every rank, in slice order).
+        **tiling_kwargs: ``tile_size``, ``tile_batch``, ``overlap``, ``blend``, ``tta`` for
+            :func:`predict_probabilities`.
+
+    Returns:
+        ``SegmentationMetrics.compute()`` over all slices; with ``per_image=True`` a tuple
+        ``(metrics, rows)`` where each row has ``index``, ``name`` and that slice's metrics.
+    """
+    info = dist_info or DistInfo()
+    if slices.labels is None:
+        raise UserError(f"{slices.source}: the data has no labels; evaluation needs labels")
+    _check_channels(model, slices, "the model")
+    cfg = model.config
+
+    def accumulator() -> SegmentationMetrics:
+        return SegmentationMetrics(num_classes=cfg.num_classes, class_names=tuple(cfg.class_names))
+
+    size = accumulator().state().numel()
+    table = torch.zeros(len(slices), size, dtype=torch.float64)
+    for i in range(info.rank, len(slices), info.world_size):
+        probs = predict_probabilities(model, slices.images[i], dev, **tiling_kwargs)
+        one = accumulator()
+        one.update(probs, torch.from_numpy(np.asarray(slices.labels[i])))
+        table[i] = one.state()
+    table = all_reduce_sum(table, dev.device)
+    total = accumulator()
+    # A fixed summation order (slice 0, 1, ...) makes the float64 sums independent of the sharding.
+    state = torch.zeros(size, dtype=torch.float64)
+    for row in table:
+        state += row
+    total.load_state(state)
+    metrics = total.compute()
+    if not per_image:
+        return metrics
+    rows = []
+    for i, row in enumerate(table):
+        one = accumulator()
+        one.load_state(row)
+        rows.append({"index": i, "name": slices.names[i], **one.compute()})
+    return metrics, rows
+
+
+def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] = tuple(CV_METRICS)) -> dict:
+    """Mean and sample standard deviation (ddof=1) of metrics over folds.
+
+    Args:
+        per_fold: one metrics dict per fold.
+        keys: the metrics to summarise.
+
+    Returns:
+        ``{"mean": {key: float}, "std": {key: float}, "std_kind": str, "num_folds": int}``; NaN folds
+        are left out of a metric's mean/std, and the std is NaN with fewer than two folds.
+    """
+    mean, std = {}, {}
+    for key in keys:
+        values = np.array([f[key] for f in per_fold], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        mean[key] = float(values.mean()) if values.size else math.nan
+        std[key] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+    return {"mean": mean, "std": std, "std_kind": STD_KIND, "num_folds": len(per_fold)}
+
+
+def cv_markdown(fold_labels: Sequence[str], per_fold: Sequence[dict[str, float]], summary: dict) -> str:
+    """A Markdown table: one row per fold, then ``mean ± std`` (like NVIDIA UNet_Medical's README).
+
+    Args:
+        fold_labels: the first column of each fold row.
+        per_fold: one metrics dict per fold.
+        summary: :func:`cv_summary` of ``per_fold``.
+
+    Returns:
+        The table as text (no trailing newline).
+    """
+    keys = [k for k in CV_METRICS if k in summary["mean"]]
+    lines = ["| Fold | " + " | ".join(CV_METRICS[k] for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for label, m in zip(fold_labels, per_fold):
+        lines.append(f"| {label} | " + " | ".join(_fmt(m[k]) for k in keys) + " |")
+    lines.append("| mean ± std | " + " | ".join(f"{_fmt(summary['mean'][k])} ± {_fmt(summary['std'][k])}"
+                                                 for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """One aligned line per metric, e.g. ``dice_nvidia   0.9123``."""
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v if isinstance(v, int) else _fmt(v)}" for k, v in metrics.items())
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _jsonable(obj):
+    """Plain JSON types with NaN/inf as null (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The ``evaluate.py`` / ``unet-evaluate`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", add_help=add_help, formatter_class=HelpFormatter,
+        description="Evaluate UNet checkpoints on whole slices at native resolution.\n\n"
+                    "One checkpoint: metrics on its validation fold (fold, folds, scheme, seed and data\n"
+                    "directory come from the checkpoint unless given here). Several checkpoints (--ckpt a b c\n"
+                    "or --cv-dir): each on its own fold, plus mean ± sample std (ddof=1) over folds.\n"
+                    "Runs under torchrun: slices are sharded over ranks and the metrics summed exactly.",
+        epilog="examples:\n"
+               "  python evaluate.py --ckpt results/fold0/best.pt --output fold0.json\n"
+               "  python evaluate.py --cv-dir results/ --output cv.json\n"
+               "  torchrun --nproc_per_node=8 evaluate.py --ckpt best.pt --data-dir data/isbi2012")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", nargs="+", metavar="PATH", help="checkpoint(s) written by train.py")
+    src.add_argument("--cv-dir", metavar="DIR",
+                     help="folder of training runs: evaluates every DIR/*/best.pt (else last.pt), sorted")
+    g = parser.add_argument_group("data (default: what the checkpoint was trained with)")
+    g.add_argument("--data-dir", "--data_dir", default=None,
+                   help="data directory (ISBI layout or images/ + labels/); default: the checkpoint's, "
+                        "else the built-in synthetic set")
+    g.add_argument("--fold", type=int, default=None, help="validation fold (default: the checkpoint's)")
+    g.add_argument("--folds", type=int, default=None, help="number of folds (default: the checkpoint's, else 5)")
+    g.add_argument("--fold-scheme", "--fold_scheme", default=None, choices=("disjoint", "nvidia"),
+                   help="fold split (default: the checkpoint's, else disjoint)")
+    g.add_argument("--seed", type=int, default=None, help="fold permutation seed (default: the checkpoint's, else 0)")
+    g.add_argument("--all-images", action="store_true", help="evaluate every slice, ignoring the fold")
+    g.add_argument("--split", default="train", choices=("train", "test"),
+                   help="ISBI layout: which volume (test needs test-labels.tif)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", "-o", default=None, metavar="JSON",
+                   help="write metrics, checkpoint, data, fold, device, tile plan and timing here (atomically)")
+    o.add_argument("--per-image", action="store_true", help="also print and store metrics of every slice")
+    add_device_args(parser)
+    add_tiling_args(parser)
+    return parser
+
+
+def find_checkpoints(cv_dir: str | Path) -> list[Path]:
+    """``cv_dir/*/best.pt`` (or ``last.pt`` where a run has no best.pt), sorted by run folder.
+
+    Raises:
+        UserError: when the folder does not exist or holds no such checkpoint.
+    """
+    root = Path(cv_dir)
+    if not root.is_dir():
+        raise UserError(f"--cv-dir {root} is not a directory; pass the folder holding one folder per fold run")
+    found = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        for name in ("best.pt", "last.pt"):
+            if (run / name).is_file():
+                found.append(run / name)
+                break
+    if not found:
+        raise UserError(f"--cv-dir {root} holds no */best.pt or */last.pt checkpoints; "
+                        f"pass the --output-dir of your train.py runs, or list files with --ckpt")
+    return found
+
+
+def _resolve_run(args: argparse.Namespace, ckpt: dict) -> dict[str, Any]:
+    """Data dir, fold, folds, scheme and seed: the command line where given, else the checkpoint's."""
+    saved = ckpt.get("args") or {}
+    if not isinstance(saved, dict):
+        saved = {}
+
+    def pick(name, default):
+        given = getattr(args, name)
+        if given is not None:
+            return given, "command line"
+        if saved.get(name) is not None:
+            return saved[name], "checkpoint"
+        return default, "default"
+
+    data_dir, data_from = pick("data_dir", None)
+    fold, fold_from = pick("fold", None)
+    folds, _ = pick("folds", 5)
+    scheme, _ = pick("fold_scheme", "disjoint")
+    seed, _ = pick("seed", 0)
+    if args.all_images:
+        fold, fold_from = None, "--all-images"
+    return {"data_dir": None if data_dir is None else str(data_dir), "data_from": data_from,
+            "fold": None if fold is None else int(fold), "fold_from": fold_from, "folds": int(folds),
+            "fold_scheme": str(scheme), "seed": int(seed)}
+
+
+def _load_data(run: dict, ckpt_path: Path, split: str, cache: dict):
+    from unet.data.io import load_dataset
+    key = (run["data_dir"], split)
+    if key not in cache:
+        d = run["data_dir"]
+        if d is not None and run["data_from"] == "checkpoint" and not Path(d).exists():
+            raise UserError(f"{d}: the data directory recorded in checkpoint {ckpt_path} does not exist here; "
+                            f"pass --data-dir")
+        # channels=None: the channel check below names the checkpoint, which the reader cannot.
+        cache[key] = load_dataset(d, split=split, require_labels=True, channels=None)
+    return cache[key]
+
+
+def _data_description(run: dict, slices) -> str:
+    if run["data_dir"] is None:
+        h, w = slices.images[0].shape[1:]
+        return (f"built-in synthetic EM data ({len(slices)} slices of {w}x{h}; no --data-dir given and "
+                f"none recorded in the checkpoint)")
+    return f"{run['data_dir']} ({len(slices)} slices, from the {run['data_from']})"
+
+
+def _fold_description(run: dict, n_val: int) -> str:
+    if run["fold"] is None:
+        why = ("--all-images" if run["fold_from"] == "--all-images"
+               else "the checkpoint was trained on all slices (no fold)")
+        return f"all {n_val} slices ({why})"
+    folds = "5 (nvidia)" if run["fold_scheme"] == "nvidia" else f"{run['folds']} ({run['fold_scheme']})"
+    return f"fold {run['fold']} of {folds}, seed {run['seed']}: {n_val} validation slices"
+
+
+def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, info: DistInfo,
+                        cache: dict | None = None, log=print) -> dict[str, Any]:
+    """Evaluate one checkpoint on its fold; returns the JSON-able result record."""
+    from unet.data.folds import fold_indices
+    cache = {} if cache is None else cache
+    start = time.perf_counter()
+    model, ckpt = load_model(path)
+    run = _resolve_run(args, ckpt)
+    slices = _load_data(run, path, args.split, cache)
+    _check_channels(model, slices, f"checkpoint {path}")
+    _, val = fold_indices(len(slices), run["fold"], run["folds"], run["fold_scheme"], run["seed"])
+    if run["fold"] is None:
+        val = list(range(len(slices)))
+    if not val:
+        raise UserError(f"fold {run['fold']} of checkpoint {path} has no validation slices")
+    subset = slices.subset(val)
+    model = dev.prepare_model(model)
+    tiling_kwargs = {"tile_size": args.tile_size, "tile_batch": args.tile_batch, "overlap": args.overlap,
+                     "blend": args.blend, "tta": args.tta}
+    sizes = sorted({tuple(int(s) for s in im.shape[1:]) for im in subset.images})
+    plans = {f"{w}x{h}": tiling_plan(model, h, w, tile_size=args.tile_size, tile_batch=args.tile_batch,
+                                     overlap=args.overlap) for h, w in sizes}
+    params = sum(p.numel() for p in model.parameters())
+    log(f"checkpoint: {path} (UNet {params / 1e6:.1f} M params, {model.config.padding} padding, "
+        f"{model.config.in_channels} channel(s))")
+    log(f"data:       {_data_description(run, slices)}")
+    log(f"evaluating: {_fold_description(run, len(val))}")
+    result = evaluate_slices(model, subset, dev, dist_info=info, per_image=args.per_image, **tiling_kwargs)
+    metrics, rows = result if args.per_image else (result, None)
+    dev.synchronize()
+    record = {
+        "checkpoint": str(path),
+        "data": {"source": "synthetic" if run["data_dir"] is None else run["data_dir"],
+                 "from": run["data_from"], "split": args.split, "num_slices": len(slices),
+                 "description": _data_description(run, slices)},
+        "fold": {"fold": run["fold"], "folds": run["folds"], "scheme": run["fold_scheme"], "seed": run["seed"],
+                 "from": run["fold_from"], "val_indices": val, "val_names": subset.names},
+        "tiling": {**tiling_kwargs, "plans": plans},
+        "metrics": metrics,
+        "seconds": time.perf_counter() - start,
+    }
+    if rows is not None:
+        record["per_image"] = rows
+    return record
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``evaluate.py``: evaluate, print the table(s) on rank 0, write ``--output``.
+
+    Args:
+        args: parsed :func:`get_args_parser` arguments.
+
+    Returns:
+        The result record written to ``--output`` (the same on every rank).
+    """
+    start = time.perf_counter()
+    info = env_info()
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    paths = find_checkpoints(args.cv_dir) if args.cv_dir else [Path(p) for p in args.ckpt]
+    if len(paths) > 1 and args.fold is not None:
+        raise UserError("--fold cannot be combined with several checkpoints: each one is evaluated on its own "
+                        "fold; drop --fold (or pass a single --ckpt)")
+    for p in paths:  # fail before any slow work if one file is missing
+        if not p.is_file():
+            raise UserError(f"checkpoint {p} does not exist; check --ckpt")
+    try:
+        dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    init_distributed(info, dev.backend, dev.device)
+    log = print if info.is_main else (lambda *a, **k: None)
+    try:
+        log(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {info.world_size} process(es), "
+            f"{torch.get_num_threads()} CPU thread(s) per process")
+        cache: dict = {}
+        runs = []
+        for path in paths:
+            record = evaluate_checkpoint(path, args, dev, info, cache, log)
+            runs.append(record)
+            if args.per_image and record.get("per_image"):
+                for row in record["per_image"]:
+                    log(f"  {row['name']}: " + "  ".join(f"{k} {_fmt(row[k])}" for k in CV_METRICS))
+            log(format_table(record["metrics"]))
+            log(f"({record['seconds']:.1f} s)")
+            log("")
+        device = {"type": dev.type, "name": dev.name(), "amp": dev.amp_name, "world_size": info.world_size}
+        if len(runs) == 1:
+            out = {**runs[0], "device": device, "seconds": time.perf_counter() - start}
+        else:
+            labels = [str(r["fold"]["fold"]) if r["fold"]["fold"] is not None else "all" for r in runs]
+            per_fold = [r["metrics"] for r in runs]
+            summary = cv_summary(per_fold)
+            table = cv_markdown(labels, per_fold, summary)
+            log(f"cross-validation over {len(runs)} checkpoints (± = {STD_KIND}):")
+            log(table)
+            folds = [r["fold"]["fold"] for r in runs]
+            if len(set(folds)) != len(folds):
+                log("note: several checkpoints were evaluated on the same fold")
+            summary["markdown"] = table
+            summary["folds"] = labels
+            out = {"runs": runs, "cv": summary, "device": device, "seconds": time.perf_counter() - start}
+        out = _jsonable(out)
+        if args.output is not None and info.is_main:
+            text = json.dumps(out, indent=2) + "\n"
+            atomic_write(args.output, lambda f: f.write(text.encode("utf-8")))
+            log(f"wrote {args.output}")
+        sys.stdout.flush()
+        return out
+    finally:
+        cleanup()
