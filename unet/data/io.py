@@ -110,6 +110,7 @@ class _Layout:
     lead_shape: tuple[int, ...]   # series shape without the Y, X (and S) axes, in page order
     channel_axis: int | None      # index into lead_shape of a hyperstack channel axis
     samples: int                  # samples per pixel (RGB = 3), 1 when there is no S axis
+    planar: bool                  # samples stored as separate planes (S before Y, X)
     height: int
     width: int
     dtype: np.dtype
@@ -129,11 +130,12 @@ def _tiff_layout(tif: tifffile.TiffFile, path: Path) -> _Layout:
         raise UserError(f"{path}: TIFF file has no images; export the stack again")
     series = tif.series[0]
     axes, shape = series.axes, tuple(series.shape)
+    if 0 in shape or len(series.pages) == 0:
+        raise UserError(f"{path}: the stack is empty (no slices); export it again")
     if "Y" not in axes or "X" not in axes:
         raise UserError(f"{path}: TIFF series has axes {axes!r} without Y and X; save it as a plain image stack")
     samples = shape[axes.index("S")] if "S" in axes else 1
-    if "S" in axes and axes[-1] != "S":
-        raise UserError(f"{path}: planar RGB TIFF (axes {axes!r}) is not supported; save it as grayscale")
+    planar = "S" in axes and axes.index("S") < axes.index("Y")
     lead_axes = axes.replace("Y", "").replace("X", "").replace("S", "")
     lead_shape = tuple(s for a, s in zip(axes, shape) if a in lead_axes)
     channel_axis = None
@@ -145,18 +147,24 @@ def _tiff_layout(tif: tifffile.TiffFile, path: Path) -> _Layout:
             channel_axis = lead_axes.index("C")
     if samples > 1 and channel_axis is not None:
         raise UserError(f"{path}: TIFF has both RGB samples and a channel axis ({axes!r}); save it as grayscale")
-    return _Layout(lead_shape, channel_axis, samples, shape[axes.index("Y")], shape[axes.index("X")],
+    return _Layout(lead_shape, channel_axis, samples, planar, shape[axes.index("Y")], shape[axes.index("X")],
                    np.dtype(series.dtype))
 
 
+def _planes(arr: np.ndarray, layout: _Layout, lead: int) -> np.ndarray:
+    """View ``lead`` leading planes of pixel data as ``(lead, S, H, W)`` whatever the sample layout."""
+    if layout.planar:
+        return arr.reshape(lead, layout.samples, layout.height, layout.width)
+    return np.moveaxis(arr.reshape(lead, layout.height, layout.width, layout.samples), -1, 1)
+
+
 def _normalise(arr: np.ndarray, layout: _Layout) -> np.ndarray:
-    """Reshape a series array ``(*lead, H, W[, S])`` to ``(N, H, W)`` or ``(N, C, H, W)``."""
-    arr = arr.reshape(*layout.lead_shape, layout.height, layout.width, layout.samples)
-    nlead = len(layout.lead_shape)
+    """Reshape a series array ``(*lead, [S,] H, W[, S])`` to ``(N, H, W)`` or ``(N, C, H, W)``."""
+    arr = _planes(arr, layout, math.prod(layout.lead_shape))
+    arr = arr.reshape(*layout.lead_shape, layout.samples, layout.height, layout.width)
     if layout.channel_axis is not None:
-        arr = np.moveaxis(arr, layout.channel_axis, nlead - 1)   # channels right before H, W
-    arr = arr.reshape(layout.num_slices, -1, layout.height, layout.width, layout.samples)
-    arr = np.moveaxis(arr, -1, 2).reshape(layout.num_slices, layout.channels, layout.height, layout.width)
+        arr = np.moveaxis(arr, layout.channel_axis, len(layout.lead_shape) - 1)  # channels next to samples
+    arr = arr.reshape(layout.num_slices, layout.channels, layout.height, layout.width)
     return arr[:, 0] if layout.channels == 1 else arr
 
 
@@ -272,10 +280,8 @@ def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
                     for c in range(nchan):
                         full = pos[:c_axis] + [c] + pos[c_axis:] if c_axis is not None else pos
                         keys.append(int(np.ravel_multi_index(full, lead)) if lead else 0)
-                pages = tif.asarray(key=keys, series=0)
-                pages = pages.reshape(stop - start, nchan, layout.height, layout.width, layout.samples)
-                pages = np.moveaxis(pages, -1, 2).reshape(stop - start, layout.channels,
-                                                           layout.height, layout.width)
+                pages = _planes(tif.asarray(key=keys, series=0), layout, len(keys))
+                pages = pages.reshape(stop - start, layout.channels, layout.height, layout.width)
                 yield pages[:, 0] if layout.channels == 1 else pages
     except UserError:
         raise
