@@ -1,0 +1,149 @@
+"""Deployable exports of a trained UNet: a torch.export program (``.pt2``) or ONNX (``.onnx``).
+
+Both take ``(N, in_channels, T, T)`` images scaled to [0, 1] (the model's own normalisation is inside the
+graph) and return ``(N, num_classes, t, t)`` logits. The batch dimension N is dynamic; the spatial size T
+is fixed at a valid tile size (``--tile-size``, default 572 for 'valid' and 512 for 'same' padding), so a
+deployment tiles slices exactly as :mod:`unet.tiling` does. The model config, tile and output size travel
+with a ``.pt2`` file as ``extra_files["unet.json"]`` (read them with ``torch.export.load(path,
+extra_files={"unet.json": ""})``). Files are written atomically (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from unet.errors import UserError
+
+EXPORT_SUFFIXES = (".pt2", ".onnx")
+METADATA_NAME = "unet.json"
+# torch.export specialises a dimension whose example size is 0 or 1, so trace with 2 and allow 1..MAX.
+EXAMPLE_BATCH = 2
+MAX_BATCH = 1024
+
+
+def default_tile_size(model: torch.nn.Module) -> int:
+    """Export tile size: the smallest valid size >= 572 ('valid' padding) or >= 512 ('same')."""
+    return model.valid_input_size(572 if model.padding == "valid" else 512)
+
+
+def check_tile_size(model: torch.nn.Module, tile_size: int | None) -> int:
+    """A valid export tile size for ``model`` (the default when None).
+
+    Raises:
+        UserError: naming the nearest valid sizes when ``tile_size`` is not valid.
+    """
+    if tile_size is None:
+        return default_tile_size(model)
+    try:
+        model.output_size(int(tile_size))
+    except ValueError as e:
+        raise UserError(f"--tile-size {tile_size}: {e}") from None
+    return int(tile_size)
+
+
+def export_metadata(model: torch.nn.Module, tile_size: int) -> dict:
+    """What a deployment needs besides the graph: config, input/output geometry, class meanings."""
+    return {"format": "unet-em-export", "model_config": model.config.to_dict(),
+            "input_shape": ["N", model.config.in_channels, tile_size, tile_size],
+            "output_shape": ["N", model.config.num_classes, model.output_size(tile_size),
+                             model.output_size(tile_size)],
+            "input_range": "[0, 1] (uint8 / 255, uint16 / 65535); normalisation is inside the model",
+            "labels": "argmax class 1 = cell interior (mask 255), class 0 = membrane"}
+
+
+def export_program(model: torch.nn.Module, tile_size: int | None = None) -> torch.export.ExportedProgram:
+    """torch.export the model in eval mode on CPU with a dynamic batch dimension.
+
+    Args:
+        model: a UNet (any device; it is copied to CPU float32 for export).
+        tile_size: static input height and width (default: :func:`default_tile_size`).
+
+    Returns:
+        The ExportedProgram.
+    """
+    model = _cpu_eval(model)
+    tile_size = check_tile_size(model, tile_size)
+    example = torch.rand(EXAMPLE_BATCH, model.config.in_channels, tile_size, tile_size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # strict=False: the non-strict tracer is the default from torch 2.7 on; 2.6 needs it said explicitly.
+    return torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
+
+
+def _cpu_eval(model: torch.nn.Module) -> torch.nn.Module:
+    # A copy, so that exporting never moves or switches the caller's model.
+    import copy
+    return copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+
+
+def onnx_available() -> bool:
+    """Whether the ONNX exporter's dependencies (onnx, onnxscript) can be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``model`` as a ``.pt2`` torch.export program or an ``.onnx`` file, atomically.
+
+    Args:
+        model: a UNet.
+        path: destination; the suffix picks the format.
+        tile_size: static spatial input size (default: :func:`default_tile_size`).
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        UserError: unknown suffix, existing file, missing folder, invalid tile size, or ONNX requested
+            without its packages.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise UserError(f"{path}: --export must end in .pt2 (torch.export) or .onnx (ONNX)")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: file exists; pass --overwrite to replace it or choose another name")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: folder {path.parent} does not exist; create it first")
+    if suffix == ".onnx" and not onnx_available():
+        raise UserError(f"{path}: ONNX export needs the onnx and onnxscript packages; "
+                        f"pip install -e .[onnx] (or export to .pt2)")
+    cpu_model = _cpu_eval(model)
+    tile_size = check_tile_size(cpu_model, tile_size)
+    if suffix == ".pt2":
+        program = export_program(cpu_model, tile_size)
+        extra = {METADATA_NAME: json.dumps(export_metadata(cpu_model, tile_size))}
+        _atomic_save(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    else:
+        _atomic_save(path, lambda tmp: _save_onnx(cpu_model, tile_size, tmp))
+    return path
+
+
+def _save_onnx(model: torch.nn.Module, tile_size: int, dest: Path) -> None:
+    example = torch.rand(EXAMPLE_BATCH, model.config.in_channels, tile_size, tile_size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # dynamo=True (the torch.export-based exporter, torch >= 2.5) shares the .pt2 graph capture.
+    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+                                input_names=["image"], output_names=["logits"])
+    program.save(str(dest))
+
+
+def _atomic_save(path: Path, save) -> None:
+    # Savers here want a path name (ONNX) or write zips, so a named temporary file beside the target.
+    from unet.inference import atomic_path
+    with atomic_path(path) as tmp:
+        save(tmp)
+
+
+def load_export_metadata(path: str | Path) -> dict:
+    """The ``unet.json`` metadata stored in a ``.pt2`` export."""
+    extra = {METADATA_NAME: ""}
+    torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[METADATA_NAME])

@@ -1,0 +1,609 @@
+"""Inference: image stacks in, uint8 masks (plus optional probabilities and overlay PNGs) out, streaming.
+
+``python infer.py --ckpt model.pt --input stack.tif --output masks.tif`` reads the stack a few pages at a
+time, predicts each slice with :func:`unet.evaluation.predict_probabilities` (the one tiler) and appends
+the results to the output TIFFs as it goes, so peak host memory depends on the slice size and
+``--read-batch``, never on the stack depth. Every output is written to a hidden temporary file beside its
+final name and renamed only when complete: an interrupted run never leaves a half-written file.
+
+Output convention is the training labels': 255 = cell interior, 0 = membrane, one page per input slice.
+Files are plain multi-page TIFFs with zlib (deflate) compression and no ImageJ hyperstack header, because
+ImageJ's own reader only handles *uncompressed* hyperstacks (it reads the first IFD and assumes contiguous
+pages; tifffile's documentation: "ImageJ hyperstacks do not support BigTIFF or compression"), whereas it
+opens a plain deflate-compressed multi-page TIFF as a stack (Fiji File > Open, or Bio-Formats).
+``--compression none`` writes uncompressed pages instead.
+
+``--export model.pt2`` / ``--export model.onnx`` writes a deployable program instead (see :mod:`unet.export`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.errors import UserError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png",)
+PROB_DTYPES = ("float32", "uint8")
+COMPRESSIONS = ("zlib", "none")
+SYNTHETIC_SHAPE = (4, 256, 256)  # slices, height, width of the built-in stack used without --input
+# Above this many uncompressed bytes a classic TIFF's 32-bit offsets could overflow: switch to BigTIFF.
+BIGTIFF_BYTES = 3 * 2 ** 30
+OVERLAY_RGB = np.array([255, 0, 0], dtype=np.float32)  # membranes drawn in red
+OVERLAY_ALPHA = 0.5
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+@dataclass
+class StackInfo:
+    """What the header of one input stack says.
+
+    Args:
+        path: the input file (None for the built-in synthetic stack).
+        num_slices, height, width, channels: stack geometry.
+        dtype: raw pixel dtype.
+    """
+
+    path: Path | None
+    num_slices: int
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        """The input's stem (``a.ome.tif`` -> ``a``), or ``synthetic``."""
+        return "synthetic" if self.path is None else self.path.name.split(".")[0]
+
+
+@dataclass
+class Job:
+    """One input stack and the files it produces.
+
+    Args:
+        info: the input's header.
+        output: mask stack to write.
+        probabilities: probability stack to write, or None.
+        overlay_dir: folder for overlay PNGs, or None.
+    """
+
+    info: StackInfo
+    output: Path
+    probabilities: Path | None = None
+    overlay_dir: Path | None = None
+
+    def overlay_paths(self) -> list[Path]:
+        """One PNG per slice: ``<stem>_<page>.png`` (page numbers from 0)."""
+        if self.overlay_dir is None:
+            return []
+        digits = max(3, len(str(self.info.num_slices - 1)))
+        return [self.overlay_dir / f"{self.info.name}_{k:0{digits}d}.png" for k in range(self.info.num_slices)]
+
+    def outputs(self) -> list[Path]:
+        """Every file this job writes."""
+        return [self.output] + ([self.probabilities] if self.probabilities else []) + self.overlay_paths()
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """The image files of an input: the file itself, or the sorted TIFF/PNG files of a folder.
+
+    Raises:
+        UserError: missing path, or a folder without images.
+    """
+    if not path.exists():
+        raise UserError(f"{path}: input not found; check --input")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"{path}: folder has no TIFF or PNG files; --input takes a stack, an image or a "
+                            f"folder of them")
+        return files
+    return [path]
+
+
+def read_info(path: Path) -> StackInfo:
+    """Header of one input stack, checked for a single slice size and a supported pixel type.
+
+    Raises:
+        UserError: unreadable file, pages of different sizes, several image series, or an unsupported dtype.
+    """
+    from unet.data.io import scale_by_dtype, stack_info
+    n, h, w, c, dtype = stack_info(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        _check_single_series(path, h, w)
+    scale_by_dtype(np.zeros(1, dtype=dtype), source=str(path))  # rejects int32, complex, ... before any work
+    return StackInfo(path, int(n), int(h), int(w), int(c), np.dtype(dtype))
+
+
+def _check_single_series(path: Path, height: int, width: int) -> None:
+    # tifffile splits pages of different sizes into several series and readers use the first one only:
+    # without this check a stack with one odd page would silently lose the pages after it.
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = list(tif.series)
+            if len(series) <= 1:
+                return
+            first_page = 0
+            for s in series:
+                ph, pw = _series_yx(s)
+                if (ph, pw) != (height, width):
+                    raise UserError(f"{path}: page {first_page} is {pw}x{ph} but the stack's first page is "
+                                    f"{width}x{height}; all slices of a stack must have the same size, "
+                                    f"save them as separate files")
+                first_page += len(s.pages)
+            raise UserError(f"{path}: TIFF holds {len(series)} image series; only single-series stacks are "
+                            f"supported, save each series as its own file")
+    except UserError:
+        raise
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]}); the file is truncated "
+                        f"or corrupt") from exc
+
+
+def _series_yx(series) -> tuple[int, int]:
+    axes, shape = series.axes, series.shape
+    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+
+
+def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
+              overlay_dir: str | Path | None = None, overwrite: bool = False,
+              in_channels: int = 1) -> list[Job]:
+    """Check the inputs and outputs before any work is done, and pair them.
+
+    Args:
+        input_path: a stack/image file, a folder of them, or None for the built-in synthetic stack.
+        output: the mask TIFF (file input) or a folder (folder input; created if its parent exists).
+        probabilities: like ``output``, for probability stacks; None = not written.
+        overlay_dir: folder for overlay PNGs (created if its parent exists); None = not written.
+        overwrite: allow replacing existing output files.
+        in_channels: channels the model expects.
+
+    Returns:
+        One :class:`Job` per input stack.
+
+    Raises:
+        UserError: any bad input, an existing output without ``overwrite``, or an output in a missing folder.
+    """
+    output = Path(output)
+    prob = Path(probabilities) if probabilities is not None else None
+    ovl = Path(overlay_dir) if overlay_dir is not None else None
+    if input_path is None:
+        n, h, w = SYNTHETIC_SHAPE
+        infos = [StackInfo(None, n, h, w, 1, np.dtype(np.uint8))]
+        folder_mode = False
+    else:
+        input_path = Path(input_path)
+        files = list_inputs(input_path)
+        infos = [read_info(f) for f in files]
+        folder_mode = input_path.is_dir()
+    for info in infos:
+        if info.channels != in_channels:
+            kind = " (RGB)" if info.channels in (3, 4) else ""
+            raise UserError(f"{info.path}: images have {info.channels} channels{kind} but the model expects "
+                            f"{in_channels}; convert them to {'grayscale' if in_channels == 1 else f'{in_channels} channels'}")
+
+    if folder_mode:
+        stems = [i.name for i in infos]
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        if dup:
+            raise UserError(f"{input_path}: several inputs share the name {dup[0]!r} (e.g. .tif and .png); "
+                            f"outputs would collide, rename them")
+        out_dir = _output_folder(output, "--output", input_path)
+        prob_dir = _output_folder(prob, "--probabilities", input_path) if prob else None
+        jobs = [Job(i, out_dir / f"{i.name}.tif", prob_dir / f"{i.name}.tif" if prob_dir else None, ovl)
+                for i in infos]
+    else:
+        _check_output_file(output, "--output")
+        if prob is not None:
+            _check_output_file(prob, "--probabilities")
+        jobs = [Job(infos[0], output, prob, ovl)]
+    if ovl is not None:
+        if ovl.exists() and not ovl.is_dir():
+            raise UserError(f"{ovl}: --overlay must be a folder, but a file has that name")
+        if not ovl.parent.is_dir():
+            raise UserError(f"{ovl}: --overlay folder's parent {ovl.parent} does not exist; create it first")
+
+    inputs = {j.info.path.resolve() for j in jobs if j.info.path is not None}
+    seen: set[Path] = set()
+    for job in jobs:
+        for out in job.outputs():
+            res = out.resolve()
+            if res in inputs:
+                raise UserError(f"{out}: output would overwrite an input; choose another output name")
+            if res in seen:
+                raise UserError(f"{out}: two outputs have this name; give --output and --probabilities "
+                                f"different paths")
+            seen.add(res)
+            if out.exists() and not overwrite:
+                raise UserError(f"{out}: output exists; pass --overwrite to replace it or choose another name")
+            if out.exists() and out.is_dir():
+                raise UserError(f"{out}: output is a folder; give a file name")
+    # Folders are made only now, after every check passed, so a rejected run leaves nothing behind.
+    for folder in {j.output.parent for j in jobs} | {j.probabilities.parent for j in jobs if j.probabilities} \
+            | ({ovl} if ovl is not None else set()):
+        folder.mkdir(exist_ok=True)
+    return jobs
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: {flag} is a folder but --input is a single stack; give a .tif file name")
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        raise UserError(f"{path}: {flag} must be a TIFF file name ending in .tif or .tiff")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: {flag} folder {path.parent} does not exist; create it first")
+
+
+def _output_folder(path: Path, flag: str, input_dir: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: --input is a folder, so {flag} must be a folder too, but a file has that name")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: {flag} folder's parent {path.parent} does not exist; create it first")
+    if path.exists() and path.resolve() == input_dir.resolve():
+        raise UserError(f"{path}: {flag} is the input folder; choose another folder so inputs are not replaced")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+class StackWriter:
+    """Append 2D pages to a multi-page TIFF under a temporary name; rename into place on success.
+
+    Each page is compressed and written as it arrives (no ImageJ header, see the module docstring), so
+    memory never grows with the number of pages. Use as a context manager: leaving it with an exception
+    (or calling :meth:`abort`) deletes the temporary file and leaves nothing under the final name.
+
+    Args:
+        path: final file name; its folder must exist.
+        expected_bytes: uncompressed size of all pages, to choose BigTIFF above 3 GiB.
+        compression: ``zlib`` (deflate) or ``none``.
+    """
+
+    def __init__(self, path: str | Path, *, expected_bytes: int = 0, compression: str = "zlib"):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise UserError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        self.tmp = temporary_path(self.path)
+        self.compression = None if compression == "none" else "zlib"
+        self.pages = 0
+        self._tif = tifffile.TiffWriter(self.tmp, bigtiff=expected_bytes > BIGTIFF_BYTES)
+
+    def append(self, pages: np.ndarray) -> None:
+        """Write one ``(H, W)`` page or a ``(n, H, W)`` batch of pages."""
+        pages = pages[None] if pages.ndim == 2 else pages
+        for page in pages:
+            # metadata=None: no per-page JSON header, so readers see one series of identical pages.
+            self._tif.write(np.ascontiguousarray(page), compression=self.compression, metadata=None,
+                            photometric="minisblack")
+            self.pages += 1
+
+    def commit(self) -> Path:
+        """Close, flush to disk and rename to the final name."""
+        self._tif.close()
+        publish(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        with contextlib.suppress(Exception):
+            self._tif.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+    def __enter__(self) -> "StackWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def temporary_path(path: Path) -> Path:
+    """A new empty hidden file beside ``path`` (same folder, so the final rename is atomic), keeping its suffix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, give it the usual file permissions and rename it to ``path``."""
+    # mkstemp creates files readable by the owner only; outputs should get what the umask gives.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; renamed to ``path`` on success, deleted on any exception."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else)."""
+    return (probs.argmax(0) == 1).to(torch.uint8) * 255
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB picture of a slice with its predicted membranes (mask == 0) in semi-transparent red.
+
+    Args:
+        image: ``(C, H, W)`` float in [0, 1]; 3 channels are shown as RGB, otherwise channel 0 as grey.
+        mask: ``(H, W)`` uint8, 0 = membrane.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    if image.shape[0] == 3:
+        rgb = np.moveaxis(image, 0, -1).astype(np.float32)
+    else:
+        grey = image[0].astype(np.float32)
+        # Contrast stretch for display only: 16-bit EM often fills a small part of its range.
+        lo, hi = np.percentile(grey, (0.5, 99.5))
+        grey = np.clip((grey - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(grey)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb = rgb * 255
+    membrane = mask == 0
+    rgb[membrane] = (1 - OVERLAY_ALPHA) * rgb[membrane] + OVERLAY_ALPHA * OVERLAY_RGB
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def iter_job_pages(info: StackInfo, batch: int) -> Iterator[np.ndarray]:
+    """Raw pages of a job's input in chunks of ``batch`` slices: ``(b, H, W)`` or ``(b, C, H, W)``."""
+    if info.path is None:
+        from unet.data.synthetic import make_synthetic_em
+        images, _ = make_synthetic_em(info.num_slices, info.height, info.width, seed=0)
+        for start in range(0, len(images), batch):
+            yield images[start:start + batch]
+        return
+    from unet.data.io import iter_pages
+    yield from iter_pages(info.path, batch)
+
+
+def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, source: str = "input",
+                  tile_size: int | None = None, tile_batch: int = 4, overlap: float = 0.25,
+                  blend: str = "gaussian", tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Predict slice by slice, holding one chunk of raw pages at a time.
+
+    Args:
+        model: a UNet on ``dev.device`` (eval mode is enforced by the predictor).
+        dev: the :class:`~unet.device.DeviceSetup`.
+        chunks: raw pages ``(b, H, W)`` or ``(b, C, H, W)`` in uint8, uint16 or float (e.g. from ``iter_pages``).
+        source: file name for error messages.
+        tile_size, tile_batch, overlap, blend, tta: passed to :func:`unet.evaluation.predict_probabilities`.
+
+    Returns:
+        An iterator of ``(image, mask, probability)`` per slice: the [0, 1] ``(C, H, W)`` float32 input,
+        the uint8 ``(H, W)`` mask (255 = cell) and the float32 ``(H, W)`` class-1 probability.
+    """
+    from unet.data.io import scale_by_dtype
+    from unet.evaluation import predict_probabilities
+    for chunk in chunks:
+        for raw in chunk:
+            image = scale_by_dtype(raw[None] if raw.ndim == 2 else raw, source=source)
+            probs = predict_probabilities(model, image, dev, tile_size=tile_size, tile_batch=tile_batch,
+                                          overlap=overlap, blend=blend, tta=tta)
+            mask = mask_from_probabilities(probs).cpu().numpy()
+            yield image, mask, probs[1].float().cpu().numpy()
+
+
+@dataclass
+class RunResult:
+    """What an inference run wrote and how fast.
+
+    Args:
+        outputs: every file written.
+        slices: slices predicted.
+        seconds: wall time of the prediction and writing.
+    """
+
+    outputs: list[Path] = field(default_factory=list)
+    slices: int = 0
+    seconds: float = 0.0
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_dtype: str = "float32",
+            compression: str = "zlib", progress=None, predict_kwargs: dict | None = None) -> list[Path]:
+    """Predict one input stack and write its outputs atomically.
+
+    Args:
+        job: from :func:`plan_jobs`.
+        model: a UNet on ``dev.device``.
+        dev: the device setup.
+        read_batch: input pages read per chunk (memory scales with it, not with the stack depth).
+        prob_dtype: ``float32`` or ``uint8`` (probability x 255, rounded) for the probability stack.
+        compression: ``zlib`` or ``none`` for the TIFF outputs.
+        progress: a tqdm bar to advance by one per slice, or None.
+        predict_kwargs: tiling options for :func:`predict_pages`.
+
+    Returns:
+        The files written.
+    """
+    if prob_dtype not in PROB_DTYPES:
+        raise ValueError(f"prob_dtype must be one of {PROB_DTYPES}, got {prob_dtype!r}")
+    info = job.info
+    pixels = info.num_slices * info.height * info.width
+    overlay_paths = job.overlay_paths()
+    source = str(info.path) if info.path is not None else "synthetic"
+    with contextlib.ExitStack() as stack:
+        masks = stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
+        probs_out = None
+        if job.probabilities is not None:
+            nbytes = pixels * np.dtype(prob_dtype).itemsize
+            probs_out = stack.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
+                                                        compression=compression))
+        pages = predict_pages(model, dev, iter_job_pages(info, read_batch), source=source,
+                              **(predict_kwargs or {}))
+        for k, (image, mask, prob) in enumerate(pages):
+            if k >= info.num_slices:
+                raise UserError(f"{source}: has more slices than its header says ({info.num_slices}); "
+                                f"the file is inconsistent, export it again")
+            masks.append(mask)
+            if probs_out is not None:
+                probs_out.append(prob if prob_dtype == "float32"
+                                 else np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
+            if overlay_paths:
+                _write_png_atomic(overlay_paths[k], overlay(image, mask))
+            if progress is not None:
+                progress.update(1)
+        if masks.pages != info.num_slices:
+            raise UserError(f"{source}: read {masks.pages} slices but its header says {info.num_slices}; "
+                            f"the file is truncated, export it again")
+    return [job.output] + ([job.probabilities] if job.probabilities else []) + overlay_paths
+
+
+def run_inference(model: torch.nn.Module, dev, jobs: list[Job], *, read_batch: int = 8,
+                  prob_dtype: str = "float32", compression: str = "zlib", show_progress: bool = True,
+                  predict_kwargs: dict | None = None) -> RunResult:
+    """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
+
+    Args:
+        model: a UNet on ``dev.device``.
+        dev: the device setup.
+        jobs: from :func:`plan_jobs`.
+        read_batch, prob_dtype, compression, predict_kwargs: as for :func:`run_job`.
+        show_progress: draw the tqdm bar.
+
+    Returns:
+        A :class:`RunResult`.
+    """
+    from tqdm import tqdm
+    total = sum(j.info.num_slices for j in jobs)
+    result = RunResult()
+    start = time.perf_counter()
+    with tqdm(total=total, unit="slice", desc="infer", file=sys.stderr, disable=not show_progress,
+              dynamic_ncols=True) as bar:
+        for job in jobs:
+            result.outputs += run_job(job, model, dev, read_batch=read_batch, prob_dtype=prob_dtype,
+                                      compression=compression, progress=bar, predict_kwargs=predict_kwargs)
+            result.slices += job.info.num_slices
+    dev.synchronize()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Arguments of ``python infer.py``."""
+    parser = argparse.ArgumentParser(
+        prog="infer.py", add_help=add_help, formatter_class=HelpFormatter,
+        description="Segment EM image stacks with a trained UNet checkpoint, or export it for deployment.\n\n"
+                    "  python infer.py --ckpt model.pt --input stack.tif --output masks.tif\n"
+                    "  python infer.py --ckpt model.pt --input folder/ --output masks/ --overlay overlays/\n"
+                    "  python infer.py --ckpt model.pt --export model.pt2\n\n"
+                    "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--input", default=None,
+                        help="multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, or a folder of them "
+                             "(default: the built-in synthetic stack of 4 slices of 256x256)")
+    parser.add_argument("--output", default=None,
+                        help="mask TIFF to write (a folder when --input is a folder)")
+    parser.add_argument("--probabilities", default=None,
+                        help="also write the cell-interior probability stack here (a folder for folder input)")
+    parser.add_argument("--prob-dtype", default="float32", choices=PROB_DTYPES,
+                        help="probability pixels: float32 in [0, 1], or uint8 scaled 0..255")
+    parser.add_argument("--overlay", default=None, metavar="DIR",
+                        help="write one PNG per slice with predicted membranes drawn in red over the input")
+    parser.add_argument("--compression", default="zlib", choices=COMPRESSIONS,
+                        help="TIFF compression of the outputs (zlib = deflate, read by Fiji, tifffile, Pillow)")
+    parser.add_argument("--read-batch", type=int, default=8,
+                        help="input pages read at a time (host memory scales with this, not the stack depth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--export", default=None, metavar="PATH",
+                        help="export the model instead: .pt2 = torch.export program with a dynamic batch "
+                             "dimension at --tile-size (default 572 'valid' / 512 'same'), .onnx = ONNX")
+    add_tiling_args(parser)
+    add_device_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> RunResult | Path:
+    """Run ``infer.py``: export (``--export``) or predict the input stacks.
+
+    Returns:
+        The exported file's path, or a :class:`RunResult`.
+    """
+    from unet.checkpoint import load_model
+    from unet.device import setup_device
+    if args.read_batch < 1:
+        raise UserError(f"--read-batch must be at least 1, got {args.read_batch}")
+    if args.tile_batch < 1:
+        raise UserError(f"--tile-batch must be at least 1, got {args.tile_batch}")
+    if not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.export is None and args.output is None:
+        raise UserError("--output is required (the mask TIFF to write), or pass --export PATH")
+    model, _ = load_model(args.ckpt)
+
+    if args.export is not None:
+        from unet.export import export_model
+        if args.input is not None or args.output is not None:
+            raise UserError("--export writes a model, not masks; run it without --input/--output")
+        path = export_model(model, args.export, tile_size=args.tile_size, overwrite=args.overwrite)
+        print(f"exported {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+        return path
+
+    jobs = plan_jobs(args.input, args.output, probabilities=args.probabilities, overlay_dir=args.overlay,
+                     overwrite=args.overwrite, in_channels=model.config.in_channels)
+    try:
+        dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model = dev.prepare_model(model)
+    what = "built-in synthetic stack" if args.input is None else args.input
+    print(f"predicting {sum(j.info.num_slices for j in jobs)} slices from {what} on {dev.name()} "
+          f"({dev.type}, {dev.amp_name})", file=sys.stderr)
+    result = run_inference(model, dev, jobs, read_batch=args.read_batch, prob_dtype=args.prob_dtype,
+                           compression=args.compression, show_progress=not args.no_progress,
+                           predict_kwargs=dict(tile_size=args.tile_size, tile_batch=args.tile_batch,
+                                               overlap=args.overlap, blend=args.blend, tta=args.tta))
+    for job in jobs:
+        print(f"wrote {job.output}" + (f" and {job.probabilities}" if job.probabilities else ""))
+    if args.overlay:
+        print(f"wrote {sum(len(j.overlay_paths()) for j in jobs)} overlays to {args.overlay}")
+    print(f"done: {result.slices} slices in {result.seconds:.2f} s ({result.slices_per_s:.2f} slices/s)")
+    return result
