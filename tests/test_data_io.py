@@ -193,6 +193,7 @@ def test_rgb_rejected(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:.*zero-size array")
 def test_empty_stack(tmp_path):
     tifffile.imwrite(tmp_path / "e.tif", np.zeros((0, 8, 8), np.uint8))
     with pytest.raises(UserError, match=r"e.tif: (the stack is empty|TIFF file has no images)"):
