@@ -226,7 +226,7 @@ class SegmentationMetrics:
                             f"convert 0/255 masks to 0/1 before evaluating")
         probs = probs.float()
         onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).float()
-        # Per-image sums stay float32 on the device (float64 is slow or missing on NPUs); images add up in float64.
+        # Per-image sums stay float32 on the device (float64 is slow or missing on some accelerators); images add up in float64.
         dice = soft_dice(probs, onehot).cpu().double().sum(0)
         pred = probs.argmax(1).cpu().numpy()
         true = target.cpu().numpy()

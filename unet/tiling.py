@@ -1,0 +1,386 @@
+"""Whole-slice prediction at native resolution from fixed-size tiles.
+
+* ``valid`` padding (the UNet paper's overlap-tile strategy): the slice is mirror-padded by the network's
+  margin and cut into input tiles whose output tiles cover the slice. Tile offsets are multiples of the
+  network's pooling alignment ``g`` (the spacing of valid input sizes, 16 for a depth-5 UNet), so that
+  every tile computes what one forward pass over the whole mirror-padded slice computes there.
+  One catch: NVIDIA's up-sampling (3x3 stride-2 transposed convolution, PyTorch ``padding=1,
+  output_padding=1``) misses one input row/column at the bottom/right edge of every level, so the last
+  ``g - 1`` output rows/columns of a tile depend on what lies beyond it. Those are discarded wherever a
+  neighbouring tile follows (its step is at most ``output - (g - 1)``) and the last tile is pushed past
+  the slice edge when that costs no extra tile. Result: the stitched output equals one forward pass over
+  the mirror-padded slice spanning the same extent (``plan.starts[-1] + plan.output_size``).
+  A geometry may state its defect width as ``edge_band``; a truly valid network has ``edge_band = 0``.
+* ``same`` padding: overlapping windows (``overlap`` fraction) blended with a constant or Gaussian weight
+  map (as MONAI's ``sliding_window_inference``); edge windows are snapped inside the slice and slices
+  smaller than a window are mirror-padded, predicted, then cropped.
+
+Tiling never applies an activation: pass e.g. ``lambda x: model(x).softmax(1)`` as the predictor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from unet.errors import UserError
+
+__all__ = ["Geometry", "TilePlan", "choose_tile_size", "plan_tiles", "predict_slice", "mirror_pad",
+           "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
+
+DEFAULT_MEMORY_BUDGET_MB = 2048
+BLENDS = ("gaussian", "constant")
+
+
+class Geometry(Protocol):
+    """Size arithmetic of a fully convolutional network (a :class:`unet.model.UNet` has it)."""
+
+    padding: str
+
+    def output_size(self, input_size: int) -> int: ...
+
+    def valid_input_size(self, min_size: int) -> int: ...
+
+    def input_size_for_output(self, min_output: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a slice is cut into square tiles.
+
+    Attributes:
+        tile_size: input tile height = width.
+        output_size: output tile height = width (``tile_size`` for ``same`` padding).
+        tiles_y, tiles_x: number of tiles along height and width.
+        starts_y, starts_x: tile offsets (``valid``: of the output tiles in slice coordinates, i.e. of the
+            input tiles in the mirror-padded slice; ``same``: of the windows in the (padded) slice).
+    """
+
+    tile_size: int
+    output_size: int
+    tiles_y: int
+    tiles_x: int
+    starts_y: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    starts_x: tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles_y * self.tiles_x
+
+    def __str__(self) -> str:
+        return (f"{self.tiles_y} x {self.tiles_x} tiles of {self.tile_size}x{self.tile_size} "
+                f"(output {self.output_size}x{self.output_size})")
+
+
+def estimate_bytes_per_pixel(geometry) -> int:
+    """Estimated peak activation memory of one forward pass, in bytes per input pixel.
+
+    For a float32 UNet without autograd the live tensors peak in the last decoder level (skip, upsampled
+    input, their concatenation and a convolution output: about ``10 * base_filters`` floats per pixel);
+    ``32 * base_filters`` bytes (2048 for UNet_Medical's 64 filters) leaves ~1.5x headroom for convolution
+    workspaces. Geometries without ``config.base_filters`` are assumed to be that large.
+
+    Args:
+        geometry: the network (its ``config.base_filters`` is read when present).
+
+    Returns:
+        bytes per input pixel of one tile.
+    """
+    base = getattr(getattr(geometry, "config", None), "base_filters", 64)
+    return 32 * int(base)
+
+
+def _alignment(geometry, tile_size: int) -> int:
+    """Spacing of valid input sizes: shifting a tile by a multiple of it keeps the pooling grid aligned."""
+    return geometry.valid_input_size(tile_size + 1) - tile_size
+
+
+def _count(length: int, window: int, step: int) -> int:
+    return 1 if length <= window else math.ceil((length - window) / step) + 1
+
+
+def _edge_band(geometry, tile_size: int) -> int:
+    """Output rows/columns at the bottom/right of a ``valid`` tile that depend on pixels beyond the tile."""
+    if geometry.padding != "valid":
+        return 0
+    band = getattr(geometry, "edge_band", None)
+    return _alignment(geometry, tile_size) - 1 if band is None else int(band)
+
+
+def _steps(geometry, tile_size: int, overlap: float) -> tuple[int, int, int, int]:
+    """(output size, step between tiles, alignment, edge band) for a valid ``tile_size``."""
+    align = _alignment(geometry, tile_size)
+    band = _edge_band(geometry, tile_size)
+    if geometry.padding == "valid":
+        out = geometry.output_size(tile_size)
+        clean = out - band
+    else:
+        out = tile_size
+        clean = int(tile_size * (1 - overlap))
+    step = clean - clean % align if clean >= align else max(1, clean)
+    return out, step, align, band
+
+
+def _check_tile_size(geometry, tile_size: int) -> None:
+    try:
+        geometry.output_size(tile_size)
+    except ValueError as e:
+        raise UserError(f"tile size {tile_size} is not a valid input size for this model: {e}") from None
+    if geometry.valid_input_size(tile_size) != tile_size:
+        raise UserError(f"tile size {tile_size} is not a valid input size for this model; "
+                        f"try {geometry.valid_input_size(tile_size)}")
+
+
+def plan_tiles(height: int, width: int, geometry, tile_size: int, *, overlap: float = 0.25) -> TilePlan:
+    """Tile offsets for one slice and a given tile size.
+
+    Args:
+        height, width: slice size.
+        geometry: the network's size arithmetic (``padding``, ``output_size``, ``valid_input_size``, ...).
+        tile_size: input tile size; must be a valid input size.
+        overlap: window overlap fraction for ``same`` padding, in [0, 1); ignored for ``valid``.
+
+    Returns:
+        a :class:`TilePlan`.
+
+    Raises:
+        UserError: if ``tile_size`` is not a valid input size or ``overlap`` is out of range.
+    """
+    if not 0 <= overlap < 1:
+        raise UserError(f"overlap must be in [0, 1), got {overlap}")
+    _check_tile_size(geometry, tile_size)
+    out, step, align, band = _steps(geometry, tile_size, overlap)
+
+    def starts(length: int) -> tuple[int, ...]:
+        n = _count(length, out, step)
+        if n == 1:
+            return (0,)
+        if geometry.padding == "valid":
+            # Last tile: an aligned offset whose output reaches the edge, preferably with its edge band
+            # beyond it (in the padding) when that needs no extra tile.
+            last = min((n - 1) * step, math.ceil((length - out + band) / align) * align)
+        else:
+            last = length - out  # snapped inside the slice
+        return tuple(k * step for k in range(n - 1)) + (last,)
+
+    sy, sx = starts(height), starts(width)
+    return TilePlan(tile_size, out, len(sy), len(sx), sy, sx)
+
+
+def _candidate_sizes(height: int, width: int, geometry):
+    """Valid tile sizes, ascending, from the smallest up to the first that covers the slice in one tile."""
+    longest = max(height, width)
+    if geometry.padding == "valid":
+        size, last = geometry.input_size_for_output(1), geometry.input_size_for_output(longest)
+    else:
+        size, last = geometry.valid_input_size(1), geometry.valid_input_size(longest)
+    while size <= last:
+        yield size
+        size = geometry.valid_input_size(size + 1)
+
+
+def choose_tile_size(height: int, width: int, geometry, *, memory_budget_mb: float | None = None,
+                     bytes_per_pixel_estimate: int | None = None, overlap: float = 0.25) -> TilePlan:
+    """The square tiling of a slice with the least compute whose tile fits the memory budget.
+
+    Compute is estimated as input pixels per tile times number of tiles (convolution FLOPs are
+    proportional to it for a fixed network); memory as ``tile_size**2 * bytes_per_pixel_estimate``
+    (see :func:`estimate_bytes_per_pixel`). Ties go to the smaller tile. For UNet_Medical (``valid``) a
+    512x512 slice becomes one 700x700 tile (516x516 output) rather than four 572x572 tiles.
+
+    Args:
+        height, width: slice size.
+        geometry: the network's size arithmetic.
+        memory_budget_mb: activation memory allowed for one tile (default :data:`DEFAULT_MEMORY_BUDGET_MB`).
+        bytes_per_pixel_estimate: activation bytes per input pixel (default: from ``geometry``).
+        overlap: window overlap fraction for ``same`` padding.
+
+    Returns:
+        the chosen :class:`TilePlan`.
+
+    Raises:
+        UserError: if not even the smallest valid tile fits the budget.
+    """
+    budget = (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * 2 ** 20
+    bpp = estimate_bytes_per_pixel(geometry) if bytes_per_pixel_estimate is None else bytes_per_pixel_estimate
+    if not 0 <= overlap < 1:
+        raise UserError(f"overlap must be in [0, 1), got {overlap}")
+    best, best_cost = None, math.inf
+    for size in _candidate_sizes(height, width, geometry):
+        if size * size * bpp > budget:
+            break
+        out, step, _, _ = _steps(geometry, size, overlap)
+        cost = size * size * _count(height, out, step) * _count(width, out, step)
+        if cost < best_cost:
+            best, best_cost = size, cost
+    if best is None:
+        smallest = next(_candidate_sizes(height, width, geometry))
+        need = smallest * smallest * bpp / 2 ** 20
+        raise UserError(f"memory budget of {budget / 2 ** 20:g} MB is too small: the smallest tile "
+                        f"({smallest}x{smallest}) needs about {need:.0f} MB; raise the budget")
+    return plan_tiles(height, width, geometry, best, overlap=overlap)
+
+
+def _reflect_index(n: int, before: int, after: int, device) -> torch.Tensor:
+    """Source indices of a reflect padding (edge not repeated) of any width, bouncing as often as needed."""
+    i = torch.arange(-before, n + after, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflect-pad the last two dimensions by any amount (repeated reflection where the pad exceeds the size).
+
+    Identical to ``F.pad(x, (left, right, top, bottom), mode="reflect")`` where that is allowed.
+
+    Args:
+        x: tensor ``(..., H, W)``.
+        top, bottom, left, right: non-negative pad widths.
+
+    Returns:
+        tensor ``(..., H + top + bottom, W + left + right)``.
+    """
+    if min(top, bottom, left, right) < 0:
+        raise ValueError(f"pad widths must be non-negative, got {(top, bottom, left, right)}")
+    iy = _reflect_index(x.shape[-2], top, bottom, x.device)
+    ix = _reflect_index(x.shape[-1], left, right, x.device)
+    return x.index_select(-2, iy).index_select(-1, ix)
+
+
+def _weight_map(size: int, blend: str, device) -> torch.Tensor:
+    """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI)."""
+    if blend == "constant":
+        return torch.ones(size, size, device=device)
+    centre = (size - 1) / 2
+    sigma = 0.125 * size
+    g = torch.exp(-0.5 * ((torch.arange(size, device=device, dtype=torch.float32) - centre) / sigma) ** 2)
+    w = g[:, None] * g[None, :]
+    # Corners would be ~1e-7: keep every pixel's weight clearly positive so edge pixels stay well defined.
+    return (w / w.max()).clamp_min(1e-3)
+
+
+_DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
+
+
+def _tree_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Pairwise sum: 8 identical tensors sum to exactly 8x (a running sum would round at 3x)."""
+    while len(xs) > 1:
+        xs = [xs[i] + xs[i + 1] if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+    return xs[0]
+
+
+def _predict(predictor: Callable, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    if not tta:
+        return predictor(batch).float()
+    outs = []
+    for k, flip in _DIHEDRAL:
+        x = torch.rot90(batch, k, dims=(-2, -1))
+        x = x.flip(-1) if flip else x
+        y = predictor(x).float()
+        y = y.flip(-1) if flip else y
+        outs.append(torch.rot90(y, -k, dims=(-2, -1)))
+    return _tree_sum(outs) / len(outs)
+
+
+def _resolve_geometry(predictor, geometry):
+    if geometry is None:
+        geometry = predictor
+    needed = ("padding", "output_size", "valid_input_size", "input_size_for_output")
+    missing = [a for a in needed if not hasattr(geometry, a)]
+    if missing:
+        raise ValueError(f"geometry lacks {missing}: pass geometry=model when the predictor is a wrapper")
+    if geometry.padding not in ("valid", "same"):
+        raise ValueError(f"geometry.padding must be 'valid' or 'same', got {geometry.padding!r}")
+    return geometry
+
+
+@torch.no_grad()
+def predict_slice(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, *,
+                  geometry=None, tile_size: int | None = None, tile_batch: int = 4, overlap: float = 0.25,
+                  blend: str = "gaussian", tta: bool = False, memory_budget_mb: float | None = None,
+                  num_outputs: int | None = None) -> torch.Tensor:
+    """Predict a whole slice at native resolution by tiling.
+
+    Args:
+        predictor: maps a float batch ``(B, C, t, t)`` to per-pixel outputs ``(B, K, o, o)`` with
+            ``o = geometry.output_size(t)``; applied as is (no softmax added).
+        image: ``(C, H, W)`` float tensor on any device.
+        geometry: size arithmetic (``padding``, ``output_size``, ``valid_input_size``,
+            ``input_size_for_output``); defaults to ``predictor`` itself (e.g. a UNet).
+        tile_size: input tile size; default :func:`choose_tile_size` (least compute within the budget).
+        tile_batch: tiles per predictor call; lowered so that the batch fits ``memory_budget_mb``.
+        overlap: window overlap fraction for ``same`` padding (``valid`` tiles do not overlap).
+        blend: ``"gaussian"`` or ``"constant"`` weights for overlapping ``same`` windows.
+        tta: average over the 8 flips/90-degree rotations of every tile (outputs transformed back).
+        memory_budget_mb: activation memory budget per predictor call (default
+            :data:`DEFAULT_MEMORY_BUDGET_MB`), estimated with :func:`estimate_bytes_per_pixel`.
+        num_outputs: expected ``K``; checked against the predictor's output when given.
+
+    Returns:
+        float32 tensor ``(K, H, W)`` on ``image``'s device.
+
+    Raises:
+        UserError: for an invalid ``tile_size``, ``overlap``, ``blend`` or ``tile_batch``.
+    """
+    geometry = _resolve_geometry(predictor, geometry)
+    if image.dim() != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float (C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    if blend not in BLENDS:
+        raise UserError(f"blend must be one of {BLENDS}, got {blend!r}")
+    if tile_batch < 1:
+        raise UserError(f"tile batch must be at least 1, got {tile_batch}")
+    _, height, width = image.shape
+    if tile_size is None:
+        plan = choose_tile_size(height, width, geometry, memory_budget_mb=memory_budget_mb, overlap=overlap)
+    else:
+        plan = plan_tiles(height, width, geometry, tile_size, overlap=overlap)
+    t, o = plan.tile_size, plan.output_size
+    budget = (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * 2 ** 20
+    per_tile = t * t * estimate_bytes_per_pixel(geometry)
+    batch_size = max(1, min(tile_batch, int(budget // per_tile)))
+
+    # Canvas: the slice mirror-padded so that every tile lies inside it.
+    extent_y = plan.starts_y[-1] + o
+    extent_x = plan.starts_x[-1] + o
+    margin = (t - o) // 2
+    if (t - o) % 2:
+        raise ValueError(f"geometry shrinks a {t} tile to {o}: an odd total margin cannot be centred")
+    canvas = mirror_pad(image, margin, extent_y - height + margin, margin, extent_x - width + margin)
+
+    weights = None if geometry.padding == "valid" else _weight_map(t, blend, image.device)
+    band = _edge_band(geometry, t)
+    last_y, last_x = plan.starts_y[-1], plan.starts_x[-1]
+    out = norm = None
+    positions = [(y, x) for y in plan.starts_y for x in plan.starts_x]
+    for i in range(0, len(positions), batch_size):
+        chunk = positions[i:i + batch_size]
+        batch = torch.stack([canvas[:, y:y + t, x:x + t] for y, x in chunk])
+        pred = _predict(predictor, batch, tta)
+        if pred.dim() != 4 or pred.shape[0] != len(chunk) or pred.shape[-2:] != (o, o):
+            raise ValueError(f"predictor returned {tuple(pred.shape)} for input {tuple(batch.shape)}; "
+                             f"the geometry expects ({len(chunk)}, K, {o}, {o})")
+        if out is None:
+            k = pred.shape[1]
+            if num_outputs is not None and k != num_outputs:
+                raise ValueError(f"predictor returned {k} channels, expected num_outputs={num_outputs}")
+            out = torch.zeros(k, extent_y, extent_x, device=image.device, dtype=torch.float32)
+            if weights is not None:
+                norm = torch.zeros(extent_y, extent_x, device=image.device, dtype=torch.float32)
+        pred = pred.to(image.device)
+        for (y, x), p in zip(chunk, pred):
+            if weights is None:
+                # Keep the tile's edge band only where no tile follows (see the module docstring).
+                h = o - band if y != last_y else o
+                w = o - band if x != last_x else o
+                out[:, y:y + h, x:x + w] = p[:, :h, :w]
+            else:
+                out[:, y:y + o, x:x + o] += p * weights
+                norm[y:y + o, x:x + o] += weights
+    if norm is not None:
+        out = out / norm
+    return out[:, :height, :width]
