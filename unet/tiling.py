@@ -97,8 +97,11 @@ def _alignment(geometry, tile_size: int) -> int:
     return geometry.valid_input_size(tile_size + 1) - tile_size
 
 
-def _count(length: int, window: int, step: int) -> int:
-    return 1 if length <= window else math.ceil((length - window) / step) + 1
+def _count(length: int, window: int, step: int) -> float:
+    """Tiles along one axis; infinite when several are needed but the tile has no usable step."""
+    if length <= window:
+        return 1
+    return math.ceil((length - window) / step) + 1 if step > 0 else math.inf
 
 
 def _edge_band(geometry, tile_size: int) -> int:
@@ -119,7 +122,8 @@ def _steps(geometry, tile_size: int, overlap: float) -> tuple[int, int, int, int
     else:
         out = tile_size
         clean = int(tile_size * (1 - overlap))
-    step = clean - clean % align if clean >= align else max(1, clean)
+    # Aligned steps keep tiles exact; a tile too small for that still works, only less exactly.
+    step = clean - clean % align if clean >= align else max(0, clean)
     return out, step, align, band
 
 
@@ -155,6 +159,9 @@ def plan_tiles(height: int, width: int, geometry, tile_size: int, *, overlap: fl
 
     def starts(length: int) -> tuple[int, ...]:
         n = _count(length, out, step)
+        if n == math.inf:
+            raise UserError(f"tile size {tile_size} is too small to tile a {height}x{width} slice "
+                            f"(its output has no pixels beyond the {band}-pixel edge band); use a larger tile")
         if n == 1:
             return (0,)
         if geometry.padding == "valid":
