@@ -70,3 +70,12 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def same_on_all_ranks(obj) -> bool:
+    """Whether every rank holds an equal (picklable) ``obj``; True for a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return all(g == gathered[0] for g in gathered)

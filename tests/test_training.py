@@ -1,0 +1,159 @@
+import json
+import sys
+
+import pytest
+import torch
+
+from unet import training
+from unet.checkpoint import load_checkpoint
+from unet.cli import train as train_cli
+from unet.errors import UserError
+
+TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "64", "--batch-size", "4",
+        "--workers", "0", "--no-progress", "--log-every", "2"]
+
+
+def run(tmp_path, *extra, name="run"):
+    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / name), *extra])
+    return training.main(args)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_train_without_data_dir_uses_synthetic_data_and_writes_the_run(tmp_path, capsys):
+    summary = run(tmp_path, "--max-steps", "6", "--fold", "0", "--evaluate-every", "3", "--save-every", "3")
+    out = capsys.readouterr().out
+    assert "built-in synthetic EM set: 24 training / 6 validation slices" in out
+    d = tmp_path / "run"
+    assert sorted(p.name for p in d.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
+                                                   "summary.json"]
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [3, 6] and 0 <= val[-1]["val"]["dice_nvidia"] <= 1
+    assert summary["steps"] == 6 and summary["final_validation"] == val[-1]["val"]
+    assert json.loads((d / "summary.json").read_text())["best_dice_nvidia"] == max(
+        r["val"]["dice_nvidia"] for r in val)
+    ckpt = load_checkpoint(d / "last.pt")
+    assert ckpt["step"] == 6 and ckpt["args"]["fold"] == 0 and ckpt["model_config"]["base_filters"] == 4
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    common = ("--max-steps", "6", "--save-every", "3", "--dropout", "0.5")
+    run(tmp_path, *common, name="straight")
+    # Same run, stopped after 3 steps, then resumed for the other 3.
+    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
+    args.max_steps = 3
+    training.main(args)
+    with pytest.raises(UserError, match="holds a different run"):
+        run(tmp_path, "--max-steps", "6", "--save-every", "3", "--dropout", "0.2", name="split")
+    run(tmp_path, *common, "--resume", name="split")
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4, 6]  # continues the log (3 was the first part's last step), no duplicates
+
+
+def test_model_dir_guards(tmp_path, capsys):
+    with pytest.raises(UserError, match="--resume: there is no .*last.pt to resume from"):
+        run(tmp_path, "--max-steps", "2", "--resume")
+    run(tmp_path, "--max-steps", "2")
+    first = weights(tmp_path / "run" / "last.pt")
+    run(tmp_path, "--max-steps", "2")  # finished, same args: nothing is redone or overwritten
+    assert "holds a finished run (2 steps); nothing to do" in capsys.readouterr().out
+    assert all(torch.equal(first[k], v) for k, v in weights(tmp_path / "run" / "last.pt").items())
+    run(tmp_path, "--max-steps", "2", "--overwrite", "--seed", "5")
+    assert not all(torch.equal(first[k], v) for k, v in weights(tmp_path / "run" / "last.pt").items())
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = training.ce_dice_loss
+
+    def poisoned(logits, target):
+        calls["n"] += 1
+        loss = real(logits, target)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(training, "ce_dice_loss", poisoned)
+    with pytest.raises(training.TrainingDiverged, match=r"non-finite at step 4; stopped, keeping the last good "
+                                                        r"checkpoint .*last.pt \(step 3\)"):
+        run(tmp_path, "--max-steps", "10", "--save-every", "1", "--log-every", "1")
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_amp_fp16_order_scale_backward_unscale_clip_step_update(tmp_path, monkeypatch):
+    order = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def scale(self, outputs):
+            order.append("scale")
+            scaled = super().scale(outputs)
+            scaled.register_hook(lambda g: order.append("backward"))
+            return scaled
+
+        def unscale_(self, optimizer):
+            order.append("unscale")
+            return super().unscale_(optimizer)
+
+        def step(self, optimizer, *a, **k):
+            order.append("step")
+            return super().step(optimizer, *a, **k)
+
+        def update(self, *a, **k):
+            order.append("update")
+            return super().update(*a, **k)
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(training.DeviceSetup, "grad_scaler",
+                        lambda self: RecordingScaler(self.type, enabled=True))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: (order.append("clip"), real_clip(*a, **k))[1])
+    run(tmp_path, "--max-steps", "2", "--amp", "--amp-dtype", "fp16", "--clip-grad", "1.0")
+    assert order == ["scale", "backward", "unscale", "clip", "step", "update"] * 2
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["args"]["amp_dtype"] == "fp16" and ckpt["scaler"]["scale"] > 0
+
+
+def test_bf16_amp_trains_on_cpu(tmp_path):
+    summary = run(tmp_path, "--max-steps", "2", "--amp")
+    assert summary["amp"] == "bf16"
+
+
+def test_benchmark_mode_reports_throughput_and_mfu_without_checkpoints(tmp_path):
+    result = run(tmp_path, "--benchmark", "--max-steps", "2", "--warmup-steps", "1")
+    assert result["images_per_s"] > 0 and result["gflop_per_image"] > 0 and 0 < result["mfu"] < 1
+    assert result["peak_source"].startswith("measured")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["benchmark.json"]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_cli(TINY + ["--model-dir", str(tmp_path / "x"), "--input-size", "65"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--input-size: input size 65 is not valid" in err
+    with pytest.raises(SystemExit):
+        train_cli(TINY + ["--model-dir", str(tmp_path / "x"), "--fold", "7"])
+    assert "fold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli(TINY + ["--model-dir", str(tmp_path / "x"), "--batch-size", "0"])
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_cli(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--data-dir", "--model-dir", "--batch-size", "--learning-rate", "--max-steps", "--weight-decay",
+                 "--fold", "--folds", "--fold-scheme", "--seed", "--amp", "--amp-dtype", "--augment", "--workers",
+                 "--device", "--base-filters", "--padding", "--evaluate-every", "--log-every", "--resume",
+                 "--benchmark", "--warmup-steps", "--compile", "--save-every"):
+        assert flag in out, flag
+    assert "(default: 6400)" in out and "(default: 0.0005)" in out
+    # NVIDIA's underscore spellings are accepted too.
+    args = training.get_args_parser().parse_args(["--batch_size", "2", "--max_steps", "3", "--model_dir", "m"])
+    assert (args.batch_size, args.max_steps, args.model_dir) == (2, 3, "m")
