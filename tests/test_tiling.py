@@ -71,14 +71,18 @@ def test_reference_unet_512_is_one_700_tile():
 
 
 def _brute_force_cost(h, w, geometry, budget_mb, overlap=0.25):
+    """Least input pixels x tiles over every valid tile size up to 2048 that fits the budget."""
     bpp = estimate_bytes_per_pixel(geometry)
+    sizes = sorted({geometry.valid_input_size(n) for n in range(1, 2049)})
     best = math.inf
-    size = geometry.valid_input_size(1) if geometry.padding == "same" else geometry.input_size_for_output(1)
-    while size <= 2048:
-        if size * size * bpp <= budget_mb * 2 ** 20:
-            p = plan_tiles(h, w, geometry, size, overlap=overlap)
-            best = min(best, size * size * p.num_tiles)
-        size = geometry.valid_input_size(size + 1)
+    for size in sizes:
+        if size * size * bpp > budget_mb * 2 ** 20:
+            continue
+        try:
+            plan = plan_tiles(h, w, geometry, size, overlap=overlap)
+        except (UserError, ValueError):  # no output, or no output beyond the edge band
+            continue
+        best = min(best, size * size * plan.num_tiles)
     return best
 
 
