@@ -82,24 +82,23 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
 
 
 def tiling_plan(model: torch.nn.Module, height: int, width: int, *, tile_size: int | None = None,
-                tile_batch: int = 4, overlap: float = 0.25) -> dict[str, Any]:
+                overlap: float = 0.25) -> dict[str, Any]:
     """The tile plan :func:`predict_probabilities` uses for one slice size, as a JSON-able dict.
 
     Args:
         model: the UNet (its size arithmetic decides the tiles).
         height, width: slice size.
-        tile_size, tile_batch, overlap: as for :func:`predict_probabilities`.
+        tile_size, overlap: as for :func:`predict_probabilities` (None: the tiler's least-compute choice).
 
     Returns:
-        The plan's fields (or ``{"tile_size": tile_size}`` when the tiling module cannot say).
+        ``tile_size``, ``output_size``, ``tiles_y``, ``tiles_x``, ``num_tiles`` and a ``description``.
     """
-    try:
-        plan = tiling.choose_tile_size(height, width, model, tile_size=tile_size, tile_batch=tile_batch,
-                                       overlap=overlap)
-    except TypeError:  # an older/newer choose_tile_size signature: record what we know
-        return {"tile_size": tile_size, "tile_batch": tile_batch, "overlap": overlap}
-    out = dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else dict(vars(plan))
-    return _jsonable(out)
+    if tile_size is None:
+        plan = tiling.choose_tile_size(height, width, model, overlap=overlap)
+    else:
+        plan = tiling.plan_tiles(height, width, model, tile_size, overlap=overlap)
+    return {"tile_size": plan.tile_size, "output_size": plan.output_size, "tiles_y": plan.tiles_y,
+            "tiles_x": plan.tiles_x, "num_tiles": plan.num_tiles, "description": str(plan)}
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -374,13 +373,15 @@ def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, 
     tiling_kwargs = {"tile_size": args.tile_size, "tile_batch": args.tile_batch, "overlap": args.overlap,
                      "blend": args.blend, "tta": args.tta}
     sizes = sorted({tuple(int(s) for s in im.shape[1:]) for im in subset.images})
-    plans = {f"{w}x{h}": tiling_plan(model, h, w, tile_size=args.tile_size, tile_batch=args.tile_batch,
-                                     overlap=args.overlap) for h, w in sizes}
+    plans = {f"{w}x{h}": tiling_plan(model, h, w, tile_size=args.tile_size, overlap=args.overlap)
+             for h, w in sizes}
     params = sum(p.numel() for p in model.parameters())
-    log(f"checkpoint: {path} (UNet {params / 1e6:.1f} M params, {model.config.padding} padding, "
+    log(f"checkpoint: {path} (UNet, {params:,} parameters, {model.config.padding} padding, "
         f"{model.config.in_channels} channel(s))")
     log(f"data:       {_data_description(run, slices)}")
     log(f"evaluating: {_fold_description(run, len(val))}")
+    log("tiles:      " + "; ".join(f"{size} slices: {p['description']}" for size, p in plans.items())
+        + (", 8x test-time augmentation" if args.tta else ""))
     result = evaluate_slices(model, subset, dev, dist_info=info, per_image=args.per_image, **tiling_kwargs)
     metrics, rows = result if args.per_image else (result, None)
     dev.synchronize()
