@@ -194,8 +194,9 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     for info in infos:
         if info.channels != in_channels:
             kind = " (RGB)" if info.channels in (3, 4) else ""
+            target = "grayscale" if in_channels == 1 else f"{in_channels} channels"
             raise UserError(f"{info.path}: images have {info.channels} channels{kind} but the model expects "
-                            f"{in_channels}; convert them to {'grayscale' if in_channels == 1 else f'{in_channels} channels'}")
+                            f"{in_channels}; convert them to {target}")
 
     if folder_mode:
         stems = [i.name for i in infos]
@@ -467,30 +468,40 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
     pixels = info.num_slices * info.height * info.width
     overlay_paths = job.overlay_paths()
     source = str(info.path) if info.path is not None else "synthetic"
-    with contextlib.ExitStack() as stack:
-        masks = stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
-        probs_out = None
-        if job.probabilities is not None:
-            nbytes = pixels * np.dtype(prob_dtype).itemsize
-            probs_out = stack.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
-                                                        compression=compression))
-        pages = predict_pages(model, dev, iter_job_pages(info, read_batch), source=source,
-                              **(predict_kwargs or {}))
-        for k, (image, mask, prob) in enumerate(pages):
-            if k >= info.num_slices:
-                raise UserError(f"{source}: has more slices than its header says ({info.num_slices}); "
-                                f"the file is inconsistent, export it again")
-            masks.append(mask)
-            if probs_out is not None:
-                probs_out.append(prob if prob_dtype == "float32"
-                                 else np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
-            if overlay_paths:
-                _write_png_atomic(overlay_paths[k], overlay(image, mask))
-            if progress is not None:
-                progress.update(1)
-        if masks.pages != info.num_slices:
-            raise UserError(f"{source}: read {masks.pages} slices but its header says {info.num_slices}; "
-                            f"the file is truncated, export it again")
+    written: list[Path] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            masks = stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
+            probs_out = None
+            if job.probabilities is not None:
+                nbytes = pixels * np.dtype(prob_dtype).itemsize
+                probs_out = stack.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
+                                                            compression=compression))
+            pages = predict_pages(model, dev, iter_job_pages(info, read_batch), source=source,
+                                  **(predict_kwargs or {}))
+            for k, (image, mask, prob) in enumerate(pages):
+                if k >= info.num_slices:
+                    raise UserError(f"{source}: has more slices than its header says ({info.num_slices}); "
+                                    f"the file is inconsistent, export it again")
+                masks.append(mask)
+                if probs_out is not None:
+                    probs_out.append(prob if prob_dtype == "float32"
+                                     else np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
+                if overlay_paths:
+                    _write_png_atomic(overlay_paths[k], overlay(image, mask))
+                    written.append(overlay_paths[k])
+                if progress is not None:
+                    progress.update(1)
+            if masks.pages != info.num_slices:
+                raise UserError(f"{source}: read {masks.pages} slices but its header says {info.num_slices}; "
+                                f"the file is truncated, export it again")
+    except BaseException:
+        # The TIFF writers delete their temporary files; overlays of a failed stack go too, so that a
+        # failed run leaves no partial output behind.
+        for png in written:
+            with contextlib.suppress(OSError):
+                png.unlink()
+        raise
     return [job.output] + ([job.probabilities] if job.probabilities else []) + overlay_paths
 
 

@@ -1,0 +1,245 @@
+"""infer.py end to end: formats, folder input, streaming memory, atomic outputs, overlays, bad input."""
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image, ImageSequence
+
+from unet import inference
+from unet.checkpoint import save_checkpoint
+from unet.cli import infer
+from unet.device import setup_device
+from unet.evaluation import predict_probabilities
+from unet.model import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _balanced_model(**kw) -> UNet:
+    """A tiny random UNet whose head bias is shifted so that masks hold both classes (a real test)."""
+    torch.manual_seed(0)
+    model = UNet(base_filters=2, depth=2, padding="same", **kw).eval()
+    with torch.no_grad():
+        for m in model.modules():  # positive biases keep the 2-filter ReLUs alive, so logits vary per pixel
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias.fill_(0.1)
+        x = torch.rand(1, model.config.in_channels, 64, 64)
+        logits = model(x)
+        model.out.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convolutions run fastest single-threaded, and the CI machine's cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, _balanced_model())
+    return path
+
+
+def _run(argv) -> None:
+    assert infer([*map(str, argv), "--device", "cpu", "--no-progress"]) == 0
+
+
+def _expected_masks(ckpt: Path, stack01: np.ndarray, **kw) -> np.ndarray:
+    """Masks predicted slice by slice from the whole stack in memory (the non-streamed reference)."""
+    from unet.checkpoint import load_model
+    model, _ = load_model(ckpt)
+    dev = setup_device("cpu")
+    model = dev.prepare_model(model)
+    out = []
+    for img in stack01:
+        probs = predict_probabilities(model, img[None] if img.ndim == 2 else img, dev, **kw)
+        out.append(((probs.argmax(0) == 1).to(torch.uint8) * 255).cpu().numpy())
+    return np.stack(out)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp")
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+
+def test_uint16_nonsquare_stack_streams_to_identical_mask_stack(ckpt, tmp_path):
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 65536, (3, 300, 700), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", stack, photometric="minisblack")  # 3 pages, not one RGB image
+    out = tmp_path / "masks.tif"
+    _run(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", out, "--read-batch", 2])
+
+    masks = tifffile.imread(out)
+    assert masks.shape == (3, 300, 700) and masks.dtype == np.uint8
+    assert set(np.unique(masks).tolist()) == {0, 255}
+    with Image.open(out) as im:
+        frames = np.stack([np.asarray(f) for f in ImageSequence.Iterator(im)])
+    np.testing.assert_array_equal(frames, masks)
+    with tifffile.TiffFile(out) as tif:
+        assert len(tif.series) == 1 and tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+    np.testing.assert_array_equal(masks, _expected_masks(ckpt, stack.astype(np.float32) / 65535))
+    assert _leftovers(tmp_path) == []
+
+
+def test_folder_of_two_inputs_gives_two_outputs(ckpt, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    tifffile.imwrite(src / "a.tif", rng.integers(0, 256, (2, 40, 56), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (48, 32), dtype=np.uint8)).save(src / "b.png")
+    _run(["--ckpt", ckpt, "--input", src, "--output", tmp_path / "out", "--probabilities", tmp_path / "prob"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "b.tif"]
+    assert tifffile.imread(tmp_path / "out" / "a.tif").shape == (2, 40, 56)
+    assert tifffile.imread(tmp_path / "out" / "b.tif").shape == (48, 32)
+    assert tifffile.imread(tmp_path / "prob" / "b.tif").dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome", "float32"])
+def test_imagej_ome_and_float_inputs(ckpt, tmp_path, kind):
+    rng = np.random.default_rng(2)
+    data = rng.random((3, 33, 47), dtype=np.float32)
+    path = tmp_path / ("in.ome.tif" if kind == "ome" else "in.tif")
+    if kind == "imagej":
+        tifffile.imwrite(path, (data * 255).astype(np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    elif kind == "ome":
+        tifffile.imwrite(path, (data * 65535).astype(np.uint16), ome=True, metadata={"axes": "ZYX"})
+    else:
+        tifffile.imwrite(path, data, photometric="minisblack")
+    _run(["--ckpt", ckpt, "--input", path, "--output", tmp_path / "m.tif"])
+    assert tifffile.imread(tmp_path / "m.tif").shape == (3, 33, 47)
+
+
+def test_synthetic_default_probabilities_and_overlays(ckpt, tmp_path):
+    out, prob, prob8 = tmp_path / "m.tif", tmp_path / "p.tif", tmp_path / "p8.tif"
+    _run(["--ckpt", ckpt, "--output", out, "--probabilities", prob, "--overlay", tmp_path / "ov"])
+    _run(["--ckpt", ckpt, "--output", tmp_path / "m2.tif", "--probabilities", prob8, "--prob-dtype", "uint8"])
+    n, h, w = inference.SYNTHETIC_SHAPE
+    masks, p = tifffile.imread(out), tifffile.imread(prob)
+    assert masks.shape == p.shape == (n, h, w) and p.dtype == np.float32
+    clear = np.abs(p - 0.5) > 1e-6  # at a tie argmax may go either way
+    np.testing.assert_array_equal((masks == 255)[clear], (p > 0.5)[clear])
+    np.testing.assert_array_equal(tifffile.imread(prob8), np.rint(p * 255).astype(np.uint8))
+    pngs = sorted((tmp_path / "ov").iterdir())
+    assert [f.name for f in pngs] == [f"synthetic_{k:03d}.png" for k in range(n)]
+    with Image.open(pngs[0]) as im:
+        assert im.mode == "RGB" and im.size == (w, h)
+        rgb = np.asarray(im)
+    membrane = masks[0] == 0
+    assert (rgb[membrane][:, 0] >= rgb[membrane][:, 2]).all()  # membranes are tinted red
+    assert (rgb[~membrane][:, 0] == rgb[~membrane][:, 2]).all()  # cells stay grey
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path):
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 256, (400, 64, 64), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "deep.tif", stack)
+    from unet.checkpoint import load_model
+    model, _ = load_model(ckpt)
+    dev = setup_device("cpu")
+    model = dev.prepare_model(model)
+    jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "m.tif", probabilities=tmp_path / "p.tif")
+    # Warm up once (lazy imports, torch caches) so the traced peak measures only the streaming itself.
+    inference.run_inference(model, dev, inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "w.tif"),
+                            read_batch=8, show_progress=False)
+    tracemalloc.start()
+    try:
+        inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full_float32 = stack.size * 4  # 6.5 MB: what holding the stack (or its probabilities) would cost
+    assert peak < full_float32 / 4, f"peak traced memory {peak / 2**20:.2f} MiB grows with the stack"
+    masks = tifffile.imread(tmp_path / "m.tif")
+    assert masks.shape == stack.shape
+    np.testing.assert_array_equal(masks, _expected_masks(ckpt, stack.astype(np.float32) / 255))
+
+
+def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch):
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((6, 32, 32), np.uint8))
+    calls = {"n": 0}
+    real = predict_probabilities
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("unet.evaluation.predict_probabilities", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        _run(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", tmp_path / "m.tif",
+              "--probabilities", tmp_path / "p.tif", "--overlay", tmp_path / "ov", "--read-batch", 2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ov"]
+    assert list((tmp_path / "ov").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def _bad(argv, capsys, *must_contain) -> str:
+    with pytest.raises(SystemExit) as e:
+        infer([*map(str, argv), "--device", "cpu", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for s in must_contain:
+        assert s in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
+    out = tmp_path / "m.tif"
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "nope.tif", "--output", out], capsys, "nope.tif", "not found")
+
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00garbage" * 10)
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "junk.tif", "--output", out], capsys, "junk.tif")
+
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:
+        for shape in ((32, 32), (32, 32), (40, 32)):
+            tif.write(np.zeros(shape, np.uint8), metadata=None)
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "mixed.tif", "--output", out], capsys,
+         "mixed.tif", "page 2 is 32x40", "same size")
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "rgb.png")
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "rgb.png", "--output", out], capsys, "rgb.png", "3 channels")
+
+    tifffile.imwrite(tmp_path / "ok.tif", np.zeros((2, 32, 32), np.uint8))
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "ok.tif", "--output", tmp_path / "no" / "m.tif"], capsys,
+         "does not exist")
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    _bad(["--ckpt", tmp_path / "other.pt", "--input", tmp_path / "ok.tif", "--output", out], capsys,
+         "other.pt", "not a unet-em checkpoint")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(ckpt, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 32, 32), np.uint8))
+    out = tmp_path / "m.tif"
+    out.write_bytes(b"keep me")
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", out], capsys, "m.tif", "--overwrite")
+    assert out.read_bytes() == b"keep me"
+    _run(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", out, "--overwrite"])
+    assert tifffile.imread(out).shape == (2, 32, 32)
+
+
+def test_real_subprocess_exit_code_and_one_line(ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "infer.py"), "--ckpt", str(ckpt), "--input",
+                           str(tmp_path / "missing.tif"), "--output", str(tmp_path / "m.tif"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.tif" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.tif").exists()
