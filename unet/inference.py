@@ -548,8 +548,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     parser.add_argument("--input", default=None,
-                        help="multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, or a folder of them "
-                             "(default: the built-in synthetic stack of 4 slices of 256x256)")
+                        help="multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, or a folder of them; "
+                             "None = the built-in synthetic stack of 4 slices of 256x256")
     parser.add_argument("--output", default=None,
                         help="mask TIFF to write (a folder when --input is a folder)")
     parser.add_argument("--probabilities", default=None,
