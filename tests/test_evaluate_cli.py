@@ -67,13 +67,23 @@ def test_single_checkpoint_json(tmp_path, data_dir, capsys):
         assert any(line.split()[:1] == [k] for line in out.splitlines()), k
 
 
-def test_synthetic_default_and_all_images(tmp_path, capsys):
-    ckpt = make_ckpt(tmp_path / "a.pt")  # no fold, no data dir: all slices of the built-in set
+def test_synthetic_data_by_default(tmp_path, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=5)  # no data dir anywhere: the built-in set
     code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "built-in synthetic" in out and "trained on all slices" in out
+    assert "built-in synthetic" in out
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["data"]["source"] == "synthetic" and r["fold"]["fold"] is None and r["metrics"]["num_images"] == 30
+    assert r["data"]["source"] == "synthetic" and r["data"]["num_slices"] == 30
+    assert r["fold"]["fold"] == 0 and r["metrics"]["num_images"] == 6
+
+
+def test_checkpoint_without_fold_evaluates_all_slices(tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", data_dir=str(data_dir))  # trained on all slices
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "all 6 slices (the checkpoint was trained on all slices" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["fold"]["fold"] is None and r["metrics"]["num_images"] == 6
 
 
 def test_command_line_overrides_checkpoint(tmp_path, data_dir, capsys):

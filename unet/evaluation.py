@@ -75,7 +75,8 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
     try:
         with torch.inference_mode():
             probs = tiling.predict_slice(predictor, x, geometry=model, tile_size=tile_size,
-                                         tile_batch=tile_batch, overlap=overlap, blend=blend, tta=tta)
+                                         tile_batch=tile_batch, overlap=overlap, blend=blend, tta=tta,
+                                         num_outputs=model.config.num_classes)
     finally:
         model.train(was_training)
     return probs.float()
