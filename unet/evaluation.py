@@ -258,13 +258,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="folder of training runs: evaluates every DIR/*/best.pt (else last.pt), sorted")
     g = parser.add_argument_group("data (default: what the checkpoint was trained with)")
     g.add_argument("--data-dir", "--data_dir", default=None,
-                   help="data directory (ISBI layout or images/ + labels/); default: the checkpoint's, "
+                   help="data directory (ISBI layout or images/ + labels/); None: the checkpoint's, "
                         "else the built-in synthetic set")
-    g.add_argument("--fold", type=int, default=None, help="validation fold (default: the checkpoint's)")
-    g.add_argument("--folds", type=int, default=None, help="number of folds (default: the checkpoint's, else 5)")
+    g.add_argument("--fold", type=int, default=None, help="validation fold; None: the checkpoint's")
+    g.add_argument("--folds", type=int, default=None, help="number of folds; None: the checkpoint's, else 5")
     g.add_argument("--fold-scheme", "--fold_scheme", default=None, choices=("disjoint", "nvidia"),
-                   help="fold split (default: the checkpoint's, else disjoint)")
-    g.add_argument("--seed", type=int, default=None, help="fold permutation seed (default: the checkpoint's, else 0)")
+                   help="fold split; None: the checkpoint's, else disjoint")
+    g.add_argument("--seed", type=int, default=None, help="fold permutation seed; None: the checkpoint's, else 0")
     g.add_argument("--all-images", action="store_true", help="evaluate every slice, ignoring the fold")
     g.add_argument("--split", default="train", choices=("train", "test"),
                    help="ISBI layout: which volume (test needs test-labels.tif)")
