@@ -87,7 +87,13 @@ class DoubleConv(nn.Sequential):
 
 
 class UpConv(nn.Sequential):
-    """3x3 stride-2 transposed convolution + ReLU: exactly doubles height and width."""
+    """3x3 stride-2 transposed convolution + ReLU: exactly doubles height and width.
+
+    A stride-2, 3-wide kernel cannot double a size with every output pixel inside the input's reach: one
+    edge row/column reads an implicit zero (top/left in TensorFlow's ``padding="same"`` used by
+    UNet_Medical, bottom/right here). Stacked over the decoder that is :attr:`UNet.edge_band` pixels,
+    which the tiler keeps away from tile seams.
+    """
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1),
@@ -198,6 +204,11 @@ class UNet(nn.Module):
     @property
     def padding(self) -> str:
         return self.config.padding
+
+    @property
+    def edge_band(self) -> int:
+        """Bottom/right output rows/columns of a tile that depend on pixels beyond it (see UpConv)."""
+        return 2 ** (self.config.depth - 1) - 1
 
     def output_size(self, input_size: int) -> int:
         """Output height (or width) for an input height (or width); ValueError if it is not valid."""
