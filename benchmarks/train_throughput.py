@@ -1,0 +1,197 @@
+"""Training-step throughput of the UNet: forward + CE+Dice loss + backward + Adam step, device synchronised.
+
+    python benchmarks/train_throughput.py [--device auto] [--models reference,small] [--batch-sizes 1,8]
+        [--precisions fp32,bf16,fp16] [--compile off|on|both] [--layouts device|both|channels_last|contiguous]
+        [--steps N] [--warmup N] [--json OUT] [--quick]
+
+One row per (model, batch, precision, compile, layout): images/s, step time, peak memory, GFLOP/image
+(forward + backward, counted on the meta device), achieved TFLOP/s and MFU. Inputs are random tensors
+already on the device, so the rows measure the model step alone (train.py --benchmark includes the loader).
+MFU: on CPU against this machine's dense matmul peak for the dtype, measured in the same run; on an
+accelerator against --peak-tflops or the device's 16-bit datasheet peak.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import (LAYOUTS, MODELS, QUICK_MODEL, ModelSpec, csv_list, device_for, machine_header,  # noqa: E402
+                    machine_record, measure_cpu_peaks, peak_memory_mb, peak_source, print_table,
+                    reset_peak_memory, usable_precisions, write_json)
+
+from unet.benchmarking import model_flops  # noqa: E402
+from unet.losses import ce_dice_loss  # noqa: E402
+
+COLUMNS = [("model", "model"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"),
+           ("layout", "layout"), ("images_per_s", "images/s"), ("step_ms", "step ms"),
+           ("peak_memory_mb", "peak MB"), ("gflop_per_image", "GFLOP/img"), ("achieved_tflops", "TFLOP/s"),
+           ("mfu", "MFU")]
+# Steps when --steps/--warmup are not given. The reference model takes ~10-20 s per batch-8 step on 2 CPU
+# cores, so the CPU default is tiny (the whole default CPU run is a few minutes); accelerators get 20 + 50.
+DEFAULT_STEPS = {"cpu": (1, 2), "accelerator": (20, 50)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nDefault on CPU: reference + small, batch 1 and 8, fp32 + bf16, "
+        "eager, 1 warmup + 2 timed steps: a few minutes on 2 cores (a reference batch-8 step is 10-20 s there). "
+        "Default on CUDA/NPU: 20 warmup + 50 timed steps, fp32 + bf16 + fp16.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
+    p.add_argument("--models", type=csv_list, default=["reference", "small"],
+                   help=f"comma list of {', '.join(MODELS)} (reference: 572 -> 388; small: 256 'same')")
+    p.add_argument("--batch-sizes", type=lambda s: csv_list(s, int), default=None,
+                   help="comma list (default 1,8; --quick: 2)")
+    p.add_argument("--precisions", type=csv_list, default=None,
+                   help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU; all three elsewhere; "
+                        "fp16 is skipped on CPU)")
+    p.add_argument("--compile", default="off", choices=("off", "on", "both"),
+                   help="torch.compile the model: off = eager rows, on = compiled rows, both = one of each")
+    p.add_argument("--layouts", default="device", choices=("device", "both") + tuple(LAYOUTS),
+                   help="memory format: device = the device layer's choice (channels_last on CPU/CUDA, "
+                        "contiguous on NPU); both = channels_last and contiguous rows")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 2 on CPU, 50 elsewhere)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 20 elsewhere)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: see above)")
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="CPU matmul peak measurement time per dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: small model at 64x64, batch 2, 1 warmup + 1 timed step")
+    return p
+
+
+def train_step_fn(model: torch.nn.Module, net, dev, images: torch.Tensor, labels: torch.Tensor):
+    """One training step as train.py does it: autocast forward, fp32 CE+Dice, scaled backward, Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+    scaler = dev.grad_scaler()
+
+    def step():
+        with dev.autocast():
+            logits = net(images)
+        loss = ce_dice_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def bench_row(spec: ModelSpec, batch: int, precision: str, compiled: bool, layout: str, args,
+              flops_per_image: int, cpu_peaks: dict) -> dict:
+    """Build the model fresh, warm up, time ``args.steps`` steps; one result row."""
+    dev = dataclasses.replace(device_for(args.device, precision), memory_format=LAYOUTS[layout])
+    torch.manual_seed(0)
+    model = dev.prepare_model(spec.build()).train()
+    net = torch.compile(model) if compiled else model
+    size = spec.input_size
+    out = model.output_size(size)
+    images = dev.to_device(torch.rand(batch, model.config.in_channels, size, size))
+    labels = torch.randint(0, model.config.num_classes, (batch, out, out), device=dev.device)
+    step = train_step_fn(model, net, dev, images, labels)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    dev.synchronize()
+    warmup_s = time.perf_counter() - t0
+    reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dev.synchronize()
+    step_s = (time.perf_counter() - t0) / args.steps
+    ips = batch / step_s
+    achieved = flops_per_image * ips
+    peak, source = peak_source(dev, precision, cpu_peaks, args.peak_tflops)
+    return {"model": spec.name, "input_size": size, "output_size": out, "batch": batch, "precision": precision,
+            "compile": "on" if compiled else "off", "layout": layout, "images_per_s": ips,
+            "step_ms": step_s * 1e3, "peak_memory_mb": peak_memory_mb(dev), "gflop_per_image": flops_per_image / 1e9,
+            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
+            "mfu": achieved / peak if peak else None, "steps": args.steps, "warmup_steps": args.warmup,
+            "warmup_s": warmup_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probe = device_for(args.device, "fp32")
+    kind = "cpu" if probe.type == "cpu" else "accelerator"
+    if args.quick:
+        specs = [QUICK_MODEL]
+        args.batch_sizes = args.batch_sizes or [2]
+        warmup, steps = 1, 1
+    else:
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown:
+            raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+        specs = [MODELS[m] for m in args.models]
+        args.batch_sizes = args.batch_sizes or [1, 8]
+        warmup, steps = DEFAULT_STEPS[kind]
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.steps = steps if args.steps is None else args.steps
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    requested = args.precisions or (["fp32", "bf16"] if probe.type == "cpu" else ["fp32", "bf16", "fp16"])
+    precisions, skipped = usable_precisions(requested, probe.type)
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    device_layout = "channels_last" if probe.memory_format == torch.channels_last else "contiguous"
+    layouts = {"device": [device_layout], "both": list(LAYOUTS)}.get(args.layouts, [args.layouts])
+
+    print(machine_header("train throughput", probe))
+    print(f"# step = forward + CE+Dice + backward + Adam, random inputs on the device; {args.warmup} warmup + "
+          f"{args.steps} timed steps per row; device layout choice: {device_layout}")
+    for note in skipped:
+        print(f"# {note}")
+    cpu_peaks = {}
+    if probe.type == "cpu" and not args.peak_tflops:
+        # Measured now, under the same load and thread count as the rows, so CPU MFU is comparable.
+        cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
+                                      size=512 if args.quick else 2048)
+        print("# MFU peaks (dense matmul, measured this run): "
+              + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in cpu_peaks.items()))
+    elif args.peak_tflops:
+        print(f"# MFU peak: given {args.peak_tflops} TFLOP/s")
+    else:
+        peak = probe.peak_flops()
+        print(f"# MFU peak: {peak / 1e12:.0f} TFLOP/s (datasheet, 16-bit dense; fp32 rows get none)" if peak
+              else "# MFU peak: unknown device, pass --peak-tflops")
+
+    rows = []
+    for spec in specs:
+        flops = model_flops(spec.build(), (1, spec.build().config.in_channels, spec.input_size, spec.input_size))
+        print(f"# {spec.name}: UNet({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) "
+              f"{spec.input_size} -> {spec.build().output_size(spec.input_size)}, "
+              f"{flops / 1e9:.1f} GFLOP per image (forward + backward)")
+        for batch in args.batch_sizes:
+            for precision in precisions:
+                for compiled in compiles:
+                    for layout in layouts:
+                        label = f"{spec.name} b{batch} {precision} compile={'on' if compiled else 'off'} {layout}"
+                        print(f"  running {label} ...", file=sys.stderr, flush=True)
+                        try:
+                            rows.append(bench_row(spec, batch, precision, compiled, layout, args, flops, cpu_peaks))
+                        except (RuntimeError, torch.OutOfMemoryError) as e:  # one bad row must not end a GPU run
+                            msg = " ".join(str(e).split())[:200]
+                            print(f"# FAILED {label}: {type(e).__name__}: {msg}")
+                            rows.append({"model": spec.name, "batch": batch, "precision": precision,
+                                         "compile": "on" if compiled else "off", "layout": layout,
+                                         "error": f"{type(e).__name__}: {msg}"})
+    print()
+    print_table(COLUMNS, rows)
+    write_json(args.json, {"benchmark": "train_throughput", "machine": machine_record(probe),
+                           "cpu_matmul_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
+                           "rows": rows})
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
