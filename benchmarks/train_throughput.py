@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import (LAYOUTS, MODELS, QUICK_MODEL, ModelSpec, csv_list, device_for, machine_header,  # noqa: E402
-                    machine_record, measure_cpu_peaks, peak_memory_mb, peak_source, print_table,
-                    reset_peak_memory, usable_precisions, write_json)
+from common import (LAYOUTS, MODELS, QUICK_MODEL, ModelSpec, apply_cpu_peaks, csv_list, device_for,  # noqa: E402
+                    machine_header, machine_record, measure_cpu_peaks, peak_memory_mb, peak_source,
+                    print_cpu_peaks, print_table, reset_peak_memory, usable_precisions, write_json)
 
 from unet.benchmarking import model_flops  # noqa: E402
 from unet.losses import ce_dice_loss  # noqa: E402
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if probe.type == "cpu" and not args.peak_tflops:
         # Measured now, under the same load and thread count as the rows, so CPU MFU is comparable.
         cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
-                                      size=512 if args.quick else 2048)
-        print("# MFU peaks (dense matmul, measured this run): "
-              + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in cpu_peaks.items()))
+                                      size=1024 if args.quick else 2048)
     elif args.peak_tflops:
         print(f"# MFU peak: given {args.peak_tflops} TFLOP/s")
     else:
@@ -185,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append({"model": spec.name, "batch": batch, "precision": precision,
                                          "compile": "on" if compiled else "off", "layout": layout,
                                          "error": f"{type(e).__name__}: {msg}"})
+    if cpu_peaks:
+        after = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
+                                  size=1024 if args.quick else 2048)
+        print_cpu_peaks(cpu_peaks, after)
+        cpu_peaks = apply_cpu_peaks(rows, cpu_peaks, after)
     print()
     print_table(COLUMNS, rows)
     write_json(args.json, {"benchmark": "train_throughput", "machine": machine_record(probe),
