@@ -271,10 +271,9 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
         if not len(val_set):
             return None
         from unet.evaluation import evaluate_slices
-        model.eval()
+        # evaluate_slices runs the model in eval mode (no dropout) and restores training mode after.
         metrics = evaluate_slices(model, val_set, dev, dist_info=info, tile_size=args.tile_size,
                                   tile_batch=args.tile_batch, overlap=args.overlap, blend=args.blend, tta=args.tta)
-        model.train()
         if log:
             log.write({"kind": "val", "step": step, "val": metrics})
         say(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
