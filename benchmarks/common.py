@@ -106,11 +106,15 @@ def peak_source(dev: DeviceSetup, precision: str, cpu_peaks: dict[str, float],
     return (peak, "datasheet 16-bit dense") if peak else (None, "unknown device (pass --peak-tflops)")
 
 
-def measure_cpu_peaks(precisions: list[str], seconds: float, size: int = 2048) -> dict[str, float]:
-    """Dense matmul FLOP/s of this CPU for each precision's dtype, measured now (same load as the benchmark)."""
+def measure_cpu_peaks(precisions: list[str], seconds: float, size: int = 2048, windows: int = 5) -> dict[str, float]:
+    """Dense matmul FLOP/s of this CPU for each precision's dtype, measured now: the best of ``windows`` bursts.
+
+    The best burst, not the mean, because on a shared machine a neighbour's work only ever lowers a reading.
+    """
     from unet.benchmarking import measure_matmul_peak
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return {p: measure_matmul_peak(torch.device("cpu"), dtypes[p], size=size, seconds=seconds) for p in precisions}
+    return {p: max(measure_matmul_peak(torch.device("cpu"), dtypes[p], size=size, seconds=seconds / windows)
+                   for _ in range(windows)) for p in precisions}
 
 
 def apply_cpu_peaks(rows: list[dict], before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,100 @@
+"""The benchmark scripts run end to end with --quick settings and print/write what the docs promise.
+
+Only structure is checked (columns, positive rates), never timings: CI machines are shared and noisy.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def run(args, tmp_path, timeout=300, env=None):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=full_env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout
+
+
+def table_rows(out: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the text table whose header line starts with ``header_start``."""
+    lines = out.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.split()[:1] == [header_start])
+    rows = []
+    for line in lines[i + 1:]:
+        if not line.strip() or line.startswith("#"):
+            break
+        rows.append(line.split())
+    return lines[i], rows
+
+
+def test_train_throughput_quick(tmp_path):
+    out = run([sys.executable, str(BENCH / "train_throughput.py"), "--quick", "--device", "cpu",
+               "--precisions", "fp32,fp16", "--json", str(tmp_path / "t.json")], tmp_path)
+    assert re.search(r"^# train throughput .* cpu: .* cores: \d+ .* torch \S+", out, flags=re.M)
+    assert "fp16 skipped" in out and re.search(r"MFU peak .* fp32 [\d.]+ / [\d.]+ TFLOP/s", out)
+    header, rows = table_rows(out, "model")
+    for title in ("batch", "prec", "compile", "layout", "images/s", "step ms", "peak MB", "GFLOP/img",
+                  "TFLOP/s", "MFU"):
+        assert title in header
+    assert len(rows) == 1 and rows[0][:5] == ["small", "2", "fp32", "off", "channels_last"]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["machine"]["device_type"] == "cpu"
+    (row,) = data["rows"]
+    assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0 and row["mfu"] > 0
+    assert row["peak_memory_mb"] > 0
+
+
+def test_inference_throughput_quick(tmp_path):
+    out = run([sys.executable, str(BENCH / "inference_throughput.py"), "--quick", "--device", "cpu",
+               "--json", str(tmp_path / "i.json")], tmp_path)
+    header, rows = table_rows(out, "model")
+    assert "images/s" in header and "ms/batch" in header and "MFU" in header
+    assert [r[2] for r in rows] == ["1", "2"]
+    header, rows = table_rows(out, "prec")
+    for title in ("forward s", "infer.py s", "fwd slices/s", "infer slices/s", "overhead %", "in-run %"):
+        assert title in header
+    assert len(rows) == 1 and rows[0][:2] == ["fp32", "3"]
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert all(r["images_per_s"] > 0 for r in data["forward"])
+    (e2e,) = data["end_to_end"]
+    assert e2e["forward_s"] > 0 and 0 < e2e["infer_predict_s"] <= e2e["infer_s"]
+    assert e2e["tiling"] == "1x64"
+    assert not list(tmp_path.glob("*.tif"))  # the stack and masks live in a temporary folder that is removed
+
+
+@pytest.mark.slow
+def test_ddp_scaling_quick(tmp_path):
+    out = run([sys.executable, str(BENCH / "ddp_scaling.py"), "--quick", "--json", str(tmp_path / "d.json")],
+              tmp_path)
+    assert "OMP_NUM_THREADS=" in out and re.search(r"scaling efficiency 2 vs 1 process: [\d.]+", out)
+    header, rows = table_rows(out, "procs")
+    assert "images/s" in header and "OMP" in header
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "2", "2"), ("2", "1", "2")]
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert [r["processes"] for r in data["rows"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in data["rows"])
+    assert data["rows"][1]["omp_threads"] == max(1, data["rows"][0]["omp_threads"] // 2)
+
+
+@pytest.mark.slow
+def test_gpu_check_quick(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run(["bash", str(BENCH / "gpu_check.sh")], tmp_path, timeout=600,
+        env={"QUICK": "1", "DEVICE": "cpu", "OUT": str(out_dir)})
+    log = (out_dir / "gpu_check.log").read_text()
+    assert "### all steps passed" in log and "torch " in log
+    for name in ("train_throughput.json", "inference_throughput.json"):
+        data = json.loads((out_dir / name).read_text())
+        rows = data["rows"] if "rows" in data else data["forward"] + data["end_to_end"]
+        assert rows and all(r.get("images_per_s", r.get("infer_slices_per_s", 0)) > 0 for r in rows)
+    # train.py's own benchmark mode ran as the cross-check and wrote its JSON
+    bench = json.loads((out_dir / "train_benchmark_augment" / "benchmark.json").read_text())
+    assert bench["images_per_s"] > 0 and bench["amp"] == "bf16"
