@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="include augmentation (default off: model + all-reduce)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "npu"),
                    help="cpu: gloo, cores split between processes; cuda/npu: one device per process")
+    p.add_argument("--cores", type=int, default=None,
+                   help="cores to split between the processes (default: this process's CPU affinity)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per torchrun")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64 crops, global batch 2, 1 + 1 steps")
@@ -66,7 +68,7 @@ def run_one(nproc: int, args, workdir: Path) -> dict:
     if args.precision != "fp32":
         cmd += ["--amp", "--amp-dtype", args.precision]
     env = dict(os.environ)
-    threads = max(1, cpu_count() // nproc) if args.device == "cpu" else int(env.get("OMP_NUM_THREADS", "1"))
+    threads = max(1, args.cores // nproc) if args.device == "cpu" else int(env.get("OMP_NUM_THREADS", "1"))
     # torchrun would otherwise force 1 thread per process, which would starve the 1-process run.
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.input_size, args.global_batch, args.steps, args.warmup = 64, 2, 1, 1
         args.nproc = [2]
+    args.cores = args.cores or cpu_count()
     from unet.device import setup_device
     probe = setup_device(args.device)
     counts = [1] + [n for n in args.nproc if n != 1]
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(COLUMNS, rows)
     if args.device == "cpu":
-        print(f"# ideal: the {cpu_count()} cores are shared, OMP_NUM_THREADS = cores / processes, so the same "
+        print(f"# ideal: the {args.cores} cores are shared, OMP_NUM_THREADS = cores / processes, so the same "
               f"global batch ideally runs at the 1-process rate (1.0); efficiency = images/s(P) / images/s(1). "
               f"On P separate devices ideal would be P.")
     for r in rows[1:]:

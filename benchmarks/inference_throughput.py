@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_header("inference throughput", probe))
     for note in skipped:
         print(f"# {note}")
-    cpu_peaks = {}
+    cpu_peaks, peak_detail = {}, {}
     if probe.type == "cpu" and not args.peak_tflops:
-        cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else 2.0, size=1024 if args.quick else 2048)
+        cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else 2.0, size=1024 if args.quick else 2048,
+                                      detail=peak_detail)
     flops = model_flops(spec.build(), (1, spec.build().config.in_channels, spec.input_size, spec.input_size),
                         backward=False)
     print(f"\n(a) forward pass, eval + inference_mode + autocast, random {spec.input_size}x{spec.input_size} tiles, "
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
               "shared machine); in-run % = infer.py's time outside predict_probabilities / its time inside, "
               "same run (the figure held to < 10 %)")
     write_json(args.json, {"benchmark": "inference_throughput", "machine": machine_record(probe),
-                           "cpu_matmul_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
+                           "cpu_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
+                           "cpu_peak_kernels": peak_detail,
                            "forward": rows, "end_to_end": e2e})
     return 1 if any("error" in r for r in rows) else 0
 

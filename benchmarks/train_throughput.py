@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} timed steps per row; device layout choice: {device_layout}")
     for note in skipped:
         print(f"# {note}")
-    cpu_peaks = {}
+    cpu_peaks, peak_detail = {}, {}
     if probe.type == "cpu" and not args.peak_tflops:
         # Measured now, under the same load and thread count as the rows, so CPU MFU is comparable.
         cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
-                                      size=1024 if args.quick else 2048)
+                                      size=1024 if args.quick else 2048, detail=peak_detail)
     elif args.peak_tflops:
         print(f"# MFU peak: given {args.peak_tflops} TFLOP/s")
     else:
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(COLUMNS, rows)
     write_json(args.json, {"benchmark": "train_throughput", "machine": machine_record(probe),
-                           "cpu_matmul_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
+                           "cpu_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
+                           "cpu_peak_kernels": peak_detail,
                            "rows": rows})
     return 1 if any("error" in r for r in rows) else 0
 
