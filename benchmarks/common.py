@@ -66,7 +66,8 @@ def machine_header(title: str, dev: DeviceSetup) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5 * cpu_count():
         # Other work on the cores slows every row unpredictably (tiny inputs with 2+ threads: up to 60x).
-        line += f"\n# WARNING: load average {load:.1f} on {cpu_count()} cores: the machine is busy, figures are unreliable"
+        line += (f"\n# WARNING: 1-minute load average {load:.1f} on {cpu_count()} cores: the machine is busy, "
+                 f"figures may be unreliable")
     return line
 
 
