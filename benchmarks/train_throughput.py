@@ -27,7 +27,7 @@ from common import (LAYOUTS, MODELS, QUICK_MODEL, ModelSpec, apply_cpu_peaks, cs
                     print_cpu_peaks, print_table, reset_peak_memory, usable_precisions, write_json)
 
 from unet.benchmarking import model_flops  # noqa: E402
-from unet.losses import ce_dice_loss  # noqa: E402
+from unet.training import train_step  # noqa: E402
 
 COLUMNS = [("model", "model"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"),
            ("layout", "layout"), ("images_per_s", "images/s"), ("step_ms", "step ms"),
@@ -74,13 +74,7 @@ def train_step_fn(model: torch.nn.Module, net, dev, images: torch.Tensor, labels
     scaler = dev.grad_scaler()
 
     def step():
-        with dev.autocast():
-            logits = net(images)
-        loss = ce_dice_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(net, images, labels, optimizer, scaler, dev)
     return step
 
 

@@ -126,6 +126,27 @@ def _set_rng_state(state: dict, dev: DeviceSetup) -> None:
         torch.get_device_module(dev.type).set_rng_state(state["device"], dev.device)
 
 
+def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler, dev: DeviceSetup, clip_grad: float | None = None) -> torch.Tensor:
+    """One optimizer step; returns the (detached) loss, left on the device.
+
+    Autocast forward, float32 CE + soft Dice, then scale -> backward -> unscale -> optional clip -> step ->
+    update (the scaler is a no-op unless fp16). A step whose gradients overflowed is skipped by the scaler.
+    """
+    images, labels = dev.to_device(images), labels.to(dev.device, non_blocking=True)
+    with dev.autocast():
+        logits = net(images)
+    loss = ce_dice_loss(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def _weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of all weights: equal on every rank exactly when DDP kept the replicas in sync."""
     import hashlib
@@ -295,18 +316,7 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
     model.train()
     last_good_step = step
     while step < args.max_steps:
-        images, labels = next(batches)
-        images, labels = dev.to_device(images), labels.to(dev.device, non_blocking=True)
-        with dev.autocast():
-            logits = net(images)
-        loss = ce_dice_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
         step += 1
         # Divergence bookkeeping stays on the device: no host sync per step.
         finite = torch.isfinite(loss.detach())
@@ -371,15 +381,7 @@ def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_b
     flops_per_image = model_flops(model, (1, model.config.in_channels, args.input_size, args.input_size))
 
     def one_step():
-        images, labels = next(batches)
-        images, labels = dev.to_device(images), labels.to(dev.device, non_blocking=True)
-        with dev.autocast():
-            logits = net(images)
-        loss = ce_dice_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
 
     model.train()
     for _ in range(args.warmup_steps):
