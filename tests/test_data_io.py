@@ -228,3 +228,13 @@ def test_messages_are_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         read_stack(tmp_path / "g.tif")
     assert "\n" not in str(err.value) and "g.tif" in str(err.value)
+
+
+def test_pages_of_different_sizes_are_refused_not_dropped(tmp_path):
+    path = tmp_path / "odd.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.zeros((2, 32, 32), np.uint8))
+        tw.write(np.zeros((40, 32), np.uint8))
+    for reader in (read_stack, stack_info):
+        with pytest.raises(UserError, match=r"odd.tif: page 2 is 32x40 but the stack's first page is 32x32"):
+            reader(path)

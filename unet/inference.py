@@ -123,41 +123,9 @@ def read_info(path: Path) -> StackInfo:
         UserError: unreadable file, pages of different sizes, several image series, or an unsupported dtype.
     """
     from unet.data.io import scale_by_dtype, stack_info
-    n, h, w, c, dtype = stack_info(path)
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        _check_single_series(path, h, w)
+    n, h, w, c, dtype = stack_info(path)  # also refuses stacks whose pages differ in size
     scale_by_dtype(np.zeros(1, dtype=dtype), source=str(path))  # rejects int32, complex, ... before any work
     return StackInfo(path, int(n), int(h), int(w), int(c), np.dtype(dtype))
-
-
-def _check_single_series(path: Path, height: int, width: int) -> None:
-    # tifffile splits pages of different sizes into several series and readers use the first one only:
-    # without this check a stack with one odd page would silently lose the pages after it.
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = list(tif.series)
-            if len(series) <= 1:
-                return
-            first_page = 0
-            for s in series:
-                ph, pw = _series_yx(s)
-                if (ph, pw) != (height, width):
-                    raise UserError(f"{path}: page {first_page} is {pw}x{ph} but the stack's first page is "
-                                    f"{width}x{height}; all slices of a stack must have the same size, "
-                                    f"save them as separate files")
-                first_page += len(s.pages)
-            raise UserError(f"{path}: TIFF holds {len(series)} image series; only single-series stacks are "
-                            f"supported, save each series as its own file")
-    except UserError:
-        raise
-    except (tifffile.TiffFileError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]}); the file is truncated "
-                        f"or corrupt") from exc
-
-
-def _series_yx(series) -> tuple[int, int]:
-    axes, shape = series.axes, series.shape
-    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
 
 
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,

@@ -125,9 +125,33 @@ class _Layout:
         return n // (self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1)
 
 
+def _series_yx(series) -> tuple[int, int]:
+    return int(series.shape[series.axes.index("Y")]), int(series.shape[series.axes.index("X")])
+
+
+def _check_single_series(tif: tifffile.TiffFile, path: Path) -> None:
+    # tifffile splits pages of different sizes into several series and every reader here uses the first:
+    # without this check a stack with one odd page would silently lose the pages after it.
+    series = list(tif.series)
+    if len(series) <= 1:
+        return
+    height, width = _series_yx(series[0])
+    first_page = 0
+    for s in series:
+        ph, pw = _series_yx(s)
+        if (ph, pw) != (height, width):
+            raise UserError(f"{path}: page {first_page} is {pw}x{ph} but the stack's first page is "
+                            f"{width}x{height}; all slices of a stack must have the same size, "
+                            f"save them as separate files")
+        first_page += len(s.pages)
+    raise UserError(f"{path}: TIFF holds {len(series)} image series; only single-series stacks are "
+                    f"supported, save each series as its own file")
+
+
 def _tiff_layout(tif: tifffile.TiffFile, path: Path) -> _Layout:
     if not tif.series:
         raise UserError(f"{path}: TIFF file has no images; export the stack again")
+    _check_single_series(tif, path)
     series = tif.series[0]
     axes, shape = series.axes, tuple(series.shape)
     if 0 in shape or len(series.pages) == 0:
