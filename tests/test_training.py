@@ -119,8 +119,15 @@ def test_amp_fp16_order_scale_backward_unscale_clip_step_update(tmp_path, monkey
 
 
 def test_bf16_amp_trains_on_cpu(tmp_path):
-    summary = run(tmp_path, "--max-steps", "2", "--amp")
+    summary = run(tmp_path, "--max-steps", "4", "--amp")
     assert summary["amp"] == "bf16"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    torch.manual_seed(0)
+    initial = training.UNet(training.ModelConfig(base_filters=4, depth=3, padding="same")).state_dict()
+    trained = weights(tmp_path / "run" / "last.pt")
+    assert trained.keys() == initial.keys() and any(not torch.equal(initial[k], trained[k]) for k in initial)
+    assert all(v.dtype == torch.float32 for v in trained.values())  # autocast never lowers the master weights
 
 
 def test_benchmark_mode_reports_throughput_and_mfu_without_checkpoints(tmp_path):
