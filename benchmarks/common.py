@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 import os
 import platform
 import sys
@@ -113,19 +112,6 @@ def peak_source(dev: DeviceSetup, precision: str, cpu_peaks: dict[str, float],
     return (peak, "datasheet 16-bit dense") if peak else (None, "unknown device (pass --peak-tflops)")
 
 
-def _conv_flops_per_s(dtype: torch.dtype, seconds: float, channels: int = 512, size: int = 32) -> float:
-    """FLOP/s of a dense 3x3 convolution (oneDNN, channels_last), ``channels`` in and out, batch 8."""
-    x = torch.randn(8, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(channels, channels, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    flop = 2 * 8 * channels * channels * 9 * size * size
-    torch.nn.functional.conv2d(x, w, padding=1)  # primitive creation is not throughput
-    n, t0 = 0, time.perf_counter()
-    while n < 1 or time.perf_counter() - t0 < seconds:
-        torch.nn.functional.conv2d(x, w, padding=1)
-        n += 1
-    return flop * n / (time.perf_counter() - t0)
-
-
 def measure_cpu_peaks(precisions: list[str], seconds: float, size: int = 2048, windows: int = 3,
                       detail: dict | None = None) -> dict[str, float]:
     """This CPU's practical peak FLOP/s per precision, measured now: the best burst of two dense kernels.
@@ -135,14 +121,14 @@ def measure_cpu_peaks(precisions: list[str], seconds: float, size: int = 2048, w
     TFLOP/s fp32), and a matmul-only peak then gives MFU above 100 %. The best burst, not the mean, because
     on a shared machine a neighbour's work only ever lowers a reading. ``detail`` receives both readings.
     """
-    from unet.benchmarking import measure_matmul_peak
+    from unet.benchmarking import measure_conv_peak, measure_matmul_peak
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     burst = seconds / (2 * windows)
     peaks = {}
     for p in precisions:
         matmul = max(measure_matmul_peak(torch.device("cpu"), dtypes[p], size=size, seconds=burst)
                      for _ in range(windows))
-        conv = max(_conv_flops_per_s(dtypes[p], burst, size=8 if size < 2048 else 32) for _ in range(windows))
+        conv = max(measure_conv_peak(dtypes[p], burst, size=8 if size < 2048 else 32) for _ in range(windows))
         peaks[p] = max(matmul, conv)
         if detail is not None:
             detail[p] = {"matmul_tflops": matmul / 1e12, "conv3x3_tflops": conv / 1e12}

@@ -376,7 +376,7 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
 
 def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_batch, say) -> dict:
     """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised."""
-    from unet.benchmarking import measure_matmul_peak, model_flops
+    from unet.benchmarking import measure_cpu_peak, model_flops
 
     flops_per_image = model_flops(model, (1, model.config.in_channels, args.input_size, args.input_size))
 
@@ -404,7 +404,7 @@ def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_b
         peak, peak_source = dev.peak_flops(), "datasheet"
     elif dev.type == "cpu":
         dtype = dev.amp_dtype if dev.amp else torch.float32
-        peak, peak_source = measure_matmul_peak(dev.device, dtype), f"measured {str(dtype)[6:]} matmul"
+        peak, peak_source = measure_cpu_peak(dtype), f"measured {str(dtype)[6:]} matmul/conv3x3"
     else:
         peak, peak_source = None, "unknown"
     result = {"images_per_s": images_per_s, "step_time_ms": step_time * 1e3, "global_batch": global_batch,
