@@ -9,7 +9,6 @@ cross-validation summary (mean and sample standard deviation over folds).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from unet import tiling
-from unet.checkpoint import atomic_write, load_model
+from unet.atomic import atomic_write
+from unet.checkpoint import load_model
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args
 from unet.device import DeviceSetup, setup_device
 from unet.distributed import DistInfo, all_reduce_sum, cleanup, env_info, init_distributed

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from unet.atomic import atomic_path
 from unet.errors import UserError
 
 EXPORT_SUFFIXES = (".pt2", ".onnx")
@@ -137,7 +138,6 @@ def _save_onnx(model: torch.nn.Module, tile_size: int, dest: Path) -> None:
 
 def _atomic_save(path: Path, save) -> None:
     # Savers here want a path name (ONNX) or write zips, so a named temporary file beside the target.
-    from unet.inference import atomic_path
     with atomic_path(path) as tmp:
         save(tmp)
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ import numpy as np
 import tifffile
 import torch
 
+from unet.atomic import atomic_path, publish, temporary_path
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args
 from unet.errors import UserError
 
@@ -284,38 +283,6 @@ class StackWriter:
             self.commit()
         else:
             self.abort()
-
-
-def temporary_path(path: Path) -> Path:
-    """A new empty hidden file beside ``path`` (same folder, so the final rename is atomic), keeping its suffix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """fsync ``tmp``, give it the usual file permissions and rename it to ``path``."""
-    # mkstemp creates files readable by the owner only; outputs should get what the umask gives.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; renamed to ``path`` on success, deleted on any exception."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    try:
-        yield tmp
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:

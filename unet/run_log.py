@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from unet.checkpoint import atomic_write
+from unet.atomic import atomic_write
 
 
 def _clean(value):
