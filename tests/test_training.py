@@ -164,3 +164,10 @@ def test_help_lists_every_flag_with_defaults(capsys):
     # NVIDIA's underscore spellings are accepted too.
     args = training.get_args_parser().parse_args(["--batch_size", "2", "--max_steps", "3", "--model_dir", "m"])
     assert (args.batch_size, args.max_steps, args.model_dir) == (2, 3, "m")
+
+
+@pytest.mark.slow
+def test_compile_flag_trains(tmp_path):
+    summary = run(tmp_path, "--max-steps", "2", "--compile")
+    assert summary["steps"] == 2 and torch.isfinite(
+        torch.tensor(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]))
