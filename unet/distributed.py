@@ -36,10 +36,22 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout
     """Join the process group (env:// rendezvous from torchrun) when more than one process runs."""
     if not info.distributed or dist.is_initialized():
         return
+    timeout = timedelta(seconds=timeout_s)
     kwargs = {}
     if device.type != "cpu":
         kwargs["device_id"] = device  # binds the communicator to this device up front
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and "MASTER_ADDR" in os.environ:
+        # After an elastic restart torchrun can hand the new group the store of the failed one, and gloo
+        # then reads a dead rank's address from it ("connectFullMesh ... Connection refused", seen with
+        # torch 2.14). Keys under a per-attempt prefix keep each attempt's rendezvous apart.
+        agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                              is_master=not agent_hosts_store and info.rank == 0, timeout=timeout,
+                              multi_tenant=True)
+        kwargs.update(store=dist.PrefixStore(f"unet/attempt_{attempt}", store), rank=info.rank,
+                      world_size=info.world_size)
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
 
 
 def cleanup() -> None:
