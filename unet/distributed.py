@@ -64,15 +64,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum a tensor over all ranks (on the communication device); returns it on its original device."""
+def _all_reduce(t: torch.Tensor, device: torch.device, op) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return t
     home = t.device
     # float64 sums stay exact for pixel counts; hccl has no float64, so NPU reduces in float32.
     buf = t.to(device=device, dtype=torch.float32 if device.type == "npu" else t.dtype)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(device=home, dtype=t.dtype)
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a tensor over all ranks (on the communication device); returns it on its original device."""
+    return _all_reduce(t, device, dist.ReduceOp.SUM)
+
+
+def all_reduce_min(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise minimum of a tensor over all ranks; returns it on its original device."""
+    return _all_reduce(t, device, dist.ReduceOp.MIN)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -16,6 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from unet import distributed as D
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.data.folds import fold_indices
+from unet.data.io import load_dataset
+from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, setup_device
 from unet.errors import UserError
 from unet.losses import ce_dice_loss
@@ -156,7 +159,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _find_run(args, model_dir: Path, info: D.DistInfo) -> dict | None:
+def _find_run(args, model_dir: Path) -> dict | None:
     """The checkpoint to resume from, None to start fresh; refuses to clobber a different run."""
     last = model_dir / "last.pt"
     if args.overwrite or args.benchmark:
@@ -177,10 +180,6 @@ def _find_run(args, model_dir: Path, info: D.DistInfo) -> dict | None:
 
 def main(args: argparse.Namespace) -> dict:
     """Train (or benchmark) as ``args`` say; returns the final summary (on every rank)."""
-    from unet.data.folds import fold_indices
-    from unet.data.io import load_dataset
-    from unet.data.sampling import TrainTiles, build_train_loader, default_workers
-
     _check_args(args)
     info = D.env_info()
     args.world_size = info.world_size
@@ -191,12 +190,12 @@ def main(args: argparse.Namespace) -> dict:
     args.amp_dtype = dev.amp_name if args.amp else None
     D.init_distributed(info, dev.backend, dev.device)
     try:
-        return _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_loader, default_workers)
+        return _train(args, info, dev)
     finally:
         D.cleanup()
 
 
-def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_loader, default_workers) -> dict:
+def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict:
     model_dir = Path(args.model_dir)
     say = print if info.is_main else (lambda *a, **k: None)
 
@@ -219,11 +218,15 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
     resume = None
     if info.is_main and not args.benchmark:
         model_dir.mkdir(parents=True, exist_ok=True)
-        resume = _find_run(args, model_dir, info)
+        resume = _find_run(args, model_dir)
     # Every rank must agree whether (and from which step) to resume before touching the model.
     resume_step = D.broadcast_object(resume["step"] if resume is not None else None)
     if resume_step is not None and resume is None:
         resume = load_checkpoint(model_dir / "last.pt")
+    if resume is not None and int(resume["step"]) >= args.max_steps:
+        say(f"{model_dir} holds a finished run ({resume['step']} steps); nothing to do. Raise --max-steps to "
+            f"train on, or pass --overwrite to start over")
+        return resume.get("summary") or {"steps": int(resume["step"]), "model_dir": str(model_dir)}
     if resume is not None:
         model = model_from_checkpoint(resume, model_dir / "last.pt")
 
@@ -265,10 +268,6 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
         f"augment {'on' if args.augment else 'off'}, {workers} loader worker(s)")
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {config.padding} padding, "
         f"base {config.base_filters} filters, depth {config.depth}")
-    if resume is not None and step >= args.max_steps:
-        say(f"{model_dir} holds a finished run ({step} steps); nothing to do. Raise --max-steps to train on, "
-            f"or pass --overwrite to start over")
-        return resume.get("summary") or {"steps": step, "model_dir": str(model_dir)}
     if resume is not None:
         say(f"resuming {model_dir / 'last.pt'} at step {step}")
 
@@ -332,11 +331,12 @@ def _train(args, info, dev, load_dataset, fold_indices, TrainTiles, build_train_
         do_eval = (args.evaluate_every and step % args.evaluate_every == 0) or at_end
         do_save = step % args.save_every == 0 or at_end
         if do_log or do_eval or do_save:
-            bad = int(D.all_reduce_sum(torch.clamp(first_bad, min=0).float(), dev.device).item()) \
-                if info.distributed else int(first_bad.item())
-            if bad > 0:
+            # The earliest bad step on any rank; ranks without one report a step past the end.
+            never = torch.full_like(first_bad, args.max_steps + 1)
+            bad = int(D.all_reduce_min(torch.where(first_bad < 0, never, first_bad), dev.device).item())
+            if bad <= args.max_steps:
                 raise TrainingDiverged(
-                    f"the loss became non-finite at step {bad if not info.distributed else 'about ' + str(bad)}"
+                    f"the loss became non-finite at step {bad}"
                     f"{f' ({MAX_NONFINITE_STREAK_FP16} steps in a row, beyond what fp16 loss scaling skips)' if fp16 else ''}; "
                     f"stopped, keeping the last good checkpoint {model_dir / 'last.pt'} (step {last_good_step}); "
                     f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
