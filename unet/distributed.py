@@ -41,7 +41,7 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout
     if device.type != "cpu":
         kwargs["device_id"] = device  # binds the communicator to this device up front
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is not None and "MASTER_ADDR" in os.environ:
+    if attempt not in (None, "0") and "MASTER_ADDR" in os.environ:  # first attempts use plain env://
         # After an elastic restart torchrun can hand the new group the store of the failed one, and gloo
         # then reads a dead rank's address from it ("connectFullMesh ... Connection refused", seen with
         # torch 2.14). Keys under a per-attempt prefix keep each attempt's rendezvous apart.
