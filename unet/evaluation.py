@@ -24,7 +24,7 @@ from unet.atomic import atomic_write
 from unet.checkpoint import load_model
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args
 from unet.device import DeviceSetup, setup_device
-from unet.distributed import DistInfo, all_reduce_sum, cleanup, env_info, init_distributed
+from unet.distributed import DistInfo, all_reduce_sum, env_info, process_group
 from unet.errors import UserError
 from unet.metrics import SegmentationMetrics
 
@@ -426,9 +426,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
     except ValueError as e:
         raise UserError(str(e)) from None
-    init_distributed(info, dev.backend, dev.device)
     log = print if info.is_main else (lambda *a, **k: None)
-    try:
+    with process_group(info, dev.backend, dev.device):
         log(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {info.world_size} process(es), "
             f"{torch.get_num_threads()} CPU thread(s) per process")
         cache: dict = {}
@@ -465,5 +464,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log(f"wrote {args.output}")
         sys.stdout.flush()
         return out
-    finally:
-        cleanup()

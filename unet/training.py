@@ -188,11 +188,8 @@ def main(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     args.amp_dtype = dev.amp_name if args.amp else None
-    D.init_distributed(info, dev.backend, dev.device)
-    try:
+    with D.process_group(info, dev.backend, dev.device):
         return _train(args, info, dev)
-    finally:
-        D.cleanup()
 
 
 def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict:
