@@ -20,7 +20,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest"],
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
     },

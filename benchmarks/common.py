@@ -1,8 +1,8 @@
-"""Helpers shared by the benchmark scripts: machine header, model configs, peaks, peak memory, tables, JSON."""
+"""Helpers shared by the benchmark scripts: machine header, model configs, MFU peaks, tables, JSON."""
 from __future__ import annotations
 
+import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -15,10 +15,13 @@ if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` from an
 
 import torch  # noqa: E402
 
-from unet.device import DeviceSetup, cpu_name, setup_device  # noqa: E402
+from unet import run_log  # noqa: E402
+from unet.benchmarking import PRECISION_DTYPES, measure_cpu_kernels, peak_source  # noqa: E402
+from unet.device import DeviceSetup, cpu_name, setup_device, usable_cpus  # noqa: E402
+from unet.errors import UserError  # noqa: E402
 from unet.model import UNet  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(PRECISION_DTYPES)
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -48,38 +51,34 @@ def csv_list(text: str, cast=str) -> list:
     return [cast(t.strip()) for t in text.split(",") if t.strip()]
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on (the affinity mask, not the host's core count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def machine_header(title: str, dev: DeviceSetup) -> str:
     """One comment line saying what ran where and when: device, CPU, cores, threads, torch, date."""
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     accel = f"device: {dev.name()} ({dev.type})  " if dev.type != "cpu" else "device: cpu  "
-    line = (f"# {title}  {now}  {accel}cpu: {cpu_name()}  cores: {cpu_count()}  "
+    line = (f"# {title}  {now}  {accel}cpu: {cpu_name()}  cores: {usable_cpus()}  "
             f"torch threads: {torch.get_num_threads()}  torch {torch.__version__}  python {platform.python_version()}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.5 * cpu_count():
+    if load > 0.5 * usable_cpus():
         # Other work on the cores slows every row unpredictably (tiny inputs with 2+ threads: up to 60x).
-        line += (f"\n# WARNING: 1-minute load average {load:.1f} on {cpu_count()} cores: the machine is busy, "
+        line += (f"\n# WARNING: 1-minute load average {load:.1f} on {usable_cpus()} cores: the machine is busy, "
                  f"figures may be unreliable")
     return line
 
 
 def machine_record(dev: DeviceSetup) -> dict:
     """The machine as a JSON-able dict (for --json outputs)."""
-    return {"device_type": dev.type, "device": dev.name(), "cpu": cpu_name(), "cores": cpu_count(),
+    return {"device_type": dev.type, "device": dev.name(), "cpu": cpu_name(), "cores": usable_cpus(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def device_for(name: str, precision: str) -> DeviceSetup:
-    """A DeviceSetup with autocast for ``precision`` (fp32 = autocast off)."""
-    return setup_device(name, amp=precision != "fp32", amp_dtype=None if precision == "fp32" else precision)
+    """A DeviceSetup with autocast for ``precision`` (fp32 = autocast off); a bad choice exits with its message."""
+    try:
+        return setup_device(name, amp=precision != "fp32", amp_dtype=None if precision == "fp32" else precision)
+    except UserError as e:  # one line and status 2, as the project's own CLIs report it
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def usable_precisions(requested: list[str], device_type: str) -> tuple[list[str], list[str]]:
@@ -95,98 +94,69 @@ def usable_precisions(requested: list[str], device_type: str) -> tuple[list[str]
     return run, skipped
 
 
-def peak_source(dev: DeviceSetup, precision: str, cpu_peaks: dict[str, float],
-                given_tflops: float | None) -> tuple[float | None, str]:
-    """The FLOP/s peak MFU is computed against, and where it came from.
+def add_peak_args(p: argparse.ArgumentParser) -> None:
+    """The MFU peak options, the same in every script."""
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak for MFU (default: measured on CPU; the 16-bit datasheet peak elsewhere, none for fp32)")
+    p.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="seconds per dtype for each CPU peak measurement (before and after the rows)")
 
-    CPU: the dense matmul peak measured in this run for the precision's dtype. Accelerators: ``--peak-tflops``
-    or the 16-bit datasheet peak, which is not a fair bar for fp32 (TF32), so fp32 gets none unless given.
+
+class MfuPeaks:
+    """The peaks a benchmark's MFU column is computed against, and the JSON record of them.
+
+    CPU: the best dense kernel (matmul or 3x3 conv) per precision, measured in this run under the same load
+    and thread count as the rows: once before them (used while they run) and once after (:meth:`finish`).
+    On a shared machine one measurement can land in a busy moment; the higher one is closer to what the cores
+    can do, so MFU is never flattered by a low peak. Accelerators, or ``--peak-tflops``: nothing measured.
     """
-    if given_tflops:
-        return given_tflops * 1e12, "given"
-    if dev.type == "cpu":
-        return cpu_peaks.get(precision), f"measured {precision} matmul"
-    if precision == "fp32":
-        return None, "no fp32 datasheet peak (pass --peak-tflops)"
-    peak = dev.peak_flops()
-    return (peak, "datasheet 16-bit dense") if peak else (None, "unknown device (pass --peak-tflops)")
 
+    def __init__(self, dev: DeviceSetup, precisions: list[str], args: argparse.Namespace):
+        self.given = args.peak_tflops
+        self.measured = dev.type == "cpu" and not self.given
+        self.precisions = precisions
+        self.seconds, self.size = (0.2, 1024) if args.quick else (args.peak_seconds, 2048)
+        self.kernels: dict[str, dict[str, float]] = {}
+        self.cpu = self._measure(self.kernels) if self.measured else {}
+        if self.given:
+            print(f"# MFU peak: given {self.given} TFLOP/s")
+        elif not self.measured:
+            peak = dev.peak_flops("bf16")
+            print(f"# MFU peak: {peak / 1e12:.0f} TFLOP/s (datasheet, 16-bit dense; fp32 rows get none)" if peak
+                  else "# MFU peak: unknown device, pass --peak-tflops")
 
-def measure_cpu_peaks(precisions: list[str], seconds: float, size: int = 2048, windows: int = 3,
-                      detail: dict | None = None) -> dict[str, float]:
-    """This CPU's practical peak FLOP/s per precision, measured now: the best burst of two dense kernels.
+    def _measure(self, kernels: dict | None = None) -> dict[str, float]:
+        peaks = {}
+        for p in self.precisions:
+            flops = measure_cpu_kernels(PRECISION_DTYPES[p], self.seconds, self.size, windows=3)
+            peaks[p] = max(flops.values())
+            if kernels is not None:
+                kernels[p] = {f"{name}_tflops": v / 1e12 for name, v in flops.items()}
+        return peaks
 
-    Kernels: a ``size``-square matmul (MKL) and a 512-channel 3x3 convolution (oneDNN). Both, because MKL
-    on AMD CPUs can reach well under half of what oneDNN's convolutions reach (AMD EPYC here: 0.22 vs 0.51
-    TFLOP/s fp32), and a matmul-only peak then gives MFU above 100 %. The best burst, not the mean, because
-    on a shared machine a neighbour's work only ever lowers a reading. ``detail`` receives both readings.
-    """
-    from unet.benchmarking import measure_conv_peak, measure_matmul_peak
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    burst = seconds / (2 * windows)
-    peaks = {}
-    for p in precisions:
-        matmul = max(measure_matmul_peak(torch.device("cpu"), dtypes[p], size=size, seconds=burst)
-                     for _ in range(windows))
-        conv = max(measure_conv_peak(dtypes[p], burst, size=8 if size < 2048 else 32) for _ in range(windows))
-        peaks[p] = max(matmul, conv)
-        if detail is not None:
-            detail[p] = {"matmul_tflops": matmul / 1e12, "conv3x3_tflops": conv / 1e12}
-    return peaks
+    def fields(self, dev: DeviceSetup, precision: str, achieved_flops: float) -> dict:
+        """A row's achieved TFLOP/s, peak, peak source and MFU."""
+        peak, source = peak_source(dev, precision, self.cpu, self.given)
+        return {"achieved_tflops": achieved_flops / 1e12, "peak_tflops": peak / 1e12 if peak else None,
+                "peak_source": source, "mfu": achieved_flops / peak if peak else None}
 
+    def finish(self, rows: list[dict]) -> None:
+        """Measure the CPU peaks again after the rows, print both, and re-base the rows' MFU on the higher."""
+        if not self.measured:
+            return
+        after = self._measure()
+        print("# MFU peak = best dense kernel (matmul or 3x3 conv) measured this run, before / after the rows: "
+              + ", ".join(f"{p} {self.cpu[p] / 1e12:.3f} / {after[p] / 1e12:.3f} TFLOP/s" for p in self.cpu))
+        self.cpu = {p: max(self.cpu[p], after[p]) for p in self.cpu}
+        for r in rows:
+            peak = self.cpu.get(r.get("precision"))
+            if peak and "achieved_tflops" in r:
+                r["peak_tflops"] = peak / 1e12
+                r["mfu"] = r["achieved_tflops"] * 1e12 / peak
 
-def apply_cpu_peaks(rows: list[dict], before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Set each CPU row's MFU against the better of the peaks measured before and after the rows.
-
-    On a shared machine one measurement can land in a busy moment; the higher one is closer to what the
-    cores can do, so MFU is never flattered by a low peak.
-    """
-    peaks = {p: max(before.get(p, 0.0), after.get(p, 0.0)) for p in set(before) | set(after)}
-    for r in rows:
-        peak = peaks.get(r.get("precision"))
-        if peak and "achieved_tflops" in r:
-            r["peak_tflops"] = peak / 1e12
-            r["mfu"] = r["achieved_tflops"] * 1e12 / peak
-    return peaks
-
-
-def print_cpu_peaks(before: dict[str, float], after: dict[str, float]) -> None:
-    """Print the measured matmul peaks and which one MFU uses."""
-    print("# MFU peak = best dense kernel (matmul or 3x3 conv) measured this run, before / after the rows: "
-          + ", ".join(f"{p} {before[p] / 1e12:.3f} / {after.get(p, 0) / 1e12:.3f} TFLOP/s" for p in before))
-
-
-def reset_peak_memory(dev: DeviceSetup) -> None:
-    """Reset the peak-memory counter; on Linux CPUs this resets the process's peak RSS (VmHWM)."""
-    if dev.type != "cpu":
-        dev.reset_peak_memory()
-        return
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        # Hand freed heap back to the OS first, or an earlier, bigger row would set this row's RSS floor.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        # '5' resets the resident-set high-water mark, so each row reports its own peak, not the run's.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(dev: DeviceSetup) -> float:
-    """Peak device memory since the last reset (CPU: the process's peak RSS, VmHWM)."""
-    if dev.type == "cpu":
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return dev.peak_memory_bytes() / 2 ** 20
+    def record(self) -> dict:
+        """The CPU peaks and their kernels' readings, for the JSON output."""
+        return {"cpu_peaks_tflops": {p: v / 1e12 for p, v in self.cpu.items()}, "cpu_peak_kernels": self.kernels}
 
 
 def fmt(value, spec: str = ".1f") -> str:
@@ -210,10 +180,10 @@ def print_table(columns: list[tuple[str, str]], rows: list[dict]) -> None:
 
 
 def write_json(path: str | Path | None, payload: dict) -> None:
-    """Write ``payload`` to ``path`` (no-op for None)."""
+    """Write ``payload`` to ``path`` atomically, NaN/inf as null (no-op for None)."""
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    run_log.write_json(path, payload)
     print(f"# wrote {path}")

@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, cpu_count, csv_list, machine_header, machine_record, print_table, write_json  # noqa: E402
+from common import REPO, csv_list, device_for, machine_header, machine_record, print_table, write_json  # noqa: E402
+
+from unet.device import DEVICE_CHOICES, usable_cpus  # noqa: E402
 
 COLUMNS = [("processes", "procs"), ("batch_per_process", "batch/proc"), ("global_batch", "global batch"),
            ("omp_threads", "OMP threads"), ("images_per_s", "images/s"), ("step_ms", "step ms"),
@@ -44,7 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--augment", action="store_true", help="include augmentation (default off: model + all-reduce)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "npu"),
+    # No 'auto': what "ideal" means (shared cores or one device per process) depends on the device kind.
+    p.add_argument("--device", default="cpu", choices=tuple(c for c in DEVICE_CHOICES if c != "auto"),
                    help="cpu: gloo, cores split between processes; cuda/npu: one device per process")
     p.add_argument("--cores", type=int, default=None,
                    help="cores to split between the processes (default: this process's CPU affinity)")
@@ -56,8 +59,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run_one(nproc: int, args, workdir: Path) -> dict:
     """One torchrun; returns its benchmark.json plus the thread setting used."""
-    if args.global_batch % nproc:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {nproc} processes")
     model_dir = workdir / f"nproc{nproc}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "train.py"), "--benchmark", "--device", args.device,
@@ -90,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.input_size, args.global_batch, args.steps, args.warmup = 64, 2, 1, 1
         args.nproc = [2]
-    args.cores = args.cores or cpu_count()
-    from unet.device import setup_device
-    probe = setup_device(args.device)
+    args.cores = args.cores or usable_cpus()
     counts = [1] + [n for n in args.nproc if n != 1]
+    # Checked before any run, so a bad --nproc does not cost a whole 1-process run first.
+    if min(counts) < 1:
+        raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
+    bad = [n for n in counts if args.global_batch % n]
+    if bad:
+        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {', '.join(map(str, bad))} "
+                         f"process(es)")
+    probe = device_for(args.device, "fp32")
     print(machine_header("DDP scaling", probe))
     print(f"# train.py --benchmark under torchrun: small model (base {args.base_filters}, 'same', "
           f"{args.input_size}x{args.input_size}), {args.precision}, global batch {args.global_batch}, "

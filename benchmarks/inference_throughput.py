@@ -1,7 +1,8 @@
 """Inference throughput: (a) the model's forward pass on tiles, (b) infer.py end to end vs the forward pass alone.
 
     python benchmarks/inference_throughput.py [--device auto] [--model reference|small] [--precisions fp32,bf16]
-        [--batch-sizes 1,2,4,8,16] [--slices 30] [--json OUT] [--profile] [--quick]
+        [--batch-sizes 1,2,4,8,16] [--slices 30] [--peak-tflops T] [--peak-seconds S] [--json OUT] [--profile]
+        [--quick]
 
 (a) images/s of eval-mode forward passes under inference_mode and the precision's autocast, on random tiles of
 the model's input size (572 for the reference model), one row per (precision, batch).
@@ -26,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import (MODELS, QUICK_MODEL, apply_cpu_peaks, csv_list, device_for, machine_header,  # noqa: E402
-                    machine_record, measure_cpu_peaks, peak_memory_mb, peak_source, print_cpu_peaks, print_table,
-                    reset_peak_memory, usable_precisions, write_json)
+from common import (MODELS, QUICK_MODEL, MfuPeaks, add_peak_args, csv_list, device_for, machine_header,  # noqa: E402
+                    machine_record, print_table, usable_precisions, write_json)
 
-from unet.benchmarking import model_flops  # noqa: E402
+from unet.benchmarking import model_flops, time_steps  # noqa: E402
+from unet.device import DEVICE_CHOICES  # noqa: E402
 
 FORWARD_COLUMNS = [("model", "model"), ("tile", "tile"), ("batch", "batch"), ("precision", "prec"),
                    ("images_per_s", "images/s"), ("ms_per_batch", "ms/batch"), ("peak_memory_mb", "peak MB"),
@@ -51,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "1 timed pass, then 30 slices end to end twice (infer.py and forward alone): about 10 minutes on 2 cores; "
         "use --batch-sizes 1,4 --slices 10 for a shorter run. Default on CUDA/NPU: fp32,bf16,fp16, 10 + 50 passes.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--model", default="reference", choices=tuple(MODELS),
                    help="reference: UNet_Medical, 572 tiles; small: base 16 'same', 256 tiles")
     p.add_argument("--precisions", type=csv_list, default=None,
@@ -63,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=None, help="slices of the end-to-end stack (default 30; 0 = skip)")
     p.add_argument("--slice-size", type=int, default=None, help="slice height and width (default 512)")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass in (b), as infer.py's default")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: CPU measured, else datasheet)")
+    add_peak_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="cProfile infer.py's run and print the top functions")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
@@ -74,31 +75,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ (a) forward
 
-def forward_row(model, spec, dev, precision: str, batch: int, args, flops_per_image: int, cpu_peaks: dict) -> dict:
+def forward_row(model, spec, dev, precision: str, batch: int, args, flops_per_image: int, peaks: MfuPeaks) -> dict:
     """Time eval forward passes of one batch of random tiles; one result row."""
     size = spec.input_size
     x = dev.to_device(torch.rand(batch, model.config.in_channels, size, size))
+
+    def run():
+        with dev.autocast():
+            return model(x)
     with torch.inference_mode():
-        def run():
-            with dev.autocast():
-                return model(x)
-        for _ in range(args.warmup):
-            run()
-        dev.synchronize()
-        reset_peak_memory(dev)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            run()
-        dev.synchronize()
-        per_batch = (time.perf_counter() - t0) / args.iters
+        _, per_batch = time_steps(run, args.warmup, args.iters, dev)
     ips = batch / per_batch
-    peak, source = peak_source(dev, precision, cpu_peaks, args.peak_tflops)
-    achieved = flops_per_image * ips
     return {"model": spec.name, "tile": size, "batch": batch, "precision": precision, "images_per_s": ips,
-            "ms_per_batch": per_batch * 1e3, "peak_memory_mb": peak_memory_mb(dev),
-            "gflop_per_image": flops_per_image / 1e9, "achieved_tflops": achieved / 1e12,
-            "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
-            "mfu": achieved / peak if peak else None, "iters": args.iters, "warmup": args.warmup}
+            "ms_per_batch": per_batch * 1e3, "peak_memory_mb": dev.peak_memory_bytes() / 2 ** 20,
+            "gflop_per_image": flops_per_image / 1e9, **peaks.fields(dev, precision, flops_per_image * ips),
+            "iters": args.iters, "warmup": args.warmup}
 
 
 # ------------------------------------------------------------------------------------------ (b) end to end
@@ -243,12 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_header("inference throughput", probe))
     for note in skipped:
         print(f"# {note}")
-    cpu_peaks, peak_detail = {}, {}
-    if probe.type == "cpu" and not args.peak_tflops:
-        cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else 2.0, size=1024 if args.quick else 2048,
-                                      detail=peak_detail)
-    flops = model_flops(spec.build(), (1, spec.build().config.in_channels, spec.input_size, spec.input_size),
-                        backward=False)
+    peaks = MfuPeaks(probe, precisions, args)
+    model = spec.build()
+    flops = model_flops(model, (1, model.config.in_channels, spec.input_size, spec.input_size), backward=False)
     print(f"\n(a) forward pass, eval + inference_mode + autocast, random {spec.input_size}x{spec.input_size} tiles, "
           f"{args.warmup} warmup + {args.iters} timed passes per row; {flops / 1e9:.1f} GFLOP per image")
     rows = []
@@ -259,16 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_sizes:
             print(f"  running forward {precision} b{batch} ...", file=sys.stderr, flush=True)
             try:
-                rows.append(forward_row(model, spec, dev, precision, batch, args, flops, cpu_peaks))
+                rows.append(forward_row(model, spec, dev, precision, batch, args, flops, peaks))
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory at batch 16: keep going
                 msg = " ".join(str(e).split())[:200]
                 print(f"# FAILED forward {precision} b{batch}: {type(e).__name__}: {msg}")
                 rows.append({"model": spec.name, "batch": batch, "precision": precision, "error": msg})
         del model
-    if cpu_peaks:
-        after = measure_cpu_peaks(precisions, 0.2 if args.quick else 2.0, size=1024 if args.quick else 2048)
-        print_cpu_peaks(cpu_peaks, after)
-        cpu_peaks = apply_cpu_peaks(rows, cpu_peaks, after)
+    peaks.finish(rows)
     print_table(FORWARD_COLUMNS, rows)
 
     e2e = []
@@ -292,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
               "shared machine); in-run % = infer.py's time outside predict_probabilities / its time inside, "
               "same run (the figure held to < 10 %)")
     write_json(args.json, {"benchmark": "inference_throughput", "machine": machine_record(probe),
-                           "cpu_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
-                           "cpu_peak_kernels": peak_detail,
-                           "forward": rows, "end_to_end": e2e})
+                           **peaks.record(), "forward": rows, "end_to_end": e2e})
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -2,31 +2,30 @@
 
     python benchmarks/train_throughput.py [--device auto] [--models reference,small] [--batch-sizes 1,8]
         [--precisions fp32,bf16,fp16] [--compile off|on|both] [--layouts device|both|channels_last|contiguous]
-        [--steps N] [--warmup N] [--json OUT] [--quick]
+        [--steps N] [--warmup N] [--peak-tflops T] [--peak-seconds S] [--json OUT] [--quick]
 
 One row per (model, batch, precision, compile, layout): images/s, step time, peak memory, GFLOP/image
 (forward + backward, counted on the meta device), achieved TFLOP/s and MFU. Inputs are random tensors
 already on the device, so the rows measure the model step alone (train.py --benchmark includes the loader).
-MFU: on CPU against this machine's dense matmul peak for the dtype, measured in the same run; on an
-accelerator against --peak-tflops or the device's 16-bit datasheet peak.
+MFU: on CPU against this machine's best dense kernel (matmul or 3x3 conv) for the dtype, measured in the same
+run; on an accelerator against --peak-tflops or the device's 16-bit datasheet peak (none for fp32).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import (LAYOUTS, MODELS, QUICK_MODEL, ModelSpec, apply_cpu_peaks, csv_list, device_for,  # noqa: E402
-                    machine_header, machine_record, measure_cpu_peaks, peak_memory_mb, peak_source,
-                    print_cpu_peaks, print_table, reset_peak_memory, usable_precisions, write_json)
+from common import (LAYOUTS, MODELS, QUICK_MODEL, MfuPeaks, ModelSpec, add_peak_args, csv_list,  # noqa: E402
+                    device_for, machine_header, machine_record, print_table, usable_precisions, write_json)
 
-from unet.benchmarking import model_flops  # noqa: E402
+from unet.benchmarking import model_flops, time_steps  # noqa: E402
+from unet.device import DEVICE_CHOICES  # noqa: E402
 from unet.training import train_step  # noqa: E402
 
 COLUMNS = [("model", "model"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"),
@@ -44,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "eager, 1 warmup + 2 timed steps: a few minutes on 2 cores (a reference batch-8 step is 10-20 s there). "
         "Default on CUDA/NPU: 20 warmup + 50 timed steps, fp32 + bf16 + fp16.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--models", type=csv_list, default=["reference", "small"],
                    help=f"comma list of {', '.join(MODELS)} (reference: 572 -> 388; small: 256 'same')")
     p.add_argument("--batch-sizes", type=lambda s: csv_list(s, int), default=None,
@@ -59,8 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "contiguous on NPU); both = channels_last and contiguous rows")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 2 on CPU, 50 elsewhere)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 20 elsewhere)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: see above)")
-    p.add_argument("--peak-seconds", type=float, default=2.0, help="CPU matmul peak measurement time per dtype")
+    add_peak_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows to this JSON file")
     p.add_argument("--quick", action="store_true",
@@ -79,7 +77,7 @@ def train_step_fn(model: torch.nn.Module, net, dev, images: torch.Tensor, labels
 
 
 def bench_row(spec: ModelSpec, batch: int, precision: str, compiled: bool, layout: str, args,
-              flops_per_image: int, cpu_peaks: dict) -> dict:
+              flops_per_image: int, peaks: MfuPeaks) -> dict:
     """Build the model fresh, warm up, time ``args.steps`` steps; one result row."""
     dev = dataclasses.replace(device_for(args.device, precision), memory_format=LAYOUTS[layout])
     torch.manual_seed(0)
@@ -89,28 +87,13 @@ def bench_row(spec: ModelSpec, batch: int, precision: str, compiled: bool, layou
     out = model.output_size(size)
     images = dev.to_device(torch.rand(batch, model.config.in_channels, size, size))
     labels = torch.randint(0, model.config.num_classes, (batch, out, out), device=dev.device)
-    step = train_step_fn(model, net, dev, images, labels)
-
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    dev.synchronize()
-    warmup_s = time.perf_counter() - t0
-    reset_peak_memory(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    dev.synchronize()
-    step_s = (time.perf_counter() - t0) / args.steps
+    warmup_s, step_s = time_steps(train_step_fn(model, net, dev, images, labels), args.warmup, args.steps, dev)
     ips = batch / step_s
-    achieved = flops_per_image * ips
-    peak, source = peak_source(dev, precision, cpu_peaks, args.peak_tflops)
     return {"model": spec.name, "input_size": size, "output_size": out, "batch": batch, "precision": precision,
             "compile": "on" if compiled else "off", "layout": layout, "images_per_s": ips,
-            "step_ms": step_s * 1e3, "peak_memory_mb": peak_memory_mb(dev), "gflop_per_image": flops_per_image / 1e9,
-            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
-            "mfu": achieved / peak if peak else None, "steps": args.steps, "warmup_steps": args.warmup,
-            "warmup_s": warmup_s}
+            "step_ms": step_s * 1e3, "peak_memory_mb": dev.peak_memory_bytes() / 2 ** 20,
+            "gflop_per_image": flops_per_image / 1e9, **peaks.fields(dev, precision, flops_per_image * ips),
+            "steps": args.steps, "warmup_steps": args.warmup, "warmup_s": warmup_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,23 +128,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} timed steps per row; device layout choice: {device_layout}")
     for note in skipped:
         print(f"# {note}")
-    cpu_peaks, peak_detail = {}, {}
-    if probe.type == "cpu" and not args.peak_tflops:
-        # Measured now, under the same load and thread count as the rows, so CPU MFU is comparable.
-        cpu_peaks = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
-                                      size=1024 if args.quick else 2048, detail=peak_detail)
-    elif args.peak_tflops:
-        print(f"# MFU peak: given {args.peak_tflops} TFLOP/s")
-    else:
-        peak = probe.peak_flops()
-        print(f"# MFU peak: {peak / 1e12:.0f} TFLOP/s (datasheet, 16-bit dense; fp32 rows get none)" if peak
-              else "# MFU peak: unknown device, pass --peak-tflops")
+    peaks = MfuPeaks(probe, precisions, args)
 
     rows = []
     for spec in specs:
-        flops = model_flops(spec.build(), (1, spec.build().config.in_channels, spec.input_size, spec.input_size))
+        model = spec.build()
+        flops = model_flops(model, (1, model.config.in_channels, spec.input_size, spec.input_size))
         print(f"# {spec.name}: UNet({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}) "
-              f"{spec.input_size} -> {spec.build().output_size(spec.input_size)}, "
+              f"{spec.input_size} -> {model.output_size(spec.input_size)}, "
               f"{flops / 1e9:.1f} GFLOP per image (forward + backward)")
         for batch in args.batch_sizes:
             for precision in precisions:
@@ -170,23 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                         label = f"{spec.name} b{batch} {precision} compile={'on' if compiled else 'off'} {layout}"
                         print(f"  running {label} ...", file=sys.stderr, flush=True)
                         try:
-                            rows.append(bench_row(spec, batch, precision, compiled, layout, args, flops, cpu_peaks))
+                            rows.append(bench_row(spec, batch, precision, compiled, layout, args, flops, peaks))
                         except (RuntimeError, torch.OutOfMemoryError) as e:  # one bad row must not end a GPU run
                             msg = " ".join(str(e).split())[:200]
                             print(f"# FAILED {label}: {type(e).__name__}: {msg}")
                             rows.append({"model": spec.name, "batch": batch, "precision": precision,
                                          "compile": "on" if compiled else "off", "layout": layout,
                                          "error": f"{type(e).__name__}: {msg}"})
-    if cpu_peaks:
-        after = measure_cpu_peaks(precisions, 0.2 if args.quick else args.peak_seconds,
-                                  size=1024 if args.quick else 2048)
-        print_cpu_peaks(cpu_peaks, after)
-        cpu_peaks = apply_cpu_peaks(rows, cpu_peaks, after)
+    peaks.finish(rows)
     print()
     print_table(COLUMNS, rows)
-    write_json(args.json, {"benchmark": "train_throughput", "machine": machine_record(probe),
-                           "cpu_peaks_tflops": {k: v / 1e12 for k, v in cpu_peaks.items()},
-                           "cpu_peak_kernels": peak_detail,
+    write_json(args.json, {"benchmark": "train_throughput", "machine": machine_record(probe), **peaks.record(),
                            "rows": rows})
     return 1 if any("error" in r for r in rows) else 0
 

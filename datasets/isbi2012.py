@@ -11,16 +11,15 @@ Arganda-Carreras et al. 2015. Exit status 2 with a one-line message on any failu
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from unet.atomic import atomic_path  # noqa: E402
 from unet.data.io import stack_info  # noqa: E402
 from unet.errors import UserError  # noqa: E402
 
@@ -46,20 +45,16 @@ def check_stack(path: Path, shown: str | None = None) -> None:
 def download(url: str, dest: Path, opener=urllib.request.urlopen) -> None:
     """Fetch ``url`` into ``dest`` atomically; the partial file never appears under the final name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part.tif", dir=dest.parent)
-    try:
+    # The temporary file keeps the .tif suffix, so the reader accepts it; it is checked before the rename.
+    with atomic_path(dest) as tmp:
         try:
-            with os.fdopen(fd, "wb") as out, opener(url, timeout=TIMEOUT_S) as response:
+            with open(tmp, "wb") as out, opener(url, timeout=TIMEOUT_S) as response:
                 shutil.copyfileobj(response, out)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise UserError(f"{url}: download failed ({' '.join(str(reason).split())}); check the internet "
                             f"connection, or fetch the file by hand into {dest.parent}") from exc
-        check_stack(Path(tmp), shown=url)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        check_stack(tmp, shown=url)
 
 
 def fetch_all(data_dir: Path, base_url: str = BASE_URL, opener=urllib.request.urlopen) -> list[Path]:

@@ -48,12 +48,18 @@ def test_train_throughput_quick(tmp_path):
     assert data["machine"]["device_type"] == "cpu"
     (row,) = data["rows"]
     assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0 and row["mfu"] > 0
-    assert row["peak_memory_mb"] > 0
+    assert row["peak_memory_mb"] > 0 and row["peak_source"] == "measured fp32 matmul/conv3x3 max"
+    assert row["peak_tflops"] == pytest.approx(data["cpu_peaks_tflops"]["fp32"])
+    assert sorted(data["cpu_peak_kernels"]["fp32"]) == ["conv3x3_tflops", "matmul_tflops"]
 
 
 def test_inference_throughput_quick(tmp_path):
+    scratch = tmp_path / "scratch"  # the script's TemporaryDirectory goes here, so its removal is checked
+    scratch.mkdir()
+    # torch makes its inductor cache dir under TMPDIR too (FlopCounterMode does); not the script's to remove.
+    env = {"TMPDIR": str(scratch), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     out = run([sys.executable, str(BENCH / "inference_throughput.py"), "--quick", "--device", "cpu",
-               "--threads", "1", "--json", str(tmp_path / "i.json")], tmp_path)
+               "--threads", "1", "--peak-seconds", "1", "--json", str(tmp_path / "i.json")], tmp_path, env=env)
     header, rows = table_rows(out, "model")
     assert "images/s" in header and "ms/batch" in header and "MFU" in header
     assert [r[2] for r in rows] == ["1", "2"]
@@ -66,7 +72,9 @@ def test_inference_throughput_quick(tmp_path):
     (e2e,) = data["end_to_end"]
     assert e2e["forward_s"] > 0 and 0 < e2e["infer_predict_s"] <= e2e["infer_s"]
     assert e2e["tiling"] == "1x64"
-    assert not list(tmp_path.glob("*.tif"))  # the stack and masks live in a temporary folder that is removed
+    assert e2e["infer_s"] > 0  # (b) ran, so its stack, checkpoint and masks were written under TMPDIR ...
+    assert not list(scratch.iterdir())  # ... in a temporary folder that is removed
+    assert not list(tmp_path.glob("*.tif"))  # and nothing landed in the working directory
 
 
 @pytest.mark.slow

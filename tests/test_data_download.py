@@ -37,7 +37,8 @@ def test_downloads_from_mirror_and_checks(tmp_path, isbi_script):
     paths = isbi_script.fetch_all(tmp_path / "out", url)
     assert [p.name for p in paths] == ["train-volume.tif", "train-labels.tif", "test-volume.tif"]
     assert tifffile.imread(paths[0]).shape == (30, 512, 512)
-    assert not list((tmp_path / "out").glob(".*part*"))       # no temporary files left behind
+    # Only the three stacks: no temporary files left behind.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(isbi_script.FILES)
 
 
 def test_wrong_shape_is_rejected_and_not_kept(tmp_path, isbi_script):

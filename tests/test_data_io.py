@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageFile
 
 from unet.data.io import SliceSet, iter_pages, load_dataset, read_stack, scale_by_dtype, stack_info
 from unet.errors import UserError
@@ -48,6 +48,20 @@ def test_read_multipage_single_png_and_16bit(tmp_path):
     got = read_stack(tmp_path / "d.png")
     assert got.dtype == np.uint16 and np.array_equal(got[0], deep[2])
     assert stack_info(tmp_path / "d.png") == (1, 20, 24, 1, np.dtype(np.uint16))
+
+
+@pytest.mark.parametrize("mode, options", [("1", {}), ("L", {}), ("LA", {}), ("RGB", {}), ("RGBA", {}), ("P", {}),
+                                           ("P", {"transparency": 0}), ("I;16", {})])
+def test_png_stack_info_matches_read_stack_without_decoding(tmp_path, monkeypatch, mode, options):
+    Image.new(mode, (9, 5)).save(tmp_path / "m.png", **options)
+    got = read_stack(tmp_path / "m.png")
+    want = (1, 5, 9, got.shape[1] if got.ndim == 4 else 1, got.dtype)
+
+    def no_decode(self):
+        raise AssertionError("stack_info decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert stack_info(tmp_path / "m.png") == want
 
 
 def test_imagej_hyperstack_and_ome(tmp_path):

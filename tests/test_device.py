@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
-from unet.device import dist_backend, resolve_device_type, setup_device
+from unet.device import DeviceSetup, dist_backend, resolve_device_type, setup_device
+from unet.errors import UserError
 
 YES, NO = (lambda: True), (lambda: False)
 
@@ -14,9 +17,9 @@ def test_auto_prefers_npu_then_cuda_then_cpu(npu, cuda, expected):
 def test_explicit_device_must_be_available():
     assert resolve_device_type("cpu", {"npu": NO, "cuda": NO}) == "cpu"
     assert resolve_device_type("cuda", {"cuda": YES}) == "cuda"
-    with pytest.raises(ValueError, match="--device npu was asked for but no NPU is available: install torch_npu"):
+    with pytest.raises(UserError, match="--device npu was asked for but no NPU is available: install torch_npu"):
         resolve_device_type("npu", {"npu": NO})
-    with pytest.raises(ValueError, match="--device must be one of auto, npu, cuda, cpu"):
+    with pytest.raises(UserError, match="--device must be one of auto, npu, cuda, cpu"):
         resolve_device_type("tpu")
 
 
@@ -46,8 +49,36 @@ def test_fp16_gets_an_enabled_scaler_and_fp32_none():
     assert off.amp_name == "fp32" and not off.grad_scaler().is_enabled()
     with off.autocast():
         assert not torch.is_autocast_enabled("cpu")
-    with pytest.raises(ValueError, match="--amp-dtype must be one of bf16, fp16"):
+    with pytest.raises(UserError, match="--amp-dtype must be one of bf16, fp16"):
         setup_device("cpu", amp=True, amp_dtype="fp8")
+
+
+def test_default_cuda_probe_follows_torch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device_type("auto", {"npu": NO}) == "cuda"
+
+
+def test_datasheet_peak_is_16_bit_only(monkeypatch):
+    monkeypatch.setattr(DeviceSetup, "name", lambda self: "NVIDIA H100 80GB HBM3")
+    bf16 = DeviceSetup(torch.device("cuda", 0), amp=True, amp_dtype=torch.bfloat16)
+    assert bf16.peak_flops() == 989e12 and bf16.peak_flops("fp16") == 989e12
+    assert bf16.peak_flops("fp32") is None  # the datasheet figure is no bar for fp32/TF32
+    assert DeviceSetup(torch.device("cuda", 0)).peak_flops() is None  # an fp32 setup
+    monkeypatch.setattr(DeviceSetup, "name", lambda self: "Unknown Accelerator 9000")
+    assert bf16.peak_flops() is None
+    assert setup_device("cpu", amp=True).peak_flops() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+def test_cpu_peak_memory_resets_to_the_current_workload():
+    dev = setup_device("cpu")
+    dev.reset_peak_memory()
+    base = dev.peak_memory_bytes()
+    big = torch.ones(256 * 2 ** 20 // 4)  # 256 MiB, freed (unmapped) below
+    assert dev.peak_memory_bytes() >= base + 200 * 2 ** 20
+    del big
+    dev.reset_peak_memory()
+    assert dev.peak_memory_bytes() < base + 100 * 2 ** 20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

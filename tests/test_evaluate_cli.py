@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from unet.checkpoint import save_checkpoint
-from unet.cli import evaluate
+from unet.cli import evaluate, train
 from unet.data.synthetic import make_synthetic_em
 from unet.model import UNet
 
@@ -147,6 +147,19 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, data_dir, capsys):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: ") and expect in lines[0], err
+
+
+@pytest.mark.parametrize("command", [evaluate, train])
+@pytest.mark.parametrize("flag, value, message", [("--tile-batch", "0", "must be at least 1, got 0"),
+                                                  ("--overlap", "1.5", "must be in [0, 1), got 1.5")])
+def test_tiling_options_are_checked_when_parsed(command, flag, value, message, tmp_path, capsys):
+    """A bad tiling option fails before evaluation (or training, which needs it only to validate) starts."""
+    prog, where = ("evaluate.py", "--ckpt") if command is evaluate else ("train.py", "--model-dir")
+    with pytest.raises(SystemExit) as e:
+        command([where, str(tmp_path / "x"), flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{prog}: error: argument {flag}: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def _env():

@@ -128,7 +128,7 @@ def test_evaluate_slices_needs_labels(dev, small_set):
 
 
 def test_evaluate_slices_channel_mismatch(dev, small_set):
-    with pytest.raises(UserError, match="3-channel input.*1-channel images"):
+    with pytest.raises(UserError, match="expects 3-channel images but got 1 channels"):
         evaluation.evaluate_slices(tiny_model(in_channels=3), small_set, dev)
 
 

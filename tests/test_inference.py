@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +112,19 @@ def test_imagej_ome_and_float_inputs(ckpt, tmp_path, kind):
     data = rng.random((3, 33, 47), dtype=np.float32)
     path = tmp_path / ("in.ome.tif" if kind == "ome" else "in.tif")
     if kind == "imagej":
-        tifffile.imwrite(path, (data * 255).astype(np.uint8), imagej=True, metadata={"axes": "ZYX"})
+        raw = (data * 255).astype(np.uint8)
+        tifffile.imwrite(path, raw, imagej=True, metadata={"axes": "ZYX"})
     elif kind == "ome":
-        tifffile.imwrite(path, (data * 65535).astype(np.uint16), ome=True, metadata={"axes": "ZYX"})
+        raw = (data * 65535).astype(np.uint16)
+        tifffile.imwrite(path, raw, ome=True, metadata={"axes": "ZYX"})
     else:
-        tifffile.imwrite(path, data, photometric="minisblack")
+        raw = data
+        tifffile.imwrite(path, raw, photometric="minisblack")
     _run(["--ckpt", ckpt, "--input", path, "--output", tmp_path / "m.tif"])
-    assert tifffile.imread(tmp_path / "m.tif").shape == (3, 33, 47)
+    masks = tifffile.imread(tmp_path / "m.tif")
+    assert masks.shape == (3, 33, 47)
+    scale = {"imagej": 255, "ome": 65535, "float32": 1}[kind]
+    np.testing.assert_array_equal(masks, _expected_masks(ckpt, raw.astype(np.float32) / np.float32(scale)))
 
 
 def test_synthetic_default_probabilities_and_overlays(ckpt, tmp_path):
@@ -136,13 +143,14 @@ def test_synthetic_default_probabilities_and_overlays(ckpt, tmp_path):
         assert im.mode == "RGB" and im.size == (w, h)
         rgb = np.asarray(im)
     membrane = masks[0] == 0
-    assert (rgb[membrane][:, 0] >= rgb[membrane][:, 2]).all()  # membranes are tinted red
+    assert membrane.any() and (~membrane).any()
+    assert (rgb[membrane][:, 0] > rgb[membrane][:, 2]).all()  # membranes are tinted red
     assert (rgb[~membrane][:, 0] == rgb[~membrane][:, 2]).all()  # cells stay grey
 
 
 # ------------------------------------------------------------------------------------------ streaming
 
-def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path):
+def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     stack = rng.integers(0, 256, (400, 64, 64), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "deep.tif", stack)
@@ -150,10 +158,35 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path):
     model, _ = load_model(ckpt)
     dev = setup_device("cpu")
     model = dev.prepare_model(model)
+
+    # Masks and probabilities are views of torch tensors, which tracemalloc cannot see: weak references to
+    # every chunk read and every slice's (image, mask, probability) show what the pipeline still holds.
+    chunks, slices = [], []
+    real_pages, real_predict = inference.iter_job_pages, inference.predict_pages
+
+    def pages(info, batch):
+        for chunk in real_pages(info, batch):
+            # Reading chunk k, only chunk k - 1 and the outputs of its last slice may still be alive.
+            assert all(ref() is None for ref in chunks[:-1]), "an earlier input chunk is still held"
+            assert all(ref() is None for refs in slices[:-1] for ref in refs), "earlier outputs are still held"
+            chunks.append(weakref.ref(chunk))
+            yield chunk
+
+    def predict(*args, **kwargs):
+        for out in real_predict(*args, **kwargs):
+            slices.append([weakref.ref(a) for a in out])
+            yield out
+
+    monkeypatch.setattr(inference, "iter_job_pages", pages)
+    monkeypatch.setattr(inference, "predict_pages", predict)
     jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "m.tif", probabilities=tmp_path / "p.tif")
-    # Warm up once (lazy imports, torch caches) so the traced peak measures only the streaming itself.
-    inference.run_inference(model, dev, inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "w.tif"),
-                            read_batch=8, show_progress=False)
+    inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)  # also the warm-up below
+    assert len(chunks) == 400 // 8 and len(slices) == 400
+    assert all(ref() is None for refs in [chunks, *slices] for ref in refs)
+    monkeypatch.undo()
+
+    # What numpy allocates (the raw pages, scaled images, uint8 conversions) tracemalloc does see.
+    jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "w.tif", probabilities=tmp_path / "wp.tif")
     tracemalloc.start()
     try:
         inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)
@@ -165,6 +198,7 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path):
     masks = tifffile.imread(tmp_path / "m.tif")
     assert masks.shape == stack.shape
     np.testing.assert_array_equal(masks, _expected_masks(ckpt, stack.astype(np.float32) / 255))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "w.tif"), masks)
 
 
 def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch):
@@ -223,6 +257,50 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
     _bad(["--ckpt", tmp_path / "other.pt", "--input", tmp_path / "ok.tif", "--output", out], capsys,
          "other.pt", "not a unet-em checkpoint")
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("change", [-1, 1])
+def test_input_changed_during_the_run_leaves_no_output(ckpt, tmp_path, capsys, monkeypatch, change):
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
+    real_plan = inference.plan_jobs
+
+    def plan_then_rewrite(*args, **kwargs):
+        jobs = real_plan(*args, **kwargs)
+        # Rewritten after its header was read, as another program might do during a long run.
+        tifffile.imwrite(src, np.zeros((4 + change, 32, 32), np.uint8), photometric="minisblack")
+        return jobs
+
+    monkeypatch.setattr(inference, "plan_jobs", plan_then_rewrite)
+    with pytest.raises(SystemExit) as e:
+        _run(["--ckpt", ckpt, "--input", src, "--output", tmp_path / "m.tif", "--overlay", tmp_path / "ov"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the "predicting ..." status line
+    assert last.startswith("infer.py: error: "), last
+    assert "in.tif: the number of slices changed during the run (its header said 4)" in last, last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ov"]
+    assert list((tmp_path / "ov").iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--tile-batch", "0", "must be at least 1, got 0"),
+    ("--read-batch", "-2", "must be at least 1, got -2"),
+    ("--read-batch", "2.5", "must be a whole number, got '2.5'"),
+    ("--overlap", "1.5", "must be in [0, 1), got 1.5"),
+    ("--overlap", "-0.1", "must be in [0, 1), got -0.1"),
+    ("--overlap", "nan", "must be in [0, 1), got nan"),
+])
+def test_bad_numbers_fail_when_parsed(ckpt, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        infer(["--ckpt", str(ckpt), "--output", str(tmp_path / "m.tif"), flag, value, "--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"infer.py: error: argument {flag}: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_conflict_is_refused_before_loading(tmp_path, capsys):
+    _bad(["--ckpt", tmp_path / "missing.pt", "--export", tmp_path / "m.pt2", "--output", tmp_path / "m.tif"],
+         capsys, "--export writes a model, not masks")
 
 
 def test_existing_output_needs_overwrite(ckpt, tmp_path, capsys):

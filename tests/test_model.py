@@ -36,9 +36,12 @@ def test_invalid_sizes_name_the_nearest_valid_ones():
 
 def test_size_helpers_agree_with_a_real_forward_pass():
     model = UNet(base_filters=2, depth=3).eval()
-    for n in (44, 60, 61, 100):
+    for n in (44, 45, 60, 61, 100, 101):
         v = model.valid_input_size(n)
-        assert v >= n and (v == n or model.valid_input_size(v) == v)
+        assert v >= n and model.valid_input_size(v) == v
+        for smaller in range(n, v):  # v is the smallest valid size >= n
+            with pytest.raises(ValueError, match="not valid"):
+                model.output_size(smaller)
         with torch.no_grad():
             assert model(torch.rand(1, 1, v, v)).shape[-1] == model.output_size(v)
     assert output_size(input_size_for_output(388)) == 388

@@ -1,5 +1,5 @@
 import json
-import sys
+import math
 
 import pytest
 import torch
@@ -84,6 +84,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
         run(tmp_path, "--max-steps", "10", "--save-every", "1", "--log-every", "1")
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_logged_loss_is_the_mean_of_the_finite_losses_when_fp16_skips_a_step(tmp_path, monkeypatch):
+    losses = []
+    real = training.ce_dice_loss
+
+    def overflow_at_step_2(logits, target):
+        loss = real(logits, target)
+        loss = loss * float("inf") if len(losses) == 1 else loss  # the fp16 scaler skips this step
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(training, "ce_dice_loss", overflow_at_step_2)
+    run(tmp_path, "--max-steps", "4", "--log-every", "4", "--amp", "--amp-dtype", "fp16")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    finite = [x for x in losses if math.isfinite(x)]
+    assert len(losses) == 4 and len(finite) == 3
+    assert [r["loss"] for r in records if r["kind"] == "train"] == [pytest.approx(sum(finite) / 3, rel=1e-6)]
 
 
 def test_amp_fp16_order_scale_backward_unscale_clip_step_update(tmp_path, monkeypatch):

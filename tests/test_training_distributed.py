@@ -54,21 +54,33 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_corrupt_last_pt(tmp_pat
     model_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train.py"), *TINY, "--max-steps", "100000", "--save-every", "1",
            "--log-every", "1000", "--model-dir", str(model_dir)]
+    last = model_dir / "last.pt"
     rng = random.Random(0)
-    kills = 0
+    step = 0
     for attempt in range(4):
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not (model_dir / "last.pt").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.2, 1.5))  # lands somewhere in the stream of writes (one every step)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        ckpt = load_checkpoint(model_dir / "last.pt")  # raises if truncated or corrupt
-        assert ckpt["step"] >= 1
-    assert kills == 4
-    leftovers = [p.name for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+        before = _file_id(last)
+        err = tmp_path / f"attempt{attempt}.err"
+        with open(err, "w") as f:
+            proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            # Wait for this attempt's own first write (last.pt exists from attempt 2 on), so the kill lands
+            # in the stream of writes (one every step), not in start-up.
+            deadline = time.time() + 120
+            while _file_id(last) == before and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert _file_id(last) != before, f"attempt {attempt} wrote no checkpoint in 120 s"
+            time.sleep(rng.uniform(0.2, 1.5))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        ckpt = load_checkpoint(last)  # raises if truncated or corrupt
+        # Each attempt resumed where the previous one stopped and saved at least one later step.
+        assert ckpt["step"] > step, (attempt, ckpt["step"], step)
+        step = ckpt["step"]
+        assert all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
+    leftovers = [p.name for p in model_dir.iterdir() if p.name != "last.pt"]
+    assert all(p.startswith(".last.pt.") and p.endswith(".tmp.pt") for p in leftovers), leftovers
     assert len(leftovers) <= 4  # a killed write may leave its temporary file, never a bad last.pt
 
 
@@ -92,6 +104,15 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
     assert ckpt["step"] == 40
     steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice after the restart
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of ``path``, None while it is missing: changes with every atomic rewrite."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _worker_pid(agent_pid: int, rank: str) -> int:

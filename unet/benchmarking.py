@@ -7,6 +7,10 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from unet.device import DeviceSetup
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` as counted by ``torch.utils.flop_counter`` (matmuls and convolutions)."""
@@ -64,11 +68,71 @@ def measure_conv_peak(dtype: torch.dtype = torch.float32, seconds: float = 1.0, 
     return flop * n / (time.perf_counter() - t0)
 
 
-def measure_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+def measure_cpu_kernels(dtype: torch.dtype = torch.float32, seconds: float = 1.0, size: int = 2048,
+                        windows: int = 1) -> dict[str, float]:
+    """FLOP/s of this CPU's two dense kernels, ``matmul`` (MKL) and ``conv3x3`` (oneDNN), in ``seconds`` in all.
+
+    Each is the best of ``windows`` short bursts, not their mean: on a shared machine a neighbour's work only
+    ever lowers a reading. ``size`` is the matmul's side; below 2048 (quick runs) the convolution's maps
+    shrink from 32x32 to 8x8 as well.
+    """
+    cpu, burst = torch.device("cpu"), seconds / (2 * windows)
+    conv_size = 32 if size >= 2048 else 8
+    return {"matmul": max(measure_matmul_peak(cpu, dtype, size=size, seconds=burst) for _ in range(windows)),
+            "conv3x3": max(measure_conv_peak(dtype, burst, size=conv_size) for _ in range(windows))}
+
+
+def measure_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 1.0, size: int = 2048,
+                     windows: int = 1) -> float:
     """This CPU's practical dense peak: the better of a matmul (MKL) and a 3x3 convolution (oneDNN).
 
     Both, because MKL's matmul reaches well under half of oneDNN's convolution speed on some AMD CPUs
     (AMD EPYC here, fp32: 0.22-0.33 vs 0.52 TFLOP/s), and a matmul-only peak would put MFU above 100 %.
+    Arguments as for :func:`measure_cpu_kernels`.
     """
-    cpu = torch.device("cpu")
-    return max(measure_matmul_peak(cpu, dtype, seconds=seconds / 2), measure_conv_peak(dtype, seconds / 2))
+    return max(measure_cpu_kernels(dtype, seconds, size, windows).values())
+
+
+def peak_source(dev: DeviceSetup, precision: str, cpu_peaks: dict[str, float],
+                given_tflops: float | None) -> tuple[float | None, str]:
+    """The FLOP/s peak MFU is computed against, and where it came from.
+
+    ``given_tflops`` (``--peak-tflops``) wins. CPU: ``cpu_peaks[precision]``, measured by the caller with
+    :func:`measure_cpu_peak`. Accelerators: the 16-bit datasheet peak, none for fp32 (see ``peak_flops``).
+    """
+    if given_tflops:
+        return given_tflops * 1e12, "given"
+    if dev.type == "cpu":
+        peak = cpu_peaks.get(precision)
+        return (peak, f"measured {precision} matmul/conv3x3 max") if peak else (None, "not measured")
+    peak = dev.peak_flops(precision)
+    if peak:
+        return peak, "datasheet 16-bit dense"
+    if precision == "fp32":
+        return None, "no fp32 datasheet peak (pass --peak-tflops)"
+    return None, "unknown device (pass --peak-tflops)"
+
+
+def time_steps(step: Callable[[], object], warmup: int, steps: int, dev: DeviceSetup,
+               barrier: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Run ``warmup`` untimed calls of ``step``, then time ``steps`` calls between two device synchronisations.
+
+    The peak-memory counter is reset after the warm-up, so ``dev.peak_memory_bytes()`` afterwards is the
+    timed steps' own peak. ``barrier`` lines distributed ranks up before and after the timed steps.
+
+    Returns:
+        (seconds of the warm-up, seconds per timed step).
+    """
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    dev.synchronize()
+    warmup_s = time.perf_counter() - t0
+    dev.reset_peak_memory()
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dev.synchronize()
+    barrier()
+    return warmup_s, (time.perf_counter() - t0) / steps

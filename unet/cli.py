@@ -23,15 +23,38 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                    help="autocast dtype (default: bf16 where the device supports it, else fp16 with loss scaling)")
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type``: a whole number >= 1, so a bad value fails at parse time, before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse ``type``: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
 def add_tiling_args(parser: argparse.ArgumentParser) -> None:
     """--tile-size, --tile-batch, --overlap, --blend, --tta: whole-slice prediction options."""
+    from unet.tiling import BLENDS
     g = parser.add_argument_group("whole-slice prediction")
     g.add_argument("--tile-size", type=int, default=None,
                    help="input tile size (default: the tiling with the fewest FLOPs that fits memory)")
-    g.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")
-    g.add_argument("--overlap", type=float, default=0.25,
+    g.add_argument("--tile-batch", type=positive_int, default=4, help="tiles per forward pass")
+    g.add_argument("--overlap", type=fraction, default=0.25,
                    help="window overlap fraction for 'same'-padding models ('valid' tiles never overlap)")
-    g.add_argument("--blend", default="gaussian", choices=("gaussian", "constant"),
+    g.add_argument("--blend", default="gaussian", choices=BLENDS,
                    help="weight map for overlapping windows ('same' padding)")
     g.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the 8 flips/rotations (8x the compute)")

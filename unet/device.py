@@ -7,12 +7,17 @@ package runs unchanged on any of them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
+import os
 import resource
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from unet.errors import UserError
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,11 +41,8 @@ def _npu_available() -> bool:
     return bool(mod is not None and mod.is_available())
 
 
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-DEFAULT_PROBES: dict[str, Callable[[], bool]] = {"npu": _npu_available, "cuda": _cuda_available,
+# The CUDA probe is looked up at call time, so a test that patches torch.cuda.is_available still reaches it.
+DEFAULT_PROBES: dict[str, Callable[[], bool]] = {"npu": _npu_available, "cuda": lambda: torch.cuda.is_available(),
                                                  "cpu": lambda: True}
 
 
@@ -57,18 +59,18 @@ def resolve_device_type(name: str = "auto", probes: dict[str, Callable[[], bool]
         probes: availability checks by device type (tests inject these); defaults to torch's own.
 
     Raises:
-        ValueError: for an unknown name, or an explicit device that is not available, with what to do.
+        UserError: for an unknown name, or an explicit device that is not available, with what to do.
     """
     probes = {**DEFAULT_PROBES, **(probes or {})}
     if name not in DEVICE_CHOICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
+        raise UserError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
     if name == "auto":
         return next(t for t in ("npu", "cuda", "cpu") if probes[t]())
     if not probes[name]():
         hint = {"npu": "install torch_npu with the CANN toolkit (pip install -e .[npu])",
                 "cuda": "install a CUDA build of torch and check nvidia-smi"}.get(name, "")
-        raise ValueError(f"--device {name} was asked for but no {name.upper()} is available: {hint}, "
-                         f"or use --device auto")
+        raise UserError(f"--device {name} was asked for but no {name.upper()} is available: {hint}, "
+                        f"or use --device auto")
     return name
 
 
@@ -156,13 +158,34 @@ class DeviceSetup:
             device_module(self.type).synchronize(self.device)
 
     def reset_peak_memory(self) -> None:
+        """Start a new peak-memory reading; on Linux CPUs this resets the process's peak RSS (VmHWM)."""
         if self.type != "cpu":
             device_module(self.type).reset_peak_memory_stats(self.device)
+            return
+        gc.collect()
+        try:
+            # Hand freed heap back to the OS first, or an earlier, bigger workload would set the new RSS floor.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
+        try:
+            # '5' resets the resident-set high-water mark, so the next reading is this workload's own peak.
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # no /proc: peak_memory_bytes falls back to the process's lifetime peak
 
     def peak_memory_bytes(self) -> int:
-        """Peak device memory allocated (for CPU: the process's peak resident set size)."""
+        """Peak device memory allocated since the last reset (CPU: peak RSS, VmHWM; else lifetime ru_maxrss)."""
         if self.type != "cpu":
             return int(device_module(self.type).max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -173,14 +196,23 @@ class DeviceSetup:
         return str(device_module(self.type).get_device_name(self.device))
 
     def peak_flops(self, dtype_name: str | None = None) -> float | None:
-        """Known dense matrix peak in FLOP/s for this accelerator at 16-bit precision, else None."""
-        if self.type == "cpu":
+        """Known dense 16-bit matrix peak in FLOP/s of this accelerator, or None.
+
+        None for fp32 (``dtype_name``, default this setup's autocast dtype): the datasheet figures are 16-bit
+        ones, no fair bar for fp32/TF32. None on CPU and for devices not in ``KNOWN_PEAK_FLOPS``.
+        """
+        if self.type == "cpu" or (dtype_name or self.amp_name) == "fp32":
             return None
         name = self.name().replace(" ", "")
-        for fragment, flops in KNOWN_PEAK_FLOPS.items():
-            if fragment.replace(" ", "") in name:
-                return flops
-        return None
+        return next((flops for fragment, flops in KNOWN_PEAK_FLOPS.items() if fragment in name), None)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cpu_name() -> str:
@@ -209,10 +241,13 @@ def setup_device(name: str = "auto", *, amp: bool = False, amp_dtype: str | None
 
     Returns:
         A :class:`DeviceSetup`.
+
+    Raises:
+        UserError: for a bad ``--device`` or ``--amp-dtype`` value, or an unavailable device.
     """
     device_type = resolve_device_type(name, probes)
     if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
-        raise ValueError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+        raise UserError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
     device = torch.device(device_type) if device_type == "cpu" else torch.device(device_type, local_rank)
     if device_type != "cpu":
         device_module(device_type).set_device(device)

@@ -33,9 +33,14 @@ def env_info() -> DistInfo:
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def _active() -> bool:
+    """Whether this process is in a process group (False for a plain ``python`` run)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout_s: float = 1800) -> None:
     """Join the process group (env:// rendezvous from torchrun) when more than one process runs."""
-    if not info.distributed or dist.is_initialized():
+    if not info.distributed or _active():
         return
     timeout = timedelta(seconds=timeout_s)
     kwargs = {}
@@ -57,7 +62,7 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout
 
 def cleanup(synchronize: bool = True) -> None:
     """Leave the process group; with ``synchronize`` first wait until every rank has got here."""
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         if synchronize:
             # A gloo worker thread drops its last reference to a finished collective's tensors only after
             # the caller has been woken, and that needs the GIL. A rank that went straight on to interpreter
@@ -84,12 +89,12 @@ def process_group(info: DistInfo, backend: str, device: torch.device):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def _all_reduce(t: torch.Tensor, device: torch.device, op) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return t
     home = t.device
     # float64 sums stay exact for pixel counts; hccl has no float64, so NPU reduces in float32.
@@ -110,7 +115,7 @@ def all_reduce_min(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -119,7 +124,7 @@ def broadcast_object(obj, src: int = 0):
 
 def same_on_all_ranks(obj) -> bool:
     """Whether every rank holds an equal (picklable) ``obj``; True for a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return True
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)

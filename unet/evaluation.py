@@ -94,24 +94,12 @@ def tiling_plan(model: torch.nn.Module, height: int, width: int, *, tile_size: i
     Returns:
         ``tile_size``, ``output_size``, ``tiles_y``, ``tiles_x``, ``num_tiles`` and a ``description``.
     """
-    if tile_size is None:
-        plan = tiling.choose_tile_size(height, width, model, overlap=overlap)
-    else:
-        plan = tiling.plan_tiles(height, width, model, tile_size, overlap=overlap)
+    plan = tiling.slice_plan(height, width, model, tile_size=tile_size, overlap=overlap)
     return {"tile_size": plan.tile_size, "output_size": plan.output_size, "tiles_y": plan.tiles_y,
             "tiles_x": plan.tiles_x, "num_tiles": plan.num_tiles, "description": str(plan)}
 
 
 # ------------------------------------------------------------------------------------------ metrics
-
-def _check_channels(model: torch.nn.Module, slices, where: str) -> None:
-    want = model.config.in_channels
-    have = sorted({int(im.shape[0]) for im in slices.images})
-    if have and have != [want]:
-        got = "/".join(str(c) for c in have)
-        raise UserError(f"{where} was made for {want}-channel input but the data ({slices.source}) has "
-                        f"{got}-channel images; evaluate it on {want}-channel data or use a matching checkpoint")
-
 
 def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_info: DistInfo | None = None,
                     per_image: bool = False, **tiling_kwargs):
@@ -138,7 +126,6 @@ def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_in
     info = dist_info or DistInfo()
     if slices.labels is None:
         raise UserError(f"{slices.source}: the data has no labels; evaluation needs labels")
-    _check_channels(model, slices, "the model")
     cfg = model.config
 
     def accumulator() -> SegmentationMetrics:
@@ -232,8 +219,6 @@ def _jsonable(obj):
         return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
     return str(obj)
 
 
@@ -363,7 +348,11 @@ def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, 
     model, ckpt = load_model(path)
     run = _resolve_run(args, ckpt)
     slices = _load_data(run, path, args.split, cache)
-    _check_channels(model, slices, f"checkpoint {path}")
+    want, have = model.config.in_channels, sorted({int(im.shape[0]) for im in slices.images})
+    if have and have != [want]:
+        got = "/".join(str(c) for c in have)
+        raise UserError(f"checkpoint {path} was made for {want}-channel input but the data ({slices.source}) has "
+                        f"{got}-channel images; evaluate it on {want}-channel data or use a matching checkpoint")
     _, val = fold_indices(len(slices), run["fold"], run["folds"], run["fold_scheme"], run["seed"])
     if run["fold"] is None:
         val = list(range(len(slices)))
@@ -422,10 +411,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for p in paths:  # fail before any slow work if one file is missing
         if not p.is_file():
             raise UserError(f"checkpoint {p} does not exist; check --ckpt")
-    try:
-        dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
     log = print if info.is_main else (lambda *a, **k: None)
     with process_group(info, dev.backend, dev.device):
         log(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {info.world_size} process(es), "

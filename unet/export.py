@@ -16,6 +16,7 @@ import torch
 
 from unet.atomic import atomic_path
 from unet.errors import UserError
+from unet.tiling import check_tile_size
 
 EXPORT_SUFFIXES = (".pt2", ".onnx")
 METADATA_NAME = "unet.json"
@@ -27,21 +28,6 @@ MAX_BATCH = 1024
 def default_tile_size(model: torch.nn.Module) -> int:
     """Export tile size: the smallest valid size >= 572 ('valid' padding) or >= 512 ('same')."""
     return model.valid_input_size(572 if model.padding == "valid" else 512)
-
-
-def check_tile_size(model: torch.nn.Module, tile_size: int | None) -> int:
-    """A valid export tile size for ``model`` (the default when None).
-
-    Raises:
-        UserError: naming the nearest valid sizes when ``tile_size`` is not valid.
-    """
-    if tile_size is None:
-        return default_tile_size(model)
-    try:
-        model.output_size(int(tile_size))
-    except ValueError as e:
-        raise UserError(f"--tile-size {tile_size}: {e}") from None
-    return int(tile_size)
 
 
 def export_metadata(model: torch.nn.Module, tile_size: int) -> dict:
@@ -64,18 +50,27 @@ def export_program(model: torch.nn.Module, tile_size: int | None = None) -> torc
     Returns:
         The ExportedProgram.
     """
-    model = _cpu_eval(model)
-    tile_size = check_tile_size(model, tile_size)
-    example = torch.rand(EXAMPLE_BATCH, model.config.in_channels, tile_size, tile_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # strict=False: the non-strict tracer is the default from torch 2.7 on; 2.6 needs it said explicitly.
-    return torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
+    return _trace(*_prepare(model, tile_size))
 
 
-def _cpu_eval(model: torch.nn.Module) -> torch.nn.Module:
-    # A copy, so that exporting never moves or switches the caller's model.
+def _prepare(model: torch.nn.Module, tile_size: int | None) -> tuple[torch.nn.Module, int]:
+    """A CPU float32 eval-mode copy of ``model`` and a checked tile size (the default when None)."""
     import copy
-    return copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+    # A copy, so that exporting never moves or switches the caller's model.
+    model = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+    return model, default_tile_size(model) if tile_size is None else check_tile_size(model, tile_size)
+
+
+def _trace(model: torch.nn.Module, tile_size: int, *, onnx: bool = False):
+    """Capture a :func:`_prepare`-d model with a dynamic batch: an ExportedProgram, or an ONNXProgram."""
+    example = (torch.rand(EXAMPLE_BATCH, model.config.in_channels, tile_size, tile_size),)
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    if onnx:
+        # dynamo=True (the torch.export-based exporter, torch >= 2.5) shares the .pt2 graph capture.
+        return torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic, input_names=["image"],
+                                 output_names=["logits"])
+    # strict=False: the non-strict tracer is the default from torch 2.7 on; 2.6 needs it said explicitly.
+    return torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
 
 
 def onnx_available() -> bool:
@@ -116,30 +111,16 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
     if suffix == ".onnx" and not onnx_available():
         raise UserError(f"{path}: ONNX export needs the onnx and onnxscript packages; "
                         f"pip install -e .[onnx] (or export to .pt2)")
-    cpu_model = _cpu_eval(model)
-    tile_size = check_tile_size(cpu_model, tile_size)
-    if suffix == ".pt2":
-        program = export_program(cpu_model, tile_size)
-        extra = {METADATA_NAME: json.dumps(export_metadata(cpu_model, tile_size))}
-        _atomic_save(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
-    else:
-        _atomic_save(path, lambda tmp: _save_onnx(cpu_model, tile_size, tmp))
-    return path
-
-
-def _save_onnx(model: torch.nn.Module, tile_size: int, dest: Path) -> None:
-    example = torch.rand(EXAMPLE_BATCH, model.config.in_channels, tile_size, tile_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # dynamo=True (the torch.export-based exporter, torch >= 2.5) shares the .pt2 graph capture.
-    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": {0: batch}},
-                                input_names=["image"], output_names=["logits"])
-    program.save(str(dest))
-
-
-def _atomic_save(path: Path, save) -> None:
-    # Savers here want a path name (ONNX) or write zips, so a named temporary file beside the target.
+    model, tile_size = _prepare(model, tile_size)
+    program = _trace(model, tile_size, onnx=suffix == ".onnx")
+    # Both savers want a path name, so a named temporary file beside the target.
     with atomic_path(path) as tmp:
-        save(tmp)
+        if suffix == ".pt2":
+            extra = {METADATA_NAME: json.dumps(export_metadata(model, tile_size))}
+            torch.export.save(program, tmp, extra_files=extra)
+        else:
+            program.save(str(tmp))
+    return path
 
 
 def load_export_metadata(path: str | Path) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -30,11 +31,10 @@ import tifffile
 import torch
 
 from unet.atomic import atomic_path, publish, temporary_path
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int
+from unet.data.io import TIFF_SUFFIXES, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype, stack_info
 from unet.errors import UserError
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png",)
 PROB_DTYPES = ("float32", "uint8")
 COMPRESSIONS = ("zlib", "none")
 SYNTHETIC_SHAPE = (4, 256, 256)  # slices, height, width of the built-in stack used without --input
@@ -106,8 +106,7 @@ def list_inputs(path: Path) -> list[Path]:
     if not path.exists():
         raise UserError(f"{path}: input not found; check --input")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith("."))
+        files = list_images(path)
         if not files:
             raise UserError(f"{path}: folder has no TIFF or PNG files; --input takes a stack, an image or a "
                             f"folder of them")
@@ -121,7 +120,6 @@ def read_info(path: Path) -> StackInfo:
     Raises:
         UserError: unreadable file, pages of different sizes, several image series, or an unsupported dtype.
     """
-    from unet.data.io import scale_by_dtype, stack_info
     n, h, w, c, dtype = stack_info(path)  # also refuses stacks whose pages differ in size
     scale_by_dtype(np.zeros(1, dtype=dtype), source=str(path))  # rejects int32, complex, ... before any work
     return StackInfo(path, int(n), int(h), int(w), int(c), np.dtype(dtype))
@@ -159,11 +157,8 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         infos = [read_info(f) for f in files]
         folder_mode = input_path.is_dir()
     for info in infos:
-        if info.channels != in_channels:
-            kind = " (RGB)" if info.channels in (3, 4) else ""
-            target = "grayscale" if in_channels == 1 else f"{in_channels} channels"
-            raise UserError(f"{info.path}: images have {info.channels} channels{kind} but the model expects "
-                            f"{in_channels}; convert them to {target}")
+        # A one-pixel probe: the reader's own channel check and message, before any pixel is read.
+        as_image(np.zeros((info.channels, 1, 1), info.dtype), info.path or "synthetic", in_channels)
 
     if folder_mode:
         stems = [i.name for i in infos]
@@ -246,9 +241,7 @@ class StackWriter:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise UserError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
-        self.tmp = temporary_path(self.path)
+        self.tmp = temporary_path(self.path)  # UserError when the folder is missing
         self.compression = None if compression == "none" else "zlib"
         self.pages = 0
         self._tif = tifffile.TiffWriter(self.tmp, bigtiff=expected_bytes > BIGTIFF_BYTES)
@@ -327,10 +320,8 @@ def iter_job_pages(info: StackInfo, batch: int) -> Iterator[np.ndarray]:
     if info.path is None:
         from unet.data.synthetic import make_synthetic_em
         images, _ = make_synthetic_em(info.num_slices, info.height, info.width, seed=0)
-        for start in range(0, len(images), batch):
-            yield images[start:start + batch]
+        yield from iter_chunks(images, batch)
         return
-    from unet.data.io import iter_pages
     yield from iter_pages(info.path, batch)
 
 
@@ -350,11 +341,10 @@ def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, 
         An iterator of ``(image, mask, probability)`` per slice: the [0, 1] ``(C, H, W)`` float32 input,
         the uint8 ``(H, W)`` mask (255 = cell) and the float32 ``(H, W)`` class-1 probability.
     """
-    from unet.data.io import scale_by_dtype
     from unet.evaluation import predict_probabilities
     for chunk in chunks:
         for raw in chunk:
-            image = scale_by_dtype(raw[None] if raw.ndim == 2 else raw, source=source)
+            image = as_image(raw, source, None)  # predict_probabilities checks the channels
             probs = predict_probabilities(model, image, dev, tile_size=tile_size, tile_batch=tile_batch,
                                           overlap=overlap, blend=blend, tta=tta)
             mask = mask_from_probabilities(probs).cpu().numpy()
@@ -414,10 +404,12 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
                                                             compression=compression))
             pages = predict_pages(model, dev, iter_job_pages(info, read_batch), source=source,
                                   **(predict_kwargs or {}))
-            for k, (image, mask, prob) in enumerate(pages):
-                if k >= info.num_slices:
-                    raise UserError(f"{source}: has more slices than its header says ({info.num_slices}); "
-                                    f"the file is inconsistent, export it again")
+            # zip_longest: one page more or fewer than planned shows up as a None on one side.
+            for k, page in itertools.zip_longest(range(info.num_slices), pages):
+                if k is None or page is None:
+                    raise UserError(f"{source}: the number of slices changed during the run (its header said "
+                                    f"{info.num_slices}); keep inputs unchanged while infer.py runs")
+                image, mask, prob = page
                 masks.append(mask)
                 if probs_out is not None:
                     probs_out.append(prob if prob_dtype == "float32"
@@ -427,9 +419,6 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
                     written.append(overlay_paths[k])
                 if progress is not None:
                     progress.update(1)
-            if masks.pages != info.num_slices:
-                raise UserError(f"{source}: read {masks.pages} slices but its header says {info.num_slices}; "
-                                f"the file is truncated, export it again")
     except BaseException:
         # The TIFF writers delete their temporary files; overlays of a failed stack go too, so that a
         # failed run leaves no partial output behind.
@@ -437,7 +426,7 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
             with contextlib.suppress(OSError):
                 png.unlink()
         raise
-    return [job.output] + ([job.probabilities] if job.probabilities else []) + overlay_paths
+    return job.outputs()
 
 
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], *, read_batch: int = 8,
@@ -495,7 +484,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="write one PNG per slice with predicted membranes drawn in red over the input")
     parser.add_argument("--compression", default="zlib", choices=COMPRESSIONS,
                         help="TIFF compression of the outputs (zlib = deflate, read by Fiji, tifffile, Pillow)")
-    parser.add_argument("--read-batch", type=int, default=8,
+    parser.add_argument("--read-batch", type=positive_int, default=8,
                         help="input pages read at a time (host memory scales with this, not the stack depth)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -515,30 +504,21 @@ def main(args: argparse.Namespace) -> RunResult | Path:
     """
     from unet.checkpoint import load_model
     from unet.device import setup_device
-    if args.read_batch < 1:
-        raise UserError(f"--read-batch must be at least 1, got {args.read_batch}")
-    if args.tile_batch < 1:
-        raise UserError(f"--tile-batch must be at least 1, got {args.tile_batch}")
-    if not 0 <= args.overlap < 1:
-        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.export is not None and (args.input is not None or args.output is not None):
+        raise UserError("--export writes a model, not masks; run it without --input/--output")
     if args.export is None and args.output is None:
         raise UserError("--output is required (the mask TIFF to write), or pass --export PATH")
     model, _ = load_model(args.ckpt)
 
     if args.export is not None:
         from unet.export import export_model
-        if args.input is not None or args.output is not None:
-            raise UserError("--export writes a model, not masks; run it without --input/--output")
         path = export_model(model, args.export, tile_size=args.tile_size, overwrite=args.overwrite)
         print(f"exported {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
         return path
 
     jobs = plan_jobs(args.input, args.output, probabilities=args.probabilities, overlay_dir=args.overlay,
                      overwrite=args.overwrite, in_channels=model.config.in_channels)
-    try:
-        dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
     model = dev.prepare_model(model)
     what = "built-in synthetic stack" if args.input is None else args.input
     print(f"predicting {sum(j.info.num_slices for j in jobs)} slices from {what} on {dev.name()} "

@@ -219,17 +219,18 @@ class SegmentationMetrics:
                              f"got {tuple(probs.shape)} and {tuple(target.shape)}")
         if target.is_floating_point():
             raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-        target = target.to(probs.device).long()
-        lo, hi = int(target.min()), int(target.max())
+        # One host copy serves the range check and the confusion matrix: no device syncs for min / max.
+        true = target.cpu().long().numpy()
+        lo, hi = int(true.min()), int(true.max())
         if lo < 0 or hi >= k:
             raise UserError(f"label values must be class indices 0..{k - 1}, found values in [{lo}, {hi}]; "
                             f"convert 0/255 masks to 0/1 before evaluating")
+        target = target.to(probs.device).long()
         probs = probs.float()
         onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).float()
         # Per-image sums stay float32 on the device (float64 is slow or missing on some accelerators); images add up in float64.
         dice = soft_dice(probs, onehot).cpu().double().sum(0)
         pred = probs.argmax(1).cpu().numpy()
-        true = target.cpu().numpy()
         confusion = np.bincount((true * k + pred).ravel(), minlength=k * k)
 
         st, sl = self._state, self._slices

@@ -21,29 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from unet.errors import UserError
 
-__all__ = ["Geometry", "TilePlan", "choose_tile_size", "plan_tiles", "predict_slice", "mirror_pad",
-           "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
+__all__ = ["TilePlan", "check_tile_size", "choose_tile_size", "plan_tiles", "slice_plan", "predict_slice",
+           "mirror_pad", "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 BLENDS = ("gaussian", "constant")
-
-
-class Geometry(Protocol):
-    """Size arithmetic of a fully convolutional network (a :class:`unet.model.UNet` has it)."""
-
-    padding: str
-
-    def output_size(self, input_size: int) -> int: ...
-
-    def valid_input_size(self, min_size: int) -> int: ...
-
-    def input_size_for_output(self, min_output: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +81,11 @@ def estimate_bytes_per_pixel(geometry) -> int:
     return (32 if geometry.padding == "valid" else 48) * int(base)
 
 
+def _budget_bytes(memory_budget_mb: float | None) -> float:
+    """Activation memory allowed per predictor call, in bytes (None: :data:`DEFAULT_MEMORY_BUDGET_MB`)."""
+    return (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * 2 ** 20
+
+
 def _alignment(geometry, tile_size: int) -> int:
     """Spacing of valid input sizes: shifting a tile by a multiple of it keeps the pooling grid aligned."""
     return geometry.valid_input_size(tile_size + 1) - tile_size
@@ -128,7 +121,13 @@ def _steps(geometry, tile_size: int, overlap: float) -> tuple[int, int, int, int
     return out, step, align, band
 
 
-def _check_tile_size(geometry, tile_size: int) -> None:
+def check_tile_size(geometry, tile_size: int) -> int:
+    """``tile_size`` as an int if it is a valid input size of ``geometry``.
+
+    Raises:
+        UserError: naming the nearest valid sizes otherwise.
+    """
+    tile_size = int(tile_size)
     try:
         geometry.output_size(tile_size)
     except ValueError as e:
@@ -136,6 +135,7 @@ def _check_tile_size(geometry, tile_size: int) -> None:
     if geometry.valid_input_size(tile_size) != tile_size:
         raise UserError(f"tile size {tile_size} is not a valid input size for this model; "
                         f"try {geometry.valid_input_size(tile_size)}")
+    return tile_size
 
 
 def plan_tiles(height: int, width: int, geometry, tile_size: int, *, overlap: float = 0.25) -> TilePlan:
@@ -155,7 +155,7 @@ def plan_tiles(height: int, width: int, geometry, tile_size: int, *, overlap: fl
     """
     if not 0 <= overlap < 1:
         raise UserError(f"overlap must be in [0, 1), got {overlap}")
-    _check_tile_size(geometry, tile_size)
+    tile_size = check_tile_size(geometry, tile_size)
     out, step, align, band = _steps(geometry, tile_size, overlap)
 
     def starts(length: int) -> tuple[int, ...]:
@@ -211,7 +211,7 @@ def choose_tile_size(height: int, width: int, geometry, *, memory_budget_mb: flo
     Raises:
         UserError: if not even the smallest valid tile fits the budget.
     """
-    budget = (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * 2 ** 20
+    budget = _budget_bytes(memory_budget_mb)
     bpp = estimate_bytes_per_pixel(geometry) if bytes_per_pixel_estimate is None else bytes_per_pixel_estimate
     if not 0 <= overlap < 1:
         raise UserError(f"overlap must be in [0, 1), got {overlap}")
@@ -229,6 +229,14 @@ def choose_tile_size(height: int, width: int, geometry, *, memory_budget_mb: flo
         raise UserError(f"memory budget of {budget / 2 ** 20:g} MB is too small: the smallest tile "
                         f"({smallest}x{smallest}) needs about {need:.0f} MB; raise the budget")
     return plan_tiles(height, width, geometry, best, overlap=overlap)
+
+
+def slice_plan(height: int, width: int, geometry, *, tile_size: int | None = None, overlap: float = 0.25,
+               memory_budget_mb: float | None = None) -> TilePlan:
+    """The tiling :func:`predict_slice` uses: ``tile_size`` when given, else :func:`choose_tile_size`'s."""
+    if tile_size is None:
+        return choose_tile_size(height, width, geometry, memory_budget_mb=memory_budget_mb, overlap=overlap)
+    return plan_tiles(height, width, geometry, tile_size, overlap=overlap)
 
 
 def _reflect_index(n: int, before: int, after: int, device) -> torch.Tensor:
@@ -343,14 +351,11 @@ def predict_slice(predictor: Callable[[torch.Tensor], torch.Tensor], image: torc
     if tile_batch < 1:
         raise UserError(f"tile batch must be at least 1, got {tile_batch}")
     _, height, width = image.shape
-    if tile_size is None:
-        plan = choose_tile_size(height, width, geometry, memory_budget_mb=memory_budget_mb, overlap=overlap)
-    else:
-        plan = plan_tiles(height, width, geometry, tile_size, overlap=overlap)
+    plan = slice_plan(height, width, geometry, tile_size=tile_size, overlap=overlap,
+                      memory_budget_mb=memory_budget_mb)
     t, o = plan.tile_size, plan.output_size
-    budget = (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * 2 ** 20
     per_tile = t * t * estimate_bytes_per_pixel(geometry)
-    batch_size = max(1, min(tile_batch, int(budget // per_tile)))
+    batch_size = max(1, min(tile_batch, int(_budget_bytes(memory_budget_mb) // per_tile)))
 
     # Canvas: the slice mirror-padded so that every tile lies inside it.
     extent_y = plan.starts_y[-1] + o

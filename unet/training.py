@@ -19,10 +19,10 @@ from unet.cli import HelpFormatter, add_device_args, add_tiling_args
 from unet.data.folds import fold_indices
 from unet.data.io import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
-from unet.device import DeviceSetup, setup_device
+from unet.device import DeviceSetup, device_module, setup_device
 from unet.errors import UserError
 from unet.losses import ce_dice_loss
-from unet.model import ModelConfig, UNet
+from unet.model import PADDINGS, ModelConfig, UNet
 
 # Arguments that define a run: resuming with any of them changed would silently mix two experiments.
 RUN_IDENTITY = ("data_dir", "fold", "folds", "fold_scheme", "seed", "batch_size", "learning_rate",
@@ -56,7 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--base-filters", "--base_filters", type=int, default=64, help="filters of the first level")
     g.add_argument("--depth", type=int, default=5, help="levels including the bottleneck")
-    g.add_argument("--padding", default="valid", choices=("valid", "same"),
+    g.add_argument("--padding", default="valid", choices=PADDINGS,
                    help="valid: unpadded convolutions as in UNet_Medical; same: output size = input size")
     g.add_argument("--batch-norm", "--batch_norm", action="store_true", help="BatchNorm after each 3x3 conv")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout after the bottleneck (training only)")
@@ -97,13 +97,8 @@ def _identity(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RUN_IDENTITY}
 
 
-def _args_record(args: argparse.Namespace) -> dict:
-    """The args as weights_only-safe primitives, for the checkpoint."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_steps", "log_every", "save_every", "folds", "tile_batch"):
+    for name in ("batch_size", "max_steps", "log_every", "save_every", "folds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_every < 0:
@@ -119,14 +114,14 @@ def _rng_state(dev: DeviceSetup) -> dict:
     # per-sample generators seeded by (seed, rank, sample index), so the stream position is the step.
     state = {"torch": torch.get_rng_state()}
     if dev.type != "cpu":
-        state["device"] = torch.get_device_module(dev.type).get_rng_state(dev.device)
+        state["device"] = device_module(dev.type).get_rng_state(dev.device)
     return state
 
 
 def _set_rng_state(state: dict, dev: DeviceSetup) -> None:
     torch.set_rng_state(state["torch"])
     if dev.type != "cpu" and "device" in state:
-        torch.get_device_module(dev.type).set_rng_state(state["device"], dev.device)
+        device_module(dev.type).set_rng_state(state["device"], dev.device)
 
 
 def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -136,7 +131,7 @@ def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     Autocast forward, float32 CE + soft Dice, then scale -> backward -> unscale -> optional clip -> step ->
     update (the scaler is a no-op unless fp16). A step whose gradients overflowed is skipped by the scaler.
     """
-    images, labels = dev.to_device(images), labels.to(dev.device, non_blocking=True)
+    images, labels = dev.to_device(images), dev.to_device(labels)
     with dev.autocast():
         logits = net(images)
     loss = ce_dice_loss(logits, labels)
@@ -162,7 +157,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def _find_run(args, model_dir: Path) -> dict | None:
     """The checkpoint to resume from, None to start fresh; refuses to clobber a different run."""
     last = model_dir / "last.pt"
-    if args.overwrite or args.benchmark:
+    if args.overwrite:
         return None
     if not last.exists():
         if args.resume:
@@ -183,10 +178,7 @@ def main(args: argparse.Namespace) -> dict:
     _check_args(args)
     info = D.env_info()
     args.world_size = info.world_size
-    try:
-        dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
     args.amp_dtype = dev.amp_name if args.amp else None
     with D.process_group(info, dev.backend, dev.device):
         return _train(args, info, dev)
@@ -278,7 +270,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
     def save(name: str, metrics: dict | None = None, summary: dict | None = None):
         if info.is_main:
             save_checkpoint(model_dir / name, model, step=step, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), rng=_rng_state(dev), args=_args_record(args),
+                            scaler=scaler.state_dict(), rng=_rng_state(dev), args=dict(vars(args)),
                             metrics=metrics or {}, best_dice=best, best_step=history_best_step,
                             summary=summary)
         D.barrier()
@@ -305,9 +297,11 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
     bar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main or args.no_progress,
                unit="step", dynamic_ncols=True, smoothing=0.1)
     fp16 = scaler.is_enabled()
+    limit = MAX_NONFINITE_STREAK_FP16 if fp16 else 1
     streak = torch.zeros((), device=dev.device)
     first_bad = torch.full((), -1, device=dev.device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=dev.device)
+    # Sum and count of the finite losses since the last log (steps the fp16 scaler skipped are left out).
+    loss_sum, finite_count = torch.zeros((), device=dev.device), torch.zeros((), device=dev.device)
     loss_count, t_log, last_metrics = 0, time.perf_counter(), None
     model.train()
     last_good_step = step
@@ -315,11 +309,11 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
         loss = train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
         step += 1
         # Divergence bookkeeping stays on the device: no host sync per step.
-        finite = torch.isfinite(loss.detach())
+        finite = torch.isfinite(loss)
         streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
-        limit = MAX_NONFINITE_STREAK_FP16 if fp16 else 1
         first_bad = torch.where((first_bad < 0) & (streak >= limit), torch.full_like(first_bad, step), first_bad)
-        loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss_sum))
+        loss_sum += torch.where(finite, loss, torch.zeros_like(loss_sum))
+        finite_count += finite
         loss_count += 1
         bar.update(1)
 
@@ -338,9 +332,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
                     f"stopped, keeping the last good checkpoint {model_dir / 'last.pt'} (step {last_good_step}); "
                     f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
         if do_log:
-            total = D.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(loss_count), device=dev.device)]),
-                                     dev.device)
-            mean_loss = (total[0] / total[1].clamp(min=1)).item()
+            total = D.all_reduce_sum(torch.stack([loss_sum, finite_count]), dev.device)
+            mean_loss = (total[0] / total[1]).item()  # NaN (logged as null) if the scaler skipped every step
             now = time.perf_counter()
             ips = loss_count * global_batch / (now - t_log)
             if log:
@@ -348,6 +341,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
                            "images_per_s": ips, "loss_scale": scaler.get_scale() if fp16 else None})
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
             loss_sum.zero_()
+            finite_count.zero_()
             loss_count, t_log = 0, time.perf_counter()
         if do_eval:
             last_metrics = validate() or last_metrics
@@ -357,8 +351,9 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
             last_good_step = step
     bar.close()
 
-    summary = {"weights_identical_across_ranks": D.same_on_all_ranks(_weights_digest(model)), "steps": step, "global_batch": global_batch, "world_size": info.world_size,
-               "device": dev.name(), "amp": dev.amp_name, "best_dice_nvidia": best if best > -math.inf else None,
+    summary = {"weights_identical_across_ranks": D.same_on_all_ranks(_weights_digest(model)), "steps": step,
+               "global_batch": global_batch, "world_size": info.world_size, "device": dev.name(),
+               "amp": dev.amp_name, "best_dice_nvidia": best if best > -math.inf else None,
                "best_step": history_best_step, "final_validation": last_metrics, "model_dir": str(model_dir),
                "fold": args.fold, "fold_scheme": args.fold_scheme, "data": str(data_name)}
     save("last.pt", last_metrics, summary=summary)
@@ -373,7 +368,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
 
 def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_batch, say) -> dict:
     """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised."""
-    from unet.benchmarking import measure_cpu_peak, model_flops
+    from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 
     flops_per_image = model_flops(model, (1, model.config.in_channels, args.input_size, args.input_size))
 
@@ -381,35 +376,20 @@ def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_b
         train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
 
     model.train()
-    for _ in range(args.warmup_steps):
-        one_step()
-    dev.synchronize()
-    dev.reset_peak_memory()
-    D.barrier()
-    t0 = time.perf_counter()
-    for _ in range(args.max_steps):
-        one_step()
-    dev.synchronize()
-    D.barrier()
-    seconds = time.perf_counter() - t0
-    step_time = seconds / args.max_steps
+    _, step_time = time_steps(one_step, args.warmup_steps, args.max_steps, dev, barrier=D.barrier)
+    peak_memory = dev.peak_memory_bytes()  # read before the CPU peak measurement adds its own buffers
     images_per_s = global_batch / step_time
     achieved = flops_per_image * args.batch_size / step_time  # per device
-    if args.peak_tflops:
-        peak, peak_source = args.peak_tflops * 1e12, "given"
-    elif dev.peak_flops():
-        peak, peak_source = dev.peak_flops(), "datasheet"
-    elif dev.type == "cpu":
-        dtype = dev.amp_dtype if dev.amp else torch.float32
-        peak, peak_source = measure_cpu_peak(dtype), f"measured {str(dtype)[6:]} matmul/conv3x3"
-    else:
-        peak, peak_source = None, "unknown"
+    precision = dev.amp_name
+    cpu_peaks = ({precision: measure_cpu_peak(PRECISION_DTYPES[precision])}
+                 if dev.type == "cpu" and not args.peak_tflops else {})
+    peak, source = peak_source(dev, precision, cpu_peaks, args.peak_tflops)
     result = {"images_per_s": images_per_s, "step_time_ms": step_time * 1e3, "global_batch": global_batch,
               "world_size": info.world_size, "batch_per_device": args.batch_size, "input_size": args.input_size,
               "amp": dev.amp_name, "compile": args.compile, "device": dev.name(),
-              "peak_memory_mb": dev.peak_memory_bytes() / 2 ** 20, "gflop_per_image": flops_per_image / 1e9,
+              "peak_memory_mb": peak_memory / 2 ** 20, "gflop_per_image": flops_per_image / 1e9,
               "achieved_tflops_per_device": achieved / 1e12,
-              "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
+              "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
               "mfu": achieved / peak if peak else None, "steps": args.max_steps, "warmup_steps": args.warmup_steps}
     say("benchmark: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in result.items()))

@@ -97,13 +97,13 @@ def random_affine(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     return a
 
 
-def sampling_grid(rng: np.random.Generator | None, cfg: AugmentConfig | None, size: int,
+def sampling_grid(rng: np.random.Generator, cfg: AugmentConfig, size: int,
                   center: tuple[float, float], src_shape: tuple[int, int]) -> torch.Tensor:
     """Source coordinates of every tile pixel, normalised for ``grid_sample(align_corners=True)``.
 
     Args:
-        rng: random generator (unused when ``cfg`` is None).
-        cfg: augmentation; None gives the identity (a plain crop).
+        rng: random generator.
+        cfg: augmentation (plain crops do not come through here).
         size: tile height and width.
         center: source (y, x) of the tile centre, in pixels of the slice.
         src_shape: slice (height, width).
@@ -113,18 +113,15 @@ def sampling_grid(rng: np.random.Generator | None, cfg: AugmentConfig | None, si
     """
     r = _tile_offsets(size)
     ry, rx = r[:, None], r[None, :]
-    if cfg is None:
-        sy, sx = ry + center[0] + 0 * rx, rx + center[1] + 0 * ry
-    else:
-        a = random_affine(rng, cfg)
-        sy = a[0, 0] * ry + a[0, 1] * rx + center[0]
-        sx = a[1, 0] * ry + a[1, 1] * rx + center[1]
-        if cfg.elastic_std:
-            g = cfg.elastic_grid
-            coarse = torch.from_numpy(rng.normal(0.0, cfg.elastic_std, (2, g, g)).astype(np.float32))
-            m = _upsample_matrix(size, g)
-            sy = sy + m @ coarse[0] @ m.T
-            sx = sx + m @ coarse[1] @ m.T
+    a = random_affine(rng, cfg)
+    sy = a[0, 0] * ry + a[0, 1] * rx + center[0]
+    sx = a[1, 0] * ry + a[1, 1] * rx + center[1]
+    if cfg.elastic_std:
+        g = cfg.elastic_grid
+        coarse = torch.from_numpy(rng.normal(0.0, cfg.elastic_std, (2, g, g)).astype(np.float32))
+        m = _upsample_matrix(size, g)
+        sy = sy + m @ coarse[0] @ m.T
+        sx = sx + m @ coarse[1] @ m.T
     h, w = src_shape
     gx = sx * (2.0 / max(w - 1, 1)) - 1.0
     gy = sy * (2.0 / max(h - 1, 1)) - 1.0

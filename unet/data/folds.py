@@ -60,5 +60,5 @@ def fold_indices(n: int, fold: int | None, folds: int = 5, scheme: str = "disjoi
     perm = np.random.default_rng(seed).permutation(n)
     parts = np.array_split(perm, folds)
     val = sorted(int(i) for i in parts[fold])
-    train = sorted(int(i) for i in perm if int(i) not in set(val))
+    train = sorted(int(i) for k, part in enumerate(parts) if k != fold for i in part)
     return train, val

@@ -116,13 +116,17 @@ class _Layout:
     dtype: np.dtype
 
     @property
+    def planes_per_slice(self) -> int:
+        """Planes per slice: the length of the hyperstack channel axis, 1 without one."""
+        return self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1
+
+    @property
     def channels(self) -> int:
-        return self.samples * (self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1)
+        return self.samples * self.planes_per_slice
 
     @property
     def num_slices(self) -> int:
-        n = math.prod(self.lead_shape)
-        return n // (self.lead_shape[self.channel_axis] if self.channel_axis is not None else 1)
+        return math.prod(self.lead_shape) // self.planes_per_slice
 
 
 def _series_yx(series) -> tuple[int, int]:
@@ -192,7 +196,7 @@ def _normalise(arr: np.ndarray, layout: _Layout) -> np.ndarray:
     return arr[:, 0] if layout.channels == 1 else arr
 
 
-def _png_array(img: Image.Image, path: Path) -> np.ndarray:
+def _png_array(img: Image.Image) -> np.ndarray:
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode in ("I;16B", "I;16L", "I;16N"):
@@ -221,19 +225,15 @@ def read_stack(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in PNG_SUFFIXES:
             with Image.open(path) as img:
                 img.load()
-                arr = _png_array(img, path)
+                arr = _png_array(img)
         else:
             with tifffile.TiffFile(path) as tif:
                 layout = _tiff_layout(tif, path)
-                if layout.num_slices == 0 or layout.height == 0 or layout.width == 0:
-                    raise UserError(f"{path}: the stack is empty (no slices); export it again")
                 arr = _normalise(tif.series[0].asarray(), layout)
     except UserError:
         raise
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
-    if arr.size == 0:
-        raise UserError(f"{path}: the stack is empty (no slices); export it again")
     return arr
 
 
@@ -251,8 +251,11 @@ def stack_info(path: str | Path) -> tuple[int, int, int, int, np.dtype]:
     try:
         if path.suffix.lower() in PNG_SUFFIXES:
             with Image.open(path) as img:
-                # Decoding one row would cost as much as the header; the mode tells channels and dtype.
-                probe = _png_array(img.crop((0, 0, 1, 1)), path)
+                # The mode (and, for palettes, the transparency entry) fixes channels and dtype, so a blank
+                # 1 x 1 image of that mode stands in for the pixels; crop() would decode the whole file.
+                blank = Image.new(img.mode, (1, 1))
+                blank.info = img.info
+                probe = _png_array(blank)
                 return 1, img.height, img.width, probe.shape[1] if probe.ndim == 4 else 1, probe.dtype
         with tifffile.TiffFile(path) as tif:
             layout = _tiff_layout(tif, path)
@@ -286,22 +289,19 @@ def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
             layout = _tiff_layout(tif, path)
             series = tif.series[0]
             num_pages = math.prod(layout.lead_shape)
-            if layout.num_slices == 0:
-                raise UserError(f"{path}: the stack is empty (no slices); export it again")
             if len(series.pages) != num_pages:
                 # Pages do not map one-to-one to planes (e.g. ImageJ files > 4 GB): read it all at once.
-                yield from _chunks(_normalise(series.asarray(), layout), batch)
+                yield from iter_chunks(_normalise(series.asarray(), layout), batch)
                 return
             lead = list(layout.lead_shape)
             c_axis = layout.channel_axis
-            nchan = lead[c_axis] if c_axis is not None else 1
             slice_shape = [s for k, s in enumerate(lead) if k != c_axis]
             for start in range(0, layout.num_slices, batch):
                 stop = min(start + batch, layout.num_slices)
                 keys = []
                 for n in range(start, stop):
                     pos = list(np.unravel_index(n, slice_shape)) if slice_shape else []
-                    for c in range(nchan):
+                    for c in range(layout.planes_per_slice):
                         full = pos[:c_axis] + [c] + pos[c_axis:] if c_axis is not None else pos
                         keys.append(int(np.ravel_multi_index(full, lead)) if lead else 0)
                 pages = _planes(tif.asarray(key=keys, series=0), layout, len(keys))
@@ -313,14 +313,16 @@ def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
         raise _unreadable(path, exc) from exc
 
 
-def _chunks(arr: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+def iter_chunks(arr: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    """``arr`` in consecutive pieces of ``batch`` items along the first axis (the last may be shorter)."""
     for start in range(0, len(arr), batch):
         yield arr[start:start + batch]
 
 
 # ------------------------------------------------------------------------------------------ data sets
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """Image files (TIFF or PNG) directly in ``folder``, sorted by name, hidden files skipped."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
 
@@ -338,7 +340,8 @@ def _read_many(files: list[Path]) -> tuple[list[np.ndarray], list[str], list[Pat
     return slices, names, origin
 
 
-def _as_image(raw: np.ndarray, path: Path, channels: int | None) -> np.ndarray:
+def as_image(raw: np.ndarray, path: Path | str, channels: int | None) -> np.ndarray:
+    """A raw ``(H, W)`` or ``(C, H, W)`` slice as a [0, 1] float ``(C, H, W)`` image; ``channels`` is checked."""
     img = raw[None] if raw.ndim == 2 else raw
     if channels is not None and img.shape[0] != channels:
         kind = " (RGB)" if img.shape[0] in (3, 4) else ""
@@ -405,11 +408,11 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
             raise UserError(f"{volume}: file not found; the ISBI layout needs {volume.name} for split {split!r}")
         missing_labels = f"{label_path}: file not found; labels are needed here (0 = membrane, 255 = cell)"
     elif (root / "images").is_dir():
-        image_files = _list_images(root / "images")
+        image_files = list_images(root / "images")
         if not image_files:
             raise UserError(f"{root / 'images'}: no TIFF or PNG files; put one image per slice there")
         label_dir = root / "labels"
-        label_files = _list_images(label_dir) if label_dir.is_dir() else None
+        label_files = list_images(label_dir) if label_dir.is_dir() else None
         if label_files == []:
             label_files = None
         missing_labels = (f"{label_dir}: no label files; put one TIFF/PNG label per image there "
@@ -421,7 +424,7 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
         raise UserError(missing_labels)
 
     raw_images, names, image_origin = _read_many(image_files)
-    images = [_as_image(r, o, channels) for r, o in zip(raw_images, image_origin)]
+    images = [as_image(r, o, channels) for r, o in zip(raw_images, image_origin)]
     if channels is None and len({im.shape[0] for im in images}) > 1:
         raise UserError(f"{root}: images have different channel counts; convert them all to the same")
     labels = None

@@ -9,7 +9,6 @@ resumes it where a checkpoint left off. Tiles are taken at native resolution fro
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unet.data.augment import AugmentConfig, intensity, sampling_grid, warp
 from unet.data.io import SliceSet
+from unet.device import usable_cpus
 from unet.errors import UserError
 
 
@@ -64,14 +64,13 @@ class TrainTiles(IterableDataset):
         self.margin = (self.input_size - self.output_size) // 2
         self.config = AugmentConfig() if augment is True else (augment or None)
         self.seed, self.rank, self.world_size, self.start_index = int(seed), int(rank), int(world_size), int(start_index)
-        self.names = list(slices.names)
-        self.channels = slices.images[0].shape[0]
         # Kept as numpy for the plain-crop path and as tensors for grid_sample; labels as float for
-        # grid_sample's nearest mode (the values stay exactly 0 and 1).
+        # grid_sample's nearest mode (the values stay exactly 0 and 1), a copy made only when augmenting.
         self._images = [np.ascontiguousarray(im, dtype=np.float32) for im in slices.images]
         self._labels = [np.ascontiguousarray(lab, dtype=np.uint8) for lab in slices.labels]
         self._timages = [torch.from_numpy(im) for im in self._images]
-        self._tlabels = [torch.from_numpy(lab.astype(np.float32))[None] for lab in self._labels]
+        self._tlabels = ([torch.from_numpy(lab.astype(np.float32))[None] for lab in self._labels]
+                         if self.config is not None else [])
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``index`` of this rank's stream (a pure function of seed, rank and index)."""
@@ -144,11 +143,7 @@ class TileBatches(IterableDataset):
 
 def default_workers() -> int:
     """Loader worker processes for this machine: one CPU left for the training process, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus - 1))
+    return max(0, min(8, usable_cpus() - 1))
 
 
 def build_train_loader(dataset: TrainTiles, batch_size: int, workers: int, pin_memory: bool,
