@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unet import distributed as D
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int
 from unet.data.folds import fold_indices
 from unet.data.io import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
@@ -47,7 +47,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="ISBI 2012 folder (train-volume.tif + train-labels.tif) or images/ + labels/ folders; "
                         "omitted: the built-in synthetic EM set")
     g.add_argument("--fold", type=int, default=None, help="validation fold; omitted: train on all images")
-    g.add_argument("--folds", type=int, default=5, help="number of cross-validation folds")
+    g.add_argument("--folds", type=positive_int, default=5, help="number of cross-validation folds")
     g.add_argument("--fold-scheme", "--fold_scheme", default="disjoint", choices=("disjoint", "nvidia"),
                    help="disjoint: every image validated exactly once; nvidia: UNet_Medical's overlapping folds")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -63,11 +63,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--input-size", "--input_size", type=int, default=None,
                    help="training crop size fed to the model (default: 572 for valid, 256 for same)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", "--batch_size", type=int, default=8, help="crops per step per device")
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="crops per step per device")
     g.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
     g.add_argument("--weight-decay", "--weight_decay", type=float, default=5e-4,
                    help="L2 weight decay, applied (UNet_Medical's TF1 code never applied its own)")
-    g.add_argument("--max-steps", "--max_steps", type=int, default=6400, help="optimizer steps in total")
+    g.add_argument("--max-steps", "--max_steps", type=positive_int, default=6400, help="optimizer steps in total")
     g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="clip the gradient norm to this")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data stream and dropout")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -75,8 +75,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--model-dir", "--model_dir", default="results", help="checkpoints, logs and curves go here")
     g.add_argument("--evaluate-every", "--evaluate_every", type=int, default=0,
                    help="validate every N steps (0: only at the end)")
-    g.add_argument("--log-every", "--log_every", type=int, default=20, help="log the loss every N steps")
-    g.add_argument("--save-every", "--save_every", type=int, default=200, help="write last.pt every N steps")
+    g.add_argument("--log-every", "--log_every", type=positive_int, default=20, help="log the loss every N steps")
+    g.add_argument("--save-every", "--save_every", type=positive_int, default=200, help="write last.pt every N steps")
     g.add_argument("--resume", action="store_true",
                    help="require resuming from MODEL_DIR/last.pt (a matching run there is resumed anyway)")
     g.add_argument("--overwrite", action="store_true", help="start over even if MODEL_DIR holds a run")
@@ -98,9 +98,6 @@ def _identity(args: argparse.Namespace) -> dict:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_steps", "log_every", "save_every", "folds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.evaluate_every < 0:
         raise UserError(f"--evaluate-every must be 0 or more, got {args.evaluate_every}")
     if args.benchmark and args.warmup_steps < 0:
