@@ -153,6 +153,23 @@ class DeviceSetup:
         batch = batch.to(self.device, non_blocking=True)
         return batch.contiguous(memory_format=self.memory_format) if batch.dim() == 4 else batch
 
+    def rng_state(self) -> dict:
+        """torch's CPU generator state and, off CPU, this device's, for a checkpoint."""
+        state = {"torch": torch.get_rng_state()}
+        if self.type != "cpu":
+            state["device"] = device_module(self.type).get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        """Restore what :meth:`rng_state` returned (a CPU-only state leaves the device generator alone)."""
+        torch.set_rng_state(state["torch"])
+        if self.type != "cpu" and "device" in state:
+            device_module(self.type).set_rng_state(state["device"], self.device)
+
+    def ddp_kwargs(self) -> dict:
+        """Keyword arguments of ``DistributedDataParallel`` for a model on this device."""
+        return {"device_ids": None if self.type == "cpu" else [self.device]}
+
     def synchronize(self) -> None:
         if self.type != "cpu":
             device_module(self.type).synchronize(self.device)

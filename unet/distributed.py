@@ -5,6 +5,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,15 @@ def env_info() -> DistInfo:
     """Read RANK / LOCAL_RANK / WORLD_SIZE as set by torchrun."""
     return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _silent(*args, **kwargs) -> None:
+    """A print that prints nothing (ranks other than 0)."""
+
+
+def rank0_printer(info: DistInfo) -> Callable[..., None]:
+    """``print`` on rank 0, a no-op elsewhere: only rank 0 talks."""
+    return print if info.is_main else _silent
 
 
 def _active() -> bool:

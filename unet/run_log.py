@@ -5,18 +5,26 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from unet.atomic import atomic_write
 
 
-def _clean(value):
-    """JSON has no NaN: write NaN/inf as null so every line stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
+def jsonable(obj):
+    """Plain JSON types with NaN/inf as null (strict JSON has no NaN), numpy scalars as Python numbers,
+    dict keys as strings and anything else as its ``str``; every JSON file and line the package writes
+    goes through it."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
 
 
 class MetricsLog:
@@ -34,7 +42,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -44,7 +52,7 @@ class MetricsLog:
 
 def write_json(path: str | Path, obj: dict) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(_clean(obj), indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(jsonable(obj), indent=2) + "\n").encode()))
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
