@@ -26,9 +26,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "unet-train=unet.cli:train",
-            "unet-evaluate=unet.cli:evaluate",
-            "unet-infer=unet.cli:infer",
+            "unet-train=unet.commands:train",
+            "unet-evaluate=unet.commands:evaluate",
+            "unet-infer=unet.commands:infer",
         ],
     },
 )

@@ -25,13 +25,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 from common import (MODELS, QUICK_MODEL, MfuPeaks, add_peak_args, csv_list, device_for, machine_header,  # noqa: E402
                     machine_record, print_table, usable_precisions, write_json)
 
+from unet import inference  # noqa: E402
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
+from unet.checkpoint import load_model, save_checkpoint  # noqa: E402
+from unet.data.io import scale_by_dtype  # noqa: E402
+from unet.data.synthetic import make_synthetic_em  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
+from unet.predict import predict_probabilities, tiling_plan  # noqa: E402
+from unet.tiling import TilingOptions  # noqa: E402
 
 FORWARD_COLUMNS = [("model", "model"), ("tile", "tile"), ("batch", "batch"), ("precision", "prec"),
                    ("images_per_s", "images/s"), ("ms_per_batch", "ms/batch"), ("peak_memory_mb", "peak MB"),
@@ -96,8 +103,6 @@ def forward_row(model, spec, dev, precision: str, batch: int, args, flops_per_im
 
 def write_stack(path: Path, count: int, size: int) -> np.ndarray:
     """Write a synthetic uint8 EM stack as a plain multi-page TIFF; returns the pages."""
-    import tifffile
-    from unet.data.synthetic import make_synthetic_em
     images, _ = make_synthetic_em(count, size, size, seed=0)
     tifffile.imwrite(path, images, photometric="minisblack")
     return images
@@ -105,16 +110,14 @@ def write_stack(path: Path, count: int, size: int) -> np.ndarray:
 
 def forward_alone(ckpt: Path, pages: np.ndarray, dev, tile_batch: int) -> float:
     """Seconds of predict_probabilities over in-memory slices (same model, tiler and tiles as infer.py)."""
-    from unet.checkpoint import load_model
-    from unet.data.io import scale_by_dtype
-    from unet.evaluation import predict_probabilities
     model = dev.prepare_model(load_model(ckpt)[0])
+    options = TilingOptions(tile_batch=tile_batch)
     images = [torch.from_numpy(scale_by_dtype(p[None])) for p in pages]
-    predict_probabilities(model, images[0], dev, tile_batch=tile_batch)  # warm-up: kernel choice, allocator
+    predict_probabilities(model, images[0], dev, options)  # warm-up: kernel choice, allocator
     dev.synchronize()
     t0 = time.perf_counter()
     for image in images:
-        predict_probabilities(model, image, dev, tile_batch=tile_batch)
+        predict_probabilities(model, image, dev, options)
     dev.synchronize()
     return time.perf_counter() - t0
 
@@ -123,26 +126,25 @@ def forward_alone(ckpt: Path, pages: np.ndarray, dev, tile_batch: int) -> float:
 def timed_predict_probabilities():
     """Count the seconds infer.py spends inside predict_probabilities (device synchronised).
 
-    predict_pages imports predict_probabilities from unet.evaluation at call time, so wrapping the module
+    predict_pages calls the name predict_probabilities in unet.inference, so wrapping that module
     attribute sees every call. Time outside it is infer.py's own overhead, measured in the same run and so
     immune to the load changes that make two separate runs on a shared machine hard to compare.
     """
-    from unet import evaluation
-    original = evaluation.predict_probabilities
+    original = inference.predict_probabilities
     spent = [0.0]
 
-    def wrapper(model, image, dev, **kwargs):
+    def wrapper(model, image, dev, options=None):
         t0 = time.perf_counter()
-        probs = original(model, image, dev, **kwargs)
+        probs = original(model, image, dev, options)
         dev.synchronize()  # infer.py copies the result to the host next, which waits for it anyway
         spent[0] += time.perf_counter() - t0
         return probs
 
-    evaluation.predict_probabilities = wrapper
+    inference.predict_probabilities = wrapper
     try:
         yield spent
     finally:
-        evaluation.predict_probabilities = original
+        inference.predict_probabilities = original
 
 
 def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, tile_batch: int,
@@ -152,7 +154,6 @@ def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, 
     Returns:
         (wall seconds, seconds inside predict_probabilities, RunResult, its stdout).
     """
-    from unet import inference
     argv = ["--ckpt", str(ckpt), "--input", str(stack), "--output", str(out), "--device", device,
             "--tile-batch", str(tile_batch), "--no-progress", "--overwrite"]
     if precision != "fp32":
@@ -179,16 +180,13 @@ def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, 
 
 def end_to_end(spec, precision: str, args, workdir: Path) -> dict:
     """Time infer.py on the synthetic stack vs the forward pass alone; one result row."""
-    from unet.checkpoint import save_checkpoint
-    from unet.evaluation import tiling_plan
     torch.manual_seed(0)
     model = spec.build()
     ckpt = workdir / f"{spec.name}.pt"
     if not ckpt.exists():
         save_checkpoint(ckpt, model)
     stack = workdir / f"stack_{args.slices}x{args.slice_size}.tif"
-    pages = write_stack(stack, args.slices, args.slice_size) if not stack.exists() else __import__(
-        "tifffile").imread(stack)
+    pages = write_stack(stack, args.slices, args.slice_size) if not stack.exists() else tifffile.imread(stack)
     plan = tiling_plan(model, args.slice_size, args.slice_size)
     dev = device_for(args.device, precision)
     fwd_s = forward_alone(ckpt, pages, dev, args.tile_batch)

@@ -4,7 +4,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
-from unet.data.io import SliceSet, iter_pages, load_dataset, read_stack, scale_by_dtype, stack_info
+from unet.data.io import SliceSet, StackInfo, iter_pages, load_dataset, read_stack, scale_by_dtype, stack_info
 from unet.errors import UserError
 
 
@@ -47,7 +47,7 @@ def test_read_multipage_single_png_and_16bit(tmp_path):
     Image.fromarray(deep[2]).save(tmp_path / "d.png")
     got = read_stack(tmp_path / "d.png")
     assert got.dtype == np.uint16 and np.array_equal(got[0], deep[2])
-    assert stack_info(tmp_path / "d.png") == (1, 20, 24, 1, np.dtype(np.uint16))
+    assert stack_info(tmp_path / "d.png") == StackInfo(tmp_path / "d.png", 1, 20, 24, 1, np.dtype(np.uint16))
 
 
 @pytest.mark.parametrize("mode, options", [("1", {}), ("L", {}), ("LA", {}), ("RGB", {}), ("RGBA", {}), ("P", {}),
@@ -55,7 +55,7 @@ def test_read_multipage_single_png_and_16bit(tmp_path):
 def test_png_stack_info_matches_read_stack_without_decoding(tmp_path, monkeypatch, mode, options):
     Image.new(mode, (9, 5)).save(tmp_path / "m.png", **options)
     got = read_stack(tmp_path / "m.png")
-    want = (1, 5, 9, got.shape[1] if got.ndim == 4 else 1, got.dtype)
+    want = StackInfo(tmp_path / "m.png", 1, 5, 9, got.shape[1] if got.ndim == 4 else 1, got.dtype)
 
     def no_decode(self):
         raise AssertionError("stack_info decoded the pixels")
@@ -70,7 +70,7 @@ def test_imagej_hyperstack_and_ome(tmp_path):
     tifffile.imwrite(tmp_path / "hs.tif", h, imagej=True, metadata={"axes": "TZCYX"})
     got = read_stack(tmp_path / "hs.tif")
     np.testing.assert_array_equal(got, h.reshape(12, 2, 16, 12))
-    assert stack_info(tmp_path / "hs.tif") == (12, 16, 12, 2, np.dtype(np.uint16))
+    assert stack_info(tmp_path / "hs.tif") == StackInfo(tmp_path / "hs.tif", 12, 16, 12, 2, np.dtype(np.uint16))
     chunks = list(iter_pages(tmp_path / "hs.tif", 5))
     assert [len(c) for c in chunks] == [5, 5, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), got)
@@ -98,7 +98,8 @@ def test_isbi_real_stacks(isbi_dir):
     assert all(set(np.unique(lab).tolist()) == {0, 1} for lab in ds.labels)
     assert 0.0 <= min(im.min() for im in ds.images) and max(im.max() for im in ds.images) <= 1.0
     # The old ImageJ header calls the 30 slices "channels"; they must still come out as 30 slices.
-    assert stack_info(isbi_dir / "train-volume.tif") == (30, 512, 512, 1, np.dtype(np.uint8))
+    assert stack_info(isbi_dir / "train-volume.tif") == StackInfo(isbi_dir / "train-volume.tif", 30, 512, 512, 1,
+                                                                  np.dtype(np.uint8))
     chunks = list(iter_pages(isbi_dir / "test-volume.tif", 8))
     assert [len(c) for c in chunks] == [8, 8, 8, 6]
     np.testing.assert_array_equal(np.concatenate(chunks), read_stack(isbi_dir / "test-volume.tif"))

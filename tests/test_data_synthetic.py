@@ -4,7 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from unet.data.synthetic import make_synthetic_em, synthetic_dataset
+from unet.data.io import synthetic_dataset
+from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 
 

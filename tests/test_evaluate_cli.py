@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from unet.checkpoint import save_checkpoint
-from unet.cli import evaluate, train
+from unet.commands import evaluate, train
 from unet.data.synthetic import make_synthetic_em
 from unet.model import UNet
 
@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_cli(argv, capsys):
-    """unet.cli.evaluate(argv) -> (exit code, stdout, stderr)."""
+    """unet.commands.evaluate(argv) -> (exit code, stdout, stderr)."""
     try:
         code = evaluate([str(a) for a in argv])
     except SystemExit as e:

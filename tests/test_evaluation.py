@@ -1,18 +1,18 @@
-"""unet.evaluation library functions: whole-slice probabilities, sharded metrics, CV summary."""
+"""unet.predict and unet.evaluation library functions: whole-slice probabilities, sharded metrics, CV summary."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from unet import evaluation
-from unet.data.io import SliceSet, load_dataset
-from unet.data.synthetic import synthetic_dataset
+from unet import evaluation, predict
+from unet.data.io import SliceSet, load_dataset, synthetic_dataset
 from unet.device import setup_device
 from unet.distributed import DistInfo
 from unet.errors import UserError
 from unet.metrics import SegmentationMetrics
 from unet.model import UNet
+from unet.tiling import TilingOptions
 
 METRIC_KEYS = ("dice_nvidia", "dice_membrane", "dice_cell", "dice_mean", "iou_membrane", "iou_cell",
                "iou_mean", "pixel_error", "v_rand", "v_info", "num_images")
@@ -36,7 +36,7 @@ def tiny_model(**kw):
 def test_predict_probabilities_shape_and_simplex(dev):
     model = tiny_model()
     image = np.random.default_rng(0).random((1, 50, 70), dtype=np.float32)  # not a multiple of anything
-    probs = evaluation.predict_probabilities(model, image, dev, tile_size=32)
+    probs = predict.predict_probabilities(model, image, dev, TilingOptions(tile_size=32))
     assert probs.shape == (2, 50, 70) and probs.dtype == torch.float32
     assert torch.allclose(probs.sum(0), torch.ones(50, 70), atol=1e-4)
 
@@ -44,8 +44,8 @@ def test_predict_probabilities_shape_and_simplex(dev):
 def test_predict_probabilities_turns_dropout_off_and_restores_mode(dev):
     model = tiny_model(dropout=0.9).train()
     image = torch.rand(1, 64, 64)
-    a = evaluation.predict_probabilities(model, image, dev)
-    b = evaluation.predict_probabilities(model, image, dev)
+    a = predict.predict_probabilities(model, image, dev)
+    b = predict.predict_probabilities(model, image, dev)
     assert torch.equal(a, b), "dropout must be off during prediction"
     assert model.training, "the caller's train mode must be restored"
     model.eval()
@@ -56,11 +56,11 @@ def test_predict_probabilities_turns_dropout_off_and_restores_mode(dev):
 
 def test_predict_probabilities_rejects_wrong_channels(dev):
     with pytest.raises(UserError, match="expects 3-channel"):
-        evaluation.predict_probabilities(tiny_model(in_channels=3), torch.rand(1, 32, 32), dev)
+        predict.predict_probabilities(tiny_model(in_channels=3), torch.rand(1, 32, 32), dev)
 
 
 def test_evaluate_slices_keys_and_ranges(dev, small_set):
-    m = evaluation.evaluate_slices(tiny_model(), small_set, dev, tile_size=32)
+    m = evaluation.evaluate_slices(tiny_model(), small_set, dev, options=TilingOptions(tile_size=32))
     assert set(METRIC_KEYS) <= set(m)
     assert m["num_images"] == 5
     for k in METRIC_KEYS[:-1]:
@@ -78,7 +78,7 @@ def test_evaluate_slices_two_fake_ranks_equal_one_process(dev, small_set, monkey
         return real_all_reduce(t, device)
 
     monkeypatch.setattr(evaluation, "all_reduce_sum", fake_all_reduce)
-    evaluation.evaluate_slices(model, small_set, dev, dist_info=DistInfo(rank=1, world_size=2))
+    evaluation.evaluate_slices(model, small_set, dev, dist=DistInfo(rank=1, world_size=2))
     rank1 = contributions[-1]
     assert rank1[:, 0].tolist() == [0, 1, 0, 1, 0]  # rank 1 predicted slices 1 and 3 only
 
@@ -86,7 +86,7 @@ def test_evaluate_slices_two_fake_ranks_equal_one_process(dev, small_set, monkey
         return t + rank1
 
     monkeypatch.setattr(evaluation, "all_reduce_sum", summed)
-    two, rows2 = evaluation.evaluate_slices(model, small_set, dev, dist_info=DistInfo(rank=0, world_size=2),
+    two, rows2 = evaluation.evaluate_slices(model, small_set, dev, dist=DistInfo(rank=0, world_size=2),
                                             per_image=True)
     assert two == one  # bit-identical, not approximately equal
     assert rows2 == rows
@@ -94,7 +94,7 @@ def test_evaluate_slices_two_fake_ranks_equal_one_process(dev, small_set, monkey
     merged = SegmentationMetrics()
     for r in range(5):
         part = SegmentationMetrics()
-        part.update(evaluation.predict_probabilities(model, small_set.images[r], dev),
+        part.update(predict.predict_probabilities(model, small_set.images[r], dev),
                     torch.from_numpy(small_set.labels[r]))
         merged.merge(part)
     assert merged.compute() == pytest.approx(one, rel=1e-12)
@@ -102,7 +102,7 @@ def test_evaluate_slices_two_fake_ranks_equal_one_process(dev, small_set, monkey
 
 def _oracle(slices):
     """A stand-in for predict_probabilities whose probabilities are the one-hot labels."""
-    def predict(model, image, dev, **kw):
+    def predict(model, image, dev, options=None):
         i = next(k for k, im in enumerate(slices.images) if im is image)
         lab = torch.from_numpy(slices.labels[i]).long()
         return torch.nn.functional.one_hot(lab, 2).permute(2, 0, 1).float()

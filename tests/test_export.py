@@ -6,7 +6,7 @@ import torch
 
 from unet import export
 from unet.checkpoint import save_checkpoint
-from unet.cli import infer
+from unet.commands import infer
 from unet.errors import UserError
 from unet.model import UNet
 

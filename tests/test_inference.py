@@ -13,9 +13,9 @@ from PIL import Image, ImageSequence
 
 from unet import inference
 from unet.checkpoint import save_checkpoint
-from unet.cli import infer
+from unet.commands import infer
 from unet.device import setup_device
-from unet.evaluation import predict_probabilities
+from unet.predict import predict_probabilities
 from unet.model import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch):
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("unet.evaluation.predict_probabilities", failing)
+    monkeypatch.setattr("unet.inference.predict_probabilities", failing)
     with pytest.raises(RuntimeError, match="device lost"):
         _run(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", tmp_path / "m.tif",
               "--probabilities", tmp_path / "p.tif", "--overlay", tmp_path / "ov", "--read-batch", 2])

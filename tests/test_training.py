@@ -6,7 +6,7 @@ import torch
 
 from unet import training
 from unet.checkpoint import load_checkpoint
-from unet.cli import train as train_cli
+from unet.commands import train as train_cli
 from unet.errors import UserError
 
 TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "64", "--batch-size", "4",

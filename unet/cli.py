@@ -1,11 +1,14 @@
-"""Command-line plumbing shared by train.py / evaluate.py / infer.py and the unet-* console scripts."""
+"""Argparse helpers shared by the train.py / evaluate.py / infer.py parsers (the launchers are in
+:mod:`unet.commands`). A leaf: it imports only the small modules whose choices it lists, never a job."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Callable, Sequence
 
+from unet.device import AMP_DTYPES, DEVICE_CHOICES
 from unet.errors import UserError
+from unet.tiling import BLENDS, TilingOptions
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -14,7 +17,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """--device, --amp, --amp-dtype: the same spelling in every command."""
-    from unet.device import AMP_DTYPES, DEVICE_CHOICES
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="auto = Ascend NPU if torch_npu is loaded and one is present, else CUDA, else CPU")
@@ -47,7 +49,6 @@ def fraction(text: str) -> float:
 
 def add_tiling_args(parser: argparse.ArgumentParser) -> None:
     """--tile-size, --tile-batch, --overlap, --blend, --tta: whole-slice prediction options."""
-    from unet.tiling import BLENDS
     g = parser.add_argument_group("whole-slice prediction")
     g.add_argument("--tile-size", type=int, default=None,
                    help="input tile size (default: the tiling with the fewest FLOPs that fits memory)")
@@ -58,6 +59,12 @@ def add_tiling_args(parser: argparse.ArgumentParser) -> None:
                    help="weight map for overlapping windows ('same' padding)")
     g.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the 8 flips/rotations (8x the compute)")
+
+
+def tiling_options(args) -> TilingOptions:
+    """The :class:`~unet.tiling.TilingOptions` of parsed :func:`add_tiling_args` flags (or a RunConfig)."""
+    return TilingOptions(tile_size=args.tile_size, tile_batch=args.tile_batch, overlap=args.overlap,
+                         blend=args.blend, tta=args.tta)
 
 
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
@@ -74,21 +81,3 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     return 0
-
-
-def train(argv: Sequence[str] | None = None) -> int:
-    """Console script ``unet-train``."""
-    from unet import training
-    return run(training.main, training.get_args_parser(), argv)
-
-
-def evaluate(argv: Sequence[str] | None = None) -> int:
-    """Console script ``unet-evaluate``."""
-    from unet import evaluation
-    return run(evaluation.main, evaluation.get_args_parser(), argv)
-
-
-def infer(argv: Sequence[str] | None = None) -> int:
-    """Console script ``unet-infer``."""
-    from unet import inference
-    return run(inference.main, inference.get_args_parser(), argv)

@@ -19,14 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from unet import tiling
 from unet.atomic import atomic_write
 from unet.checkpoint import load_model
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args, tiling_options
+from unet.data.folds import SCHEMES, fold_indices
+from unet.data.io import load_dataset
 from unet.device import DeviceSetup, setup_device
-from unet.distributed import DistInfo, all_reduce_sum, env_info, process_group
+from unet.distributed import DistInfo, all_reduce_sum, env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.metrics import SegmentationMetrics
+from unet.predict import predict_probabilities, tiling_plan
+from unet.run_log import jsonable
+from unet.tiling import TilingOptions
 
 # Metrics summarised over cross-validation folds, with the column titles of the Markdown table.
 CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_mean": "IoU (mean)",
@@ -34,75 +38,10 @@ CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_m
 STD_KIND = "sample standard deviation over folds (ddof=1)"
 
 
-# ------------------------------------------------------------------------------------------ prediction
-
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tensor, dev: DeviceSetup, *,
-                          tile_size: int | None = None, tile_batch: int = 4, overlap: float = 0.25,
-                          blend: str = "gaussian", tta: bool = False) -> torch.Tensor:
-    """Class probabilities of one whole slice at native resolution.
-
-    The model runs in eval mode (dropout off, BatchNorm on running statistics) under ``inference_mode``
-    and the device's autocast; its previous train/eval mode is restored afterwards, so the training loop
-    can call this mid-epoch.
-
-    Args:
-        model: a UNet (unwrapped from DDP / torch.compile) already on ``dev.device``.
-        image: ``(C, H, W)`` float array or tensor scaled to [0, 1], any size.
-        dev: the device setup (autocast, memory layout).
-        tile_size, tile_batch, overlap, blend, tta: whole-slice tiling options (see :mod:`unet.tiling`).
-
-    Returns:
-        ``(num_classes, H, W)`` float32 probabilities on ``dev.device``.
-    """
-    x = torch.as_tensor(image)
-    if x.dim() != 3:
-        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
-    in_channels = model.config.in_channels
-    if x.shape[0] != in_channels:
-        raise UserError(f"the model expects {in_channels}-channel images but got {x.shape[0]} channels; "
-                        f"use data with {in_channels} channel(s) or a checkpoint trained on such data")
-    x = x.to(dev.device, dtype=torch.float32)
-    layout = dev.memory_format
-
-    def predictor(batch: torch.Tensor) -> torch.Tensor:
-        # Tiles arrive as NCHW slices of the padded slice; the model's fast layout is dev.memory_format.
-        with dev.autocast():
-            logits = model(batch.contiguous(memory_format=layout))
-        return logits.float().softmax(1)
-
-    was_training = model.training
-    model.eval()  # NVIDIA's Ascend port predicts with dropout on; never do that here
-    try:
-        with torch.inference_mode():
-            probs = tiling.predict_slice(predictor, x, geometry=model, tile_size=tile_size,
-                                         tile_batch=tile_batch, overlap=overlap, blend=blend, tta=tta,
-                                         num_outputs=model.config.num_classes)
-    finally:
-        model.train(was_training)
-    return probs.float()
-
-
-def tiling_plan(model: torch.nn.Module, height: int, width: int, *, tile_size: int | None = None,
-                overlap: float = 0.25) -> dict[str, Any]:
-    """The tile plan :func:`predict_probabilities` uses for one slice size, as a JSON-able dict.
-
-    Args:
-        model: the UNet (its size arithmetic decides the tiles).
-        height, width: slice size.
-        tile_size, overlap: as for :func:`predict_probabilities` (None: the tiler's least-compute choice).
-
-    Returns:
-        ``tile_size``, ``output_size``, ``tiles_y``, ``tiles_x``, ``num_tiles`` and a ``description``.
-    """
-    plan = tiling.slice_plan(height, width, model, tile_size=tile_size, overlap=overlap)
-    return {"tile_size": plan.tile_size, "output_size": plan.output_size, "tiles_y": plan.tiles_y,
-            "tiles_x": plan.tiles_x, "num_tiles": plan.num_tiles, "description": str(plan)}
-
-
 # ------------------------------------------------------------------------------------------ metrics
 
-def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_info: DistInfo | None = None,
-                    per_image: bool = False, **tiling_kwargs):
+def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist: DistInfo | None = None,
+                    per_image: bool = False, options: TilingOptions | None = None):
     """Metrics of a model over whole labelled slices, sharded over ranks, bit-identical to one process.
 
     Rank ``r`` of ``W`` predicts slices ``r, r + W, ...``. Each slice's metric state goes into its own row
@@ -114,16 +53,15 @@ def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_in
         model: the UNet (unwrapped from DDP) on ``dev.device``; its train/eval mode is kept.
         slices: a :class:`~unet.data.io.SliceSet` with labels.
         dev: the device setup.
-        dist_info: this process's rank and world size (None: a single process).
+        dist: this process's rank and world size (None: a single process).
         per_image: also return one metrics dict per slice (on every rank, in slice order).
-        **tiling_kwargs: ``tile_size``, ``tile_batch``, ``overlap``, ``blend``, ``tta`` for
-            :func:`predict_probabilities`.
+        options: whole-slice tiling options for :func:`~unet.predict.predict_probabilities`.
 
     Returns:
         ``SegmentationMetrics.compute()`` over all slices; with ``per_image=True`` a tuple
         ``(metrics, rows)`` where each row has ``index``, ``name`` and that slice's metrics.
     """
-    info = dist_info or DistInfo()
+    dist = dist or DistInfo()
     if slices.labels is None:
         raise UserError(f"{slices.source}: the data has no labels; evaluation needs labels")
     cfg = model.config
@@ -133,8 +71,8 @@ def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist_in
 
     size = accumulator().state().numel()
     table = torch.zeros(len(slices), size, dtype=torch.float64)
-    for i in range(info.rank, len(slices), info.world_size):
-        probs = predict_probabilities(model, slices.images[i], dev, **tiling_kwargs)
+    for i in range(dist.rank, len(slices), dist.world_size):
+        probs = predict_probabilities(model, slices.images[i], dev, options)
         one = accumulator()
         one.update(probs, torch.from_numpy(np.asarray(slices.labels[i])))
         table[i] = one.state()
@@ -191,8 +129,8 @@ def cv_markdown(fold_labels: Sequence[str], per_fold: Sequence[dict[str, float]]
     lines = ["| Fold | " + " | ".join(CV_METRICS[k] for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
     for label, m in zip(fold_labels, per_fold):
-        lines.append(f"| {label} | " + " | ".join(_fmt(m[k]) for k in keys) + " |")
-    lines.append("| mean ± std | " + " | ".join(f"{_fmt(summary['mean'][k])} ± {_fmt(summary['std'][k])}"
+        lines.append(f"| {label} | " + " | ".join(fmt(m[k]) for k in keys) + " |")
+    lines.append("| mean ± std | " + " | ".join(f"{fmt(summary['mean'][k])} ± {fmt(summary['std'][k])}"
                                                  for k in keys) + " |")
     return "\n".join(lines)
 
@@ -200,26 +138,19 @@ def cv_markdown(fold_labels: Sequence[str], per_fold: Sequence[dict[str, float]]
 def format_table(metrics: dict[str, float]) -> str:
     """One aligned line per metric, e.g. ``dice_nvidia   0.9123``."""
     width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v if isinstance(v, int) else _fmt(v)}" for k, v in metrics.items())
+    return "\n".join(f"{k:<{width}}  {v if isinstance(v, int) else fmt(v)}" for k, v in metrics.items())
 
 
-def _fmt(v: float) -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+def fmt(value, spec: str = ".4f", missing: str = "nan") -> str:
+    """A table cell: floats with ``spec`` (NaN as ``nan``), None as ``missing``, anything else as ``str``.
 
-
-def _jsonable(obj):
-    """Plain JSON types with NaN/inf as null (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+    The one number formatter of the metric tables here and of the benchmark tables (benchmarks/common.py).
+    """
+    if value is None:
+        return missing
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), spec)
+    return str(value)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -247,7 +178,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "else the built-in synthetic set")
     g.add_argument("--fold", type=int, default=None, help="validation fold; None: the checkpoint's")
     g.add_argument("--folds", type=int, default=None, help="number of folds; None: the checkpoint's, else 5")
-    g.add_argument("--fold-scheme", "--fold_scheme", default=None, choices=("disjoint", "nvidia"),
+    g.add_argument("--fold-scheme", "--fold_scheme", default=None, choices=SCHEMES,
                    help="fold split; None: the checkpoint's, else disjoint")
     g.add_argument("--seed", type=int, default=None, help="fold permutation seed; None: the checkpoint's, else 0")
     g.add_argument("--all-images", action="store_true", help="evaluate every slice, ignoring the fold")
@@ -310,7 +241,6 @@ def _resolve_run(args: argparse.Namespace, ckpt: dict) -> dict[str, Any]:
 
 
 def _load_data(run: dict, ckpt_path: Path, split: str, cache: dict):
-    from unet.data.io import load_dataset
     key = (run["data_dir"], split)
     if key not in cache:
         d = run["data_dir"]
@@ -339,40 +269,52 @@ def _fold_description(run: dict, n_val: int) -> str:
     return f"fold {run['fold']} of {folds}, seed {run['seed']}: {n_val} validation slices"
 
 
-def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, info: DistInfo,
-                        cache: dict | None = None, log=print) -> dict[str, Any]:
-    """Evaluate one checkpoint on its fold; returns the JSON-able result record."""
-    from unet.data.folds import fold_indices
-    cache = {} if cache is None else cache
-    start = time.perf_counter()
-    model, ckpt = load_model(path)
-    run = _resolve_run(args, ckpt)
-    slices = _load_data(run, path, args.split, cache)
+def _check_channels(model: torch.nn.Module, slices, path: Path) -> None:
     want, have = model.config.in_channels, sorted({int(im.shape[0]) for im in slices.images})
     if have and have != [want]:
         got = "/".join(str(c) for c in have)
         raise UserError(f"checkpoint {path} was made for {want}-channel input but the data ({slices.source}) has "
                         f"{got}-channel images; evaluate it on {want}-channel data or use a matching checkpoint")
-    _, val = fold_indices(len(slices), run["fold"], run["folds"], run["fold_scheme"], run["seed"])
+
+
+def _validation_indices(run: dict, num_slices: int, path: Path) -> list[int]:
+    _, val = fold_indices(num_slices, run["fold"], run["folds"], run["fold_scheme"], run["seed"])
     if run["fold"] is None:
-        val = list(range(len(slices)))
+        val = list(range(num_slices))
     if not val:
         raise UserError(f"fold {run['fold']} of checkpoint {path} has no validation slices")
+    return val
+
+
+def _tiling_record(options: TilingOptions) -> dict[str, Any]:
+    """The tiling flags as the result record states them."""
+    return {"tile_size": options.tile_size, "tile_batch": options.tile_batch, "overlap": options.overlap,
+            "blend": options.blend, "tta": options.tta}
+
+
+def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, dist: DistInfo,
+                        cache: dict | None = None, say=print) -> dict[str, Any]:
+    """Evaluate one checkpoint on its fold; returns the JSON-able result record."""
+    cache = {} if cache is None else cache
+    start = time.perf_counter()
+    model, ckpt = load_model(path)
+    run = _resolve_run(args, ckpt)
+    slices = _load_data(run, path, args.split, cache)
+    _check_channels(model, slices, path)
+    val = _validation_indices(run, len(slices), path)
     subset = slices.subset(val)
     model = dev.prepare_model(model)
-    tiling_kwargs = {"tile_size": args.tile_size, "tile_batch": args.tile_batch, "overlap": args.overlap,
-                     "blend": args.blend, "tta": args.tta}
+    options = tiling_options(args)
     sizes = sorted({tuple(int(s) for s in im.shape[1:]) for im in subset.images})
-    plans = {f"{w}x{h}": tiling_plan(model, h, w, tile_size=args.tile_size, overlap=args.overlap)
-             for h, w in sizes}
+    plans = {f"{w}x{h}": tiling_plan(model, h, w, options) for h, w in sizes}
     params = sum(p.numel() for p in model.parameters())
-    log(f"checkpoint: {path} (UNet, {params:,} parameters, {model.config.padding} padding, "
+    say(f"checkpoint: {path} (UNet, {params:,} parameters, {model.config.padding} padding, "
         f"{model.config.in_channels} channel(s))")
-    log(f"data:       {_data_description(run, slices)}")
-    log(f"evaluating: {_fold_description(run, len(val))}")
-    log("tiles:      " + "; ".join(f"{size} slices: {p['description']}" for size, p in plans.items())
-        + (", 8x test-time augmentation" if args.tta else ""))
-    result = evaluate_slices(model, subset, dev, dist_info=info, per_image=args.per_image, **tiling_kwargs)
+    say(f"data:       {_data_description(run, slices)}")
+    say(f"evaluating: {_fold_description(run, len(val))}")
+    say("tiles:      " + "; ".join(f"{size} slices: {p['description']}" for size, p in plans.items())
+        + (", 8x test-time augmentation" if options.tta else ""))
+    result = evaluate_slices(model, subset, dev, dist=dist, per_image=args.per_image, options=options)
     metrics, rows = result if args.per_image else (result, None)
     dev.synchronize()
     record = {
@@ -382,13 +324,43 @@ def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, 
                  "description": _data_description(run, slices)},
         "fold": {"fold": run["fold"], "folds": run["folds"], "scheme": run["fold_scheme"], "seed": run["seed"],
                  "from": run["fold_from"], "val_indices": val, "val_names": subset.names},
-        "tiling": {**tiling_kwargs, "plans": plans},
+        "tiling": {**_tiling_record(options), "plans": plans},
         "metrics": metrics,
         "seconds": time.perf_counter() - start,
     }
     if rows is not None:
         record["per_image"] = rows
     return record
+
+
+def _checkpoint_paths(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints to evaluate, checked before any slow work."""
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    paths = find_checkpoints(args.cv_dir) if args.cv_dir else [Path(p) for p in args.ckpt]
+    if len(paths) > 1 and args.fold is not None:
+        raise UserError("--fold cannot be combined with several checkpoints: each one is evaluated on its own "
+                        "fold; drop --fold (or pass a single --ckpt)")
+    for p in paths:  # fail before any slow work if one file is missing
+        if not p.is_file():
+            raise UserError(f"checkpoint {p} does not exist; check --ckpt")
+    return paths
+
+
+def _cv_record(runs: list[dict], say) -> dict[str, Any]:
+    """Cross-validation summary of several checkpoints' records (printed as a Markdown table)."""
+    labels = [str(r["fold"]["fold"]) if r["fold"]["fold"] is not None else "all" for r in runs]
+    per_fold = [r["metrics"] for r in runs]
+    summary = cv_summary(per_fold)
+    table = cv_markdown(labels, per_fold, summary)
+    say(f"cross-validation over {len(runs)} checkpoints (± = {STD_KIND}):")
+    say(table)
+    folds = [r["fold"]["fold"] for r in runs]
+    if len(set(folds)) != len(folds):
+        say("note: several checkpoints were evaluated on the same fold")
+    summary["markdown"] = table
+    summary["folds"] = labels
+    return summary
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -401,52 +373,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         The result record written to ``--output`` (the same on every rank).
     """
     start = time.perf_counter()
-    info = env_info()
-    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
-    paths = find_checkpoints(args.cv_dir) if args.cv_dir else [Path(p) for p in args.ckpt]
-    if len(paths) > 1 and args.fold is not None:
-        raise UserError("--fold cannot be combined with several checkpoints: each one is evaluated on its own "
-                        "fold; drop --fold (or pass a single --ckpt)")
-    for p in paths:  # fail before any slow work if one file is missing
-        if not p.is_file():
-            raise UserError(f"checkpoint {p} does not exist; check --ckpt")
-    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
-    log = print if info.is_main else (lambda *a, **k: None)
-    with process_group(info, dev.backend, dev.device):
-        log(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {info.world_size} process(es), "
+    dist = env_info()
+    paths = _checkpoint_paths(args)
+    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=dist.local_rank)
+    say = rank0_printer(dist)
+    with process_group(dist, dev.backend, dev.device):
+        say(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {dist.world_size} process(es), "
             f"{torch.get_num_threads()} CPU thread(s) per process")
         cache: dict = {}
         runs = []
         for path in paths:
-            record = evaluate_checkpoint(path, args, dev, info, cache, log)
+            record = evaluate_checkpoint(path, args, dev, dist, cache, say)
             runs.append(record)
             if args.per_image and record.get("per_image"):
                 for row in record["per_image"]:
-                    log(f"  {row['name']}: " + "  ".join(f"{k} {_fmt(row[k])}" for k in CV_METRICS))
-            log(format_table(record["metrics"]))
-            log(f"({record['seconds']:.1f} s)")
-            log("")
-        device = {"type": dev.type, "name": dev.name(), "amp": dev.amp_name, "world_size": info.world_size}
+                    say(f"  {row['name']}: " + "  ".join(f"{k} {fmt(row[k])}" for k in CV_METRICS))
+            say(format_table(record["metrics"]))
+            say(f"({record['seconds']:.1f} s)")
+            say("")
+        device = {"type": dev.type, "name": dev.name(), "amp": dev.amp_name, "world_size": dist.world_size}
         if len(runs) == 1:
             out = {**runs[0], "device": device, "seconds": time.perf_counter() - start}
         else:
-            labels = [str(r["fold"]["fold"]) if r["fold"]["fold"] is not None else "all" for r in runs]
-            per_fold = [r["metrics"] for r in runs]
-            summary = cv_summary(per_fold)
-            table = cv_markdown(labels, per_fold, summary)
-            log(f"cross-validation over {len(runs)} checkpoints (± = {STD_KIND}):")
-            log(table)
-            folds = [r["fold"]["fold"] for r in runs]
-            if len(set(folds)) != len(folds):
-                log("note: several checkpoints were evaluated on the same fold")
-            summary["markdown"] = table
-            summary["folds"] = labels
-            out = {"runs": runs, "cv": summary, "device": device, "seconds": time.perf_counter() - start}
-        out = _jsonable(out)
-        if args.output is not None and info.is_main:
+            out = {"runs": runs, "cv": _cv_record(runs, say), "device": device,
+                   "seconds": time.perf_counter() - start}
+        out = jsonable(out)
+        if args.output is not None and dist.is_main:
             text = json.dumps(out, indent=2) + "\n"
             atomic_write(args.output, lambda f: f.write(text.encode("utf-8")))
-            log(f"wrote {args.output}")
+            say(f"wrote {args.output}")
         sys.stdout.flush()
         return out

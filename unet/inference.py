@@ -1,7 +1,7 @@
 """Inference: image stacks in, uint8 masks (plus optional probabilities and overlay PNGs) out, streaming.
 
 ``python infer.py --ckpt model.pt --input stack.tif --output masks.tif`` reads the stack a few pages at a
-time, predicts each slice with :func:`unet.evaluation.predict_probabilities` (the one tiler) and appends
+time, predicts each slice with :func:`unet.predict.predict_probabilities` (the one predictor) and appends
 the results to the output TIFFs as it goes, so peak host memory depends on the slice size and
 ``--read-batch``, never on the stack depth. Every output is written to a hidden temporary file beside its
 final name and renamed only when complete: an interrupted run never leaves a half-written file.
@@ -29,11 +29,20 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from unet.atomic import atomic_path, publish, temporary_path
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int
-from unet.data.io import TIFF_SUFFIXES, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype, stack_info
+from unet.checkpoint import load_model
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
+from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
+                          stack_info)
+from unet.data.synthetic import make_synthetic_em
+from unet.device import setup_device
 from unet.errors import UserError
+from unet.export import export_model
+from unet.predict import predict_probabilities
+from unet.tiling import TilingOptions
 
 PROB_DTYPES = ("float32", "uint8")
 COMPRESSIONS = ("zlib", "none")
@@ -47,40 +56,17 @@ OVERLAY_ALPHA = 0.5
 # ------------------------------------------------------------------------------------------ planning
 
 @dataclass
-class StackInfo:
-    """What the header of one input stack says.
-
-    Args:
-        path: the input file (None for the built-in synthetic stack).
-        num_slices, height, width, channels: stack geometry.
-        dtype: raw pixel dtype.
-    """
-
-    path: Path | None
-    num_slices: int
-    height: int
-    width: int
-    channels: int
-    dtype: np.dtype
-
-    @property
-    def name(self) -> str:
-        """The input's stem (``a.ome.tif`` -> ``a``), or ``synthetic``."""
-        return "synthetic" if self.path is None else self.path.name.split(".")[0]
-
-
-@dataclass
 class Job:
     """One input stack and the files it produces.
 
     Args:
-        info: the input's header.
+        stack: the input's header.
         output: mask stack to write.
         probabilities: probability stack to write, or None.
         overlay_dir: folder for overlay PNGs, or None.
     """
 
-    info: StackInfo
+    stack: StackInfo
     output: Path
     probabilities: Path | None = None
     overlay_dir: Path | None = None
@@ -89,8 +75,8 @@ class Job:
         """One PNG per slice: ``<stem>_<page>.png`` (page numbers from 0)."""
         if self.overlay_dir is None:
             return []
-        digits = max(3, len(str(self.info.num_slices - 1)))
-        return [self.overlay_dir / f"{self.info.name}_{k:0{digits}d}.png" for k in range(self.info.num_slices)]
+        digits = max(3, len(str(self.stack.num_slices - 1)))
+        return [self.overlay_dir / f"{self.stack.name}_{k:0{digits}d}.png" for k in range(self.stack.num_slices)]
 
     def outputs(self) -> list[Path]:
         """Every file this job writes."""
@@ -120,9 +106,9 @@ def read_info(path: Path) -> StackInfo:
     Raises:
         UserError: unreadable file, pages of different sizes, several image series, or an unsupported dtype.
     """
-    n, h, w, c, dtype = stack_info(path)  # also refuses stacks whose pages differ in size
-    scale_by_dtype(np.zeros(1, dtype=dtype), source=str(path))  # rejects int32, complex, ... before any work
-    return StackInfo(path, int(n), int(h), int(w), int(c), np.dtype(dtype))
+    stack = stack_info(path)  # also refuses stacks whose pages differ in size
+    scale_by_dtype(np.zeros(1, dtype=stack.dtype), source=str(path))  # rejects int32, complex, ... before any work
+    return stack
 
 
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
@@ -147,41 +133,57 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     output = Path(output)
     prob = Path(probabilities) if probabilities is not None else None
     ovl = Path(overlay_dir) if overlay_dir is not None else None
-    if input_path is None:
-        n, h, w = SYNTHETIC_SHAPE
-        infos = [StackInfo(None, n, h, w, 1, np.dtype(np.uint8))]
-        folder_mode = False
-    else:
-        input_path = Path(input_path)
-        files = list_inputs(input_path)
-        infos = [read_info(f) for f in files]
-        folder_mode = input_path.is_dir()
-    for info in infos:
-        # A one-pixel probe: the reader's own channel check and message, before any pixel is read.
-        as_image(np.zeros((info.channels, 1, 1), info.dtype), info.path or "synthetic", in_channels)
-
-    if folder_mode:
-        stems = [i.name for i in infos]
-        dup = sorted({s for s in stems if stems.count(s) > 1})
-        if dup:
-            raise UserError(f"{input_path}: several inputs share the name {dup[0]!r} (e.g. .tif and .png); "
-                            f"outputs would collide, rename them")
-        out_dir = _output_folder(output, "--output", input_path)
-        prob_dir = _output_folder(prob, "--probabilities", input_path) if prob else None
-        jobs = [Job(i, out_dir / f"{i.name}.tif", prob_dir / f"{i.name}.tif" if prob_dir else None, ovl)
-                for i in infos]
+    stacks = _read_inputs(input_path, in_channels)
+    if input_path is not None and Path(input_path).is_dir():
+        jobs = _folder_jobs(Path(input_path), stacks, output, prob, ovl)
     else:
         _check_output_file(output, "--output")
         if prob is not None:
             _check_output_file(prob, "--probabilities")
-        jobs = [Job(infos[0], output, prob, ovl)]
+        jobs = [Job(stacks[0], output, prob, ovl)]
     if ovl is not None:
         if ovl.exists() and not ovl.is_dir():
             raise UserError(f"{ovl}: --overlay must be a folder, but a file has that name")
         if not ovl.parent.is_dir():
             raise UserError(f"{ovl}: --overlay folder's parent {ovl.parent} does not exist; create it first")
+    _check_outputs(jobs, overwrite)
+    # Folders are made only now, after every check passed, so a rejected run leaves nothing behind.
+    for folder in {j.output.parent for j in jobs} | {j.probabilities.parent for j in jobs if j.probabilities} \
+            | ({ovl} if ovl is not None else set()):
+        folder.mkdir(exist_ok=True)
+    return jobs
 
-    inputs = {j.info.path.resolve() for j in jobs if j.info.path is not None}
+
+def _read_inputs(input_path: str | Path | None, in_channels: int) -> list[StackInfo]:
+    """The headers of every input stack (the built-in synthetic one for None), channels checked."""
+    if input_path is None:
+        n, h, w = SYNTHETIC_SHAPE
+        stacks = [StackInfo(None, n, h, w, 1, np.dtype(np.uint8))]
+    else:
+        stacks = [read_info(f) for f in list_inputs(Path(input_path))]
+    for stack in stacks:
+        # A one-pixel probe: the reader's own channel check and message, before any pixel is read.
+        as_image(np.zeros((stack.channels, 1, 1), stack.dtype), stack.path or "synthetic", in_channels)
+    return stacks
+
+
+def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: Path | None,
+                 ovl: Path | None) -> list[Job]:
+    """One job per stack of an input folder, writing into the output folder(s)."""
+    stems = [stack.name for stack in stacks]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise UserError(f"{input_dir}: several inputs share the name {dup[0]!r} (e.g. .tif and .png); "
+                        f"outputs would collide, rename them")
+    out_dir = _output_folder(output, "--output", input_dir)
+    prob_dir = _output_folder(prob, "--probabilities", input_dir) if prob else None
+    return [Job(stack, out_dir / f"{stack.name}.tif", prob_dir / f"{stack.name}.tif" if prob_dir else None, ovl)
+            for stack in stacks]
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
+    """No output replaces an input, another output, a folder, or (without ``overwrite``) an existing file."""
+    inputs = {j.stack.path.resolve() for j in jobs if j.stack.path is not None}
     seen: set[Path] = set()
     for job in jobs:
         for out in job.outputs():
@@ -196,11 +198,6 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
                 raise UserError(f"{out}: output exists; pass --overwrite to replace it or choose another name")
             if out.exists() and out.is_dir():
                 raise UserError(f"{out}: output is a folder; give a file name")
-    # Folders are made only now, after every check passed, so a rejected run leaves nothing behind.
-    for folder in {j.output.parent for j in jobs} | {j.probabilities.parent for j in jobs if j.probabilities} \
-            | ({ovl} if ovl is not None else set()):
-        folder.mkdir(exist_ok=True)
-    return jobs
 
 
 def _check_output_file(path: Path, flag: str) -> None:
@@ -279,7 +276,6 @@ class StackWriter:
 
 
 def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
     with atomic_path(path) as tmp:
         Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
 
@@ -315,19 +311,17 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
-def iter_job_pages(info: StackInfo, batch: int) -> Iterator[np.ndarray]:
+def iter_job_pages(stack: StackInfo, batch: int) -> Iterator[np.ndarray]:
     """Raw pages of a job's input in chunks of ``batch`` slices: ``(b, H, W)`` or ``(b, C, H, W)``."""
-    if info.path is None:
-        from unet.data.synthetic import make_synthetic_em
-        images, _ = make_synthetic_em(info.num_slices, info.height, info.width, seed=0)
+    if stack.path is None:
+        images, _ = make_synthetic_em(stack.num_slices, stack.height, stack.width, seed=0)
         yield from iter_chunks(images, batch)
         return
-    yield from iter_pages(info.path, batch)
+    yield from iter_pages(stack.path, batch)
 
 
 def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, source: str = "input",
-                  tile_size: int | None = None, tile_batch: int = 4, overlap: float = 0.25,
-                  blend: str = "gaussian", tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                  options: TilingOptions | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Predict slice by slice, holding one chunk of raw pages at a time.
 
     Args:
@@ -335,18 +329,16 @@ def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, 
         dev: the :class:`~unet.device.DeviceSetup`.
         chunks: raw pages ``(b, H, W)`` or ``(b, C, H, W)`` in uint8, uint16 or float (e.g. from ``iter_pages``).
         source: file name for error messages.
-        tile_size, tile_batch, overlap, blend, tta: passed to :func:`unet.evaluation.predict_probabilities`.
+        options: whole-slice tiling options for :func:`unet.predict.predict_probabilities`.
 
     Returns:
         An iterator of ``(image, mask, probability)`` per slice: the [0, 1] ``(C, H, W)`` float32 input,
         the uint8 ``(H, W)`` mask (255 = cell) and the float32 ``(H, W)`` class-1 probability.
     """
-    from unet.evaluation import predict_probabilities
     for chunk in chunks:
         for raw in chunk:
             image = as_image(raw, source, None)  # predict_probabilities checks the channels
-            probs = predict_probabilities(model, image, dev, tile_size=tile_size, tile_batch=tile_batch,
-                                          overlap=overlap, blend=blend, tta=tta)
+            probs = predict_probabilities(model, image, dev, options)
             mask = mask_from_probabilities(probs).cpu().numpy()
             yield image, mask, probs[1].float().cpu().numpy()
 
@@ -371,7 +363,7 @@ class RunResult:
 
 
 def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_dtype: str = "float32",
-            compression: str = "zlib", progress=None, predict_kwargs: dict | None = None) -> list[Path]:
+            compression: str = "zlib", progress=None, options: TilingOptions | None = None) -> list[Path]:
     """Predict one input stack and write its outputs atomically.
 
     Args:
@@ -382,33 +374,32 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
         prob_dtype: ``float32`` or ``uint8`` (probability x 255, rounded) for the probability stack.
         compression: ``zlib`` or ``none`` for the TIFF outputs.
         progress: a tqdm bar to advance by one per slice, or None.
-        predict_kwargs: tiling options for :func:`predict_pages`.
+        options: whole-slice tiling options for :func:`predict_pages`.
 
     Returns:
         The files written.
     """
     if prob_dtype not in PROB_DTYPES:
         raise ValueError(f"prob_dtype must be one of {PROB_DTYPES}, got {prob_dtype!r}")
-    info = job.info
-    pixels = info.num_slices * info.height * info.width
+    stack = job.stack
+    pixels = stack.num_slices * stack.height * stack.width
     overlay_paths = job.overlay_paths()
-    source = str(info.path) if info.path is not None else "synthetic"
+    source = str(stack.path) if stack.path is not None else "synthetic"
     written: list[Path] = []
     try:
-        with contextlib.ExitStack() as stack:
-            masks = stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
+        with contextlib.ExitStack() as writers:
+            masks = writers.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
             probs_out = None
             if job.probabilities is not None:
                 nbytes = pixels * np.dtype(prob_dtype).itemsize
-                probs_out = stack.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
-                                                            compression=compression))
-            pages = predict_pages(model, dev, iter_job_pages(info, read_batch), source=source,
-                                  **(predict_kwargs or {}))
+                probs_out = writers.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
+                                                              compression=compression))
+            pages = predict_pages(model, dev, iter_job_pages(stack, read_batch), source=source, options=options)
             # zip_longest: one page more or fewer than planned shows up as a None on one side.
-            for k, page in itertools.zip_longest(range(info.num_slices), pages):
+            for k, page in itertools.zip_longest(range(stack.num_slices), pages):
                 if k is None or page is None:
                     raise UserError(f"{source}: the number of slices changed during the run (its header said "
-                                    f"{info.num_slices}); keep inputs unchanged while infer.py runs")
+                                    f"{stack.num_slices}); keep inputs unchanged while infer.py runs")
                 image, mask, prob = page
                 masks.append(mask)
                 if probs_out is not None:
@@ -431,29 +422,28 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
 
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], *, read_batch: int = 8,
                   prob_dtype: str = "float32", compression: str = "zlib", show_progress: bool = True,
-                  predict_kwargs: dict | None = None) -> RunResult:
+                  options: TilingOptions | None = None) -> RunResult:
     """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
 
     Args:
         model: a UNet on ``dev.device``.
         dev: the device setup.
         jobs: from :func:`plan_jobs`.
-        read_batch, prob_dtype, compression, predict_kwargs: as for :func:`run_job`.
+        read_batch, prob_dtype, compression, options: as for :func:`run_job`.
         show_progress: draw the tqdm bar.
 
     Returns:
         A :class:`RunResult`.
     """
-    from tqdm import tqdm
-    total = sum(j.info.num_slices for j in jobs)
+    total = sum(j.stack.num_slices for j in jobs)
     result = RunResult()
     start = time.perf_counter()
     with tqdm(total=total, unit="slice", desc="infer", file=sys.stderr, disable=not show_progress,
               dynamic_ncols=True) as bar:
         for job in jobs:
             result.outputs += run_job(job, model, dev, read_batch=read_batch, prob_dtype=prob_dtype,
-                                      compression=compression, progress=bar, predict_kwargs=predict_kwargs)
-            result.slices += job.info.num_slices
+                                      compression=compression, progress=bar, options=options)
+            result.slices += job.stack.num_slices
     dev.synchronize()
     result.seconds = time.perf_counter() - start
     return result
@@ -502,8 +492,6 @@ def main(args: argparse.Namespace) -> RunResult | Path:
     Returns:
         The exported file's path, or a :class:`RunResult`.
     """
-    from unet.checkpoint import load_model
-    from unet.device import setup_device
     if args.export is not None and (args.input is not None or args.output is not None):
         raise UserError("--export writes a model, not masks; run it without --input/--output")
     if args.export is None and args.output is None:
@@ -511,7 +499,6 @@ def main(args: argparse.Namespace) -> RunResult | Path:
     model, _ = load_model(args.ckpt)
 
     if args.export is not None:
-        from unet.export import export_model
         path = export_model(model, args.export, tile_size=args.tile_size, overwrite=args.overwrite)
         print(f"exported {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
         return path
@@ -521,12 +508,11 @@ def main(args: argparse.Namespace) -> RunResult | Path:
     dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
     model = dev.prepare_model(model)
     what = "built-in synthetic stack" if args.input is None else args.input
-    print(f"predicting {sum(j.info.num_slices for j in jobs)} slices from {what} on {dev.name()} "
+    print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
           f"({dev.type}, {dev.amp_name})", file=sys.stderr)
     result = run_inference(model, dev, jobs, read_batch=args.read_batch, prob_dtype=args.prob_dtype,
                            compression=args.compression, show_progress=not args.no_progress,
-                           predict_kwargs=dict(tile_size=args.tile_size, tile_batch=args.tile_batch,
-                                               overlap=args.overlap, blend=args.blend, tta=args.tta))
+                           options=tiling_options(args))
     for job in jobs:
         print(f"wrote {job.output}" + (f" and {job.probabilities}" if job.probabilities else ""))
     if args.overlay:

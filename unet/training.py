@@ -6,23 +6,30 @@ Rank 0 alone prints, logs and writes; validation metrics are summed over ranks b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from unet import distributed as D
+from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int
-from unet.data.folds import fold_indices
+from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
+from unet.data.folds import SCHEMES, fold_indices
 from unet.data.io import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
-from unet.device import DeviceSetup, device_module, setup_device
+from unet.device import DeviceSetup, setup_device
+from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, env_info,
+                              process_group, rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
+from unet.evaluation import evaluate_slices
 from unet.losses import ce_dice_loss
 from unet.model import PADDINGS, ModelConfig, UNet
+from unet.run_log import MetricsLog, plot_curves, write_json
 
 # Arguments that define a run: resuming with any of them changed would silently mix two experiments.
 RUN_IDENTITY = ("data_dir", "fold", "folds", "fold_scheme", "seed", "batch_size", "learning_rate",
@@ -48,7 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "omitted: the built-in synthetic EM set")
     g.add_argument("--fold", type=int, default=None, help="validation fold; omitted: train on all images")
     g.add_argument("--folds", type=positive_int, default=5, help="number of cross-validation folds")
-    g.add_argument("--fold-scheme", "--fold_scheme", default="disjoint", choices=("disjoint", "nvidia"),
+    g.add_argument("--fold-scheme", "--fold_scheme", default="disjoint", choices=SCHEMES,
                    help="disjoint: every image validated exactly once; nvidia: UNet_Medical's overlapping folds")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="flips, rotations, elastic deformation, intensity changes")
@@ -93,8 +100,68 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _identity(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in RUN_IDENTITY}
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run: the parsed flags, resolved once, plus the world size.
+
+    Built by :meth:`from_args` and never edited afterwards; stored in every checkpoint under ``"args"`` as a
+    plain dict (:meth:`as_dict`, the same keys as the ``vars(args)`` of earlier versions, which still load).
+    """
+
+    data_dir: str | None
+    fold: int | None
+    folds: int
+    fold_scheme: str
+    augment: bool
+    workers: int | None
+    base_filters: int
+    depth: int
+    padding: str
+    batch_norm: bool
+    dropout: float
+    input_size: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    max_steps: int
+    clip_grad: float | None
+    seed: int
+    compile: bool
+    model_dir: str
+    evaluate_every: int
+    log_every: int
+    save_every: int
+    resume: bool
+    overwrite: bool
+    no_progress: bool
+    benchmark: bool
+    warmup_steps: int
+    peak_tflops: float | None
+    device: str
+    amp: bool
+    amp_dtype: str | None  # the dtype autocast really uses (bf16/fp16), None without --amp
+    tile_size: int | None
+    tile_batch: int
+    overlap: float
+    blend: str
+    tta: bool
+    world_size: int = 1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, world_size: int, amp_dtype: str | None) -> "RunConfig":
+        """The run's config from :func:`get_args_parser` arguments (the default crop size filled in)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "world_size"}
+        if values["input_size"] is None:
+            values["input_size"] = 572 if args.padding == "valid" else 256
+        return cls(**{**values, "amp_dtype": amp_dtype, "world_size": world_size})
+
+    def as_dict(self) -> dict:
+        """A plain dict (what checkpoints store under ``"args"``: ``weights_only`` loads no dataclasses)."""
+        return asdict(self)
+
+    def identity(self) -> dict:
+        """The :data:`RUN_IDENTITY` values."""
+        return {k: getattr(self, k) for k in RUN_IDENTITY}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -104,21 +171,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-
-
-def _rng_state(dev: DeviceSetup) -> dict:
-    # Only torch's generators drive training randomness (dropout); data augmentation draws from
-    # per-sample generators seeded by (seed, rank, sample index), so the stream position is the step.
-    state = {"torch": torch.get_rng_state()}
-    if dev.type != "cpu":
-        state["device"] = device_module(dev.type).get_rng_state(dev.device)
-    return state
-
-
-def _set_rng_state(state: dict, dev: DeviceSetup) -> None:
-    torch.set_rng_state(state["torch"])
-    if dev.type != "cpu" and "device" in state:
-        device_module(dev.type).set_rng_state(state["device"], dev.device)
 
 
 def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -144,25 +196,24 @@ def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of all weights: equal on every rank exactly when DDP kept the replicas in sync."""
-    import hashlib
     h = hashlib.sha256()
     for t in model.state_dict().values():
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _find_run(args, model_dir: Path) -> dict | None:
+def find_run(config: RunConfig, model_dir: Path) -> dict | None:
     """The checkpoint to resume from, None to start fresh; refuses to clobber a different run."""
     last = model_dir / "last.pt"
-    if args.overwrite:
+    if config.overwrite:
         return None
     if not last.exists():
-        if args.resume:
+        if config.resume:
             raise UserError(f"--resume: there is no {last} to resume from; drop --resume to start a new run")
         return None
     ckpt = load_checkpoint(last)
     saved = {k: ckpt.get("args", {}).get(k) for k in RUN_IDENTITY}
-    diff = [f"--{k.replace('_', '-')} {saved[k]!r} there vs {v!r} now" for k, v in _identity(args).items()
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} there vs {v!r} now" for k, v in config.identity().items()
             if saved[k] != v]
     if diff:
         raise UserError(f"{model_dir} holds a different run ({'; '.join(diff[:3])}); pass the same arguments to "
@@ -170,228 +221,305 @@ def _find_run(args, model_dir: Path) -> dict | None:
     return ckpt
 
 
+class LossTracker:
+    """Loss bookkeeping kept on the device (no host sync per step).
+
+    Sums the finite losses since the last log (steps the fp16 scaler skipped are left out) and remembers the
+    first step at which the non-finite losses in a row reached the limit (1, or
+    :data:`MAX_NONFINITE_STREAK_FP16` under fp16, whose scaler skips overflowing steps itself).
+    """
+
+    def __init__(self, device: torch.device, fp16: bool):
+        self.device, self.fp16 = device, fp16
+        self.limit = MAX_NONFINITE_STREAK_FP16 if fp16 else 1
+        self.streak = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.loss_sum, self.finite_count = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.count, self.since = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss)
+        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        self.first_bad = torch.where((self.first_bad < 0) & (self.streak >= self.limit),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(self.loss_sum))
+        self.finite_count += finite
+        self.count += 1
+
+    def first_bad_step(self, max_steps: int) -> int | None:
+        """The earliest bad step on any rank (an all-reduce), or None."""
+        never = torch.full_like(self.first_bad, max_steps + 1)  # ranks without a bad step
+        bad = int(all_reduce_min(torch.where(self.first_bad < 0, never, self.first_bad), self.device).item())
+        return bad if bad <= max_steps else None
+
+    def mean_and_reset(self) -> tuple[float, int, float]:
+        """(mean finite loss over all ranks, steps, seconds) since the last call; NaN if every step was skipped."""
+        total = all_reduce_sum(torch.stack([self.loss_sum, self.finite_count]), self.device)
+        mean_loss = (total[0] / total[1]).item()
+        steps, seconds = self.count, time.perf_counter() - self.since
+        self.loss_sum.zero_()
+        self.finite_count.zero_()
+        self.count = 0
+        self.restart_clock()
+        return mean_loss, steps, seconds
+
+    def restart_clock(self) -> None:
+        """Start timing throughput afresh (validation time is not training throughput)."""
+        self.since = time.perf_counter()
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train (or benchmark) as ``args`` say; returns the final summary (on every rank)."""
     _check_args(args)
-    info = D.env_info()
-    args.world_size = info.world_size
-    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=info.local_rank)
-    args.amp_dtype = dev.amp_name if args.amp else None
-    with D.process_group(info, dev.backend, dev.device):
-        return _train(args, info, dev)
+    dist = env_info()
+    dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=dist.local_rank)
+    config = RunConfig.from_args(args, world_size=dist.world_size, amp_dtype=dev.amp_name if args.amp else None)
+    with process_group(dist, dev.backend, dev.device):
+        return Trainer(config, dist, dev).fit()
 
 
-def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict:
-    model_dir = Path(args.model_dir)
-    say = print if info.is_main else (lambda *a, **k: None)
+class Trainer:
+    """One training run on this rank; :meth:`fit` reads as its outline.
 
-    slices = load_dataset(args.data_dir)
-    train_idx, val_idx = fold_indices(len(slices), args.fold, args.folds, args.fold_scheme, args.seed)
-    train_set, val_set = slices.subset(train_idx), slices.subset(val_idx)
-    in_channels = train_set.images[0].shape[0]
+    Args:
+        config: the run's :class:`RunConfig`.
+        dist: this process's place in the job.
+        dev: the device setup.
+    """
 
-    config = ModelConfig(in_channels=in_channels, base_filters=args.base_filters, depth=args.depth,
-                         padding=args.padding, batch_norm=args.batch_norm, dropout=args.dropout)
-    if args.input_size is None:
-        args.input_size = 572 if args.padding == "valid" else 256
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = UNet(config)
-    try:
-        output_size = model.output_size(args.input_size)
-    except ValueError as e:
-        raise UserError(f"--input-size: {e}") from None
+    def __init__(self, config: RunConfig, dist: DistInfo, dev: DeviceSetup):
+        self.config, self.dist, self.dev = config, dist, dev
+        self.model_dir = Path(config.model_dir)
+        self.data_name = config.data_dir or "built-in synthetic EM set"
+        self.say = rank0_printer(dist)
+        self.tiling = tiling_options(config)
+        self.global_batch = config.batch_size * dist.world_size
+        self.step, self.last_good_step = 0, 0
+        self.best_dice_nvidia, self.best_step = -math.inf, None
+        self.last_metrics: dict | None = None
+        self.log: MetricsLog | None = None
 
-    resume = None
-    if info.is_main and not args.benchmark:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        resume = _find_run(args, model_dir)
-    # Every rank must agree whether (and from which step) to resume before touching the model.
-    resume_step = D.broadcast_object(resume["step"] if resume is not None else None)
-    if resume_step is not None and resume is None:
-        resume = load_checkpoint(model_dir / "last.pt")
-    if resume is not None and int(resume["step"]) >= args.max_steps:
-        say(f"{model_dir} holds a finished run ({resume['step']} steps); nothing to do. Raise --max-steps to "
-            f"train on, or pass --overwrite to start over")
-        return resume.get("summary") or {"steps": int(resume["step"]), "model_dir": str(model_dir)}
-    if resume is not None:
-        model = model_from_checkpoint(resume, model_dir / "last.pt")
+    def fit(self) -> dict:
+        """restore -> loop of train_step -> validate -> save; returns the summary (or the benchmark result)."""
+        self.load_data()
+        model = self.new_model()
+        resume = self.restore()
+        if resume is not None and int(resume["step"]) >= self.config.max_steps:
+            return self.already_done(resume)
+        self.build(model, resume)
+        self.announce(resumed=resume is not None)
+        if self.config.benchmark:
+            return run_benchmark(self)
+        if self.dist.is_main:
+            self.log = MetricsLog(self.model_dir / "metrics.jsonl",
+                                  resume_step=self.step if resume is not None else None)
+        losses = LossTracker(self.dev.device, fp16=self.scaler.is_enabled())
+        bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.dist.is_main or self.config.no_progress, smoothing=0.1)
+        self.model.train()
+        self.last_good_step = self.step
+        while self.step < self.config.max_steps:
+            loss = train_step(self.net, *next(self.batches), self.optimizer, self.scaler, self.dev,
+                              clip_grad=self.config.clip_grad)
+            self.step += 1
+            losses.add(loss, self.step)
+            bar.update(1)
+            self.after_step(losses, bar)
+        bar.close()
+        return self.finish()
 
-    model = dev.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scaler = dev.grad_scaler()
-    step, best, history_best_step = 0, -math.inf, None
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+    # -------------------------------------------------------------------------------------- set-up
+
+    def load_data(self) -> None:
+        c = self.config
+        slices = load_dataset(c.data_dir)
+        train_idx, val_idx = fold_indices(len(slices), c.fold, c.folds, c.fold_scheme, c.seed)
+        self.train_set, self.val_set = slices.subset(train_idx), slices.subset(val_idx)
+
+    def new_model(self) -> UNet:
+        """Freshly initialised weights, the same on every rank (DDP also broadcasts them)."""
+        c = self.config
+        self.model_config = ModelConfig(in_channels=self.train_set.images[0].shape[0], base_filters=c.base_filters,
+                                        depth=c.depth, padding=c.padding, batch_norm=c.batch_norm, dropout=c.dropout)
+        torch.manual_seed(c.seed)
+        model = UNet(self.model_config)
+        try:
+            self.output_size = model.output_size(c.input_size)
+        except ValueError as e:
+            raise UserError(f"--input-size: {e}") from None
+        return model
+
+    def restore(self) -> dict | None:
+        """The checkpoint to resume from (None: a fresh run); every rank agrees before touching the model."""
+        resume = None
+        if self.dist.is_main and not self.config.benchmark:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            resume = find_run(self.config, self.model_dir)
+        resume_step = broadcast_object(resume["step"] if resume is not None else None)
+        if resume_step is not None and resume is None:
+            resume = load_checkpoint(self.model_dir / "last.pt")
+        return resume
+
+    def already_done(self, resume: dict) -> dict:
+        self.say(f"{self.model_dir} holds a finished run ({resume['step']} steps); nothing to do. Raise "
+                 f"--max-steps to train on, or pass --overwrite to start over")
+        return resume.get("summary") or {"steps": int(resume["step"]), "model_dir": str(self.model_dir)}
+
+    def build(self, model: UNet, resume: dict | None) -> None:
+        """Model, optimizer, scaler, DDP/compile wrapper and data stream, from ``resume`` where given."""
+        c = self.config
+        if resume is not None:
+            model = model_from_checkpoint(resume, self.model_dir / "last.pt")
+        self.model = self.dev.prepare_model(model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.scaler = self.dev.grad_scaler()
+        if resume is not None:
+            self.load_state(resume)
+        self.net = self.model
+        if self.dist.distributed:
+            self.net = DistributedDataParallel(self.model, **self.dev.ddp_kwargs())
+        if c.compile:
+            self.net = torch.compile(self.net)
+        self.workers = default_workers() if c.workers is None else c.workers
+        stream = TrainTiles(self.train_set, c.input_size, self.output_size, augment=c.augment, seed=c.seed,
+                            rank=self.dist.rank, world_size=self.dist.world_size,
+                            start_index=self.step * c.batch_size)
+        # Starting the loader draws from torch's generator, so the dropout stream is set after it.
+        self.batches = iter(build_train_loader(stream, c.batch_size, self.workers, self.dev.pin_memory))
+        if resume is not None:
+            self.dev.set_rng_state(resume["rng"])
+        else:
+            torch.manual_seed(c.seed + 1)  # dropout stream, independent of how many weights were drawn
+
+    def load_state(self, resume: dict) -> None:
+        """Optimizer, scaler, step and best score of a checkpoint (``best_dice`` in older ones)."""
+        self.optimizer.load_state_dict(resume["optimizer"])
         if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        step = int(resume["step"])
-        best = resume.get("best_dice", -math.inf)
-        history_best_step = resume.get("best_step")
+            self.scaler.load_state_dict(resume["scaler"])
+        self.step = int(resume["step"])
+        self.best_dice_nvidia = resume.get("best_dice_nvidia", resume.get("best_dice", -math.inf))
+        self.best_step = resume.get("best_step")
 
-    net = model
-    if info.distributed:
-        net = DistributedDataParallel(model, device_ids=None if dev.type == "cpu" else [dev.device])
-    if args.compile:
-        net = torch.compile(net)
+    def announce(self, resumed: bool) -> None:
+        c, cfg, ws = self.config, self.model_config, self.dist.world_size
+        self.say(f"unet-train: {self.dev.name()} ({self.dev.type}, {self.dev.amp_name}) x {ws} process(es); "
+                 f"global batch {self.global_batch} = {c.batch_size} per device x {ws}")
+        self.say(f"data: {self.data_name}: {len(self.train_set)} training / {len(self.val_set)} validation "
+                 f"slices (fold {c.fold} of {c.folds}, {c.fold_scheme}); crops {c.input_size} -> "
+                 f"{self.output_size}, augment {'on' if c.augment else 'off'}, {self.workers} loader worker(s)")
+        self.say(f"model: {sum(p.numel() for p in self.model.parameters()):,} parameters, {cfg.padding} padding, "
+                 f"base {cfg.base_filters} filters, depth {cfg.depth}")
+        if resumed:
+            self.say(f"resuming {self.model_dir / 'last.pt'} at step {self.step}")
 
-    workers = default_workers() if args.workers is None else args.workers
-    stream = TrainTiles(train_set, args.input_size, output_size, augment=args.augment, seed=args.seed,
-                        rank=info.rank, world_size=info.world_size, start_index=step * args.batch_size)
-    loader = build_train_loader(stream, args.batch_size, workers, dev.pin_memory)
-    # Starting the loader draws from torch's generator, so the dropout stream is set after it.
-    batches = iter(loader)
-    if resume is not None:
-        _set_rng_state(resume["rng"], dev)
-    else:
-        torch.manual_seed(args.seed + 1)  # dropout stream, independent of how many weights were drawn
+    # -------------------------------------------------------------------------------------- the loop
 
-    global_batch = args.batch_size * info.world_size
-    data_name = args.data_dir or "built-in synthetic EM set"
-    say(f"unet-train: {dev.name()} ({dev.type}, {dev.amp_name}) x {info.world_size} process(es); "
-        f"global batch {global_batch} = {args.batch_size} per device x {info.world_size}")
-    say(f"data: {data_name}: {len(train_set)} training / {len(val_set)} validation slices "
-        f"(fold {args.fold} of {args.folds}, {args.fold_scheme}); crops {args.input_size} -> {output_size}, "
-        f"augment {'on' if args.augment else 'off'}, {workers} loader worker(s)")
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {config.padding} padding, "
-        f"base {config.base_filters} filters, depth {config.depth}")
-    if resume is not None:
-        say(f"resuming {model_dir / 'last.pt'} at step {step}")
+    def after_step(self, losses: LossTracker, bar) -> None:
+        """Divergence check, loss log, validation and checkpoint, each when due."""
+        c, step = self.config, self.step
+        at_end = step == c.max_steps
+        do_log = step % c.log_every == 0 or at_end
+        do_eval = (c.evaluate_every and step % c.evaluate_every == 0) or at_end
+        do_save = step % c.save_every == 0 or at_end
+        if do_log or do_eval or do_save:
+            self.check_finite(losses)
+        if do_log:
+            self.log_loss(losses, bar)
+        if do_eval:
+            self.last_metrics = self.validate() or self.last_metrics
+            losses.restart_clock()
+        if do_save and not at_end:
+            self.save("last.pt", self.last_metrics)
+            self.last_good_step = step
 
-    if args.benchmark:
-        return _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_batch, say)
+    def check_finite(self, losses: LossTracker) -> None:
+        bad = losses.first_bad_step(self.config.max_steps)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"the loss became non-finite at step {bad}"
+                f"{f' ({MAX_NONFINITE_STREAK_FP16} steps in a row, beyond what fp16 loss scaling skips)' if losses.fp16 else ''}; "
+                f"stopped, keeping the last good checkpoint {self.model_dir / 'last.pt'} (step {self.last_good_step}); "
+                f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
 
-    from unet.run_log import MetricsLog, plot_curves, write_json
-    log = MetricsLog(model_dir / "metrics.jsonl", resume_step=step if resume is not None else None) \
-        if info.is_main else None
+    def log_loss(self, losses: LossTracker, bar) -> None:
+        mean_loss, steps, seconds = losses.mean_and_reset()  # NaN (logged as null) if the scaler skipped all
+        ips = steps * self.global_batch / seconds
+        if self.log:
+            self.log.write({"kind": "train", "step": self.step, "loss": mean_loss, "lr": self.config.learning_rate,
+                            "images_per_s": ips, "loss_scale": self.scaler.get_scale() if losses.fp16 else None})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
 
-    def save(name: str, metrics: dict | None = None, summary: dict | None = None):
-        if info.is_main:
-            save_checkpoint(model_dir / name, model, step=step, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), rng=_rng_state(dev), args=dict(vars(args)),
-                            metrics=metrics or {}, best_dice=best, best_step=history_best_step,
-                            summary=summary)
-        D.barrier()
-
-    def validate() -> dict | None:
-        nonlocal best, history_best_step
-        if not len(val_set):
+    def validate(self) -> dict | None:
+        """Whole-slice metrics on the validation fold (all ranks); a new best score writes best.pt."""
+        if not len(self.val_set):
             return None
-        from unet.evaluation import evaluate_slices
         # evaluate_slices runs the model in eval mode (no dropout) and restores training mode after.
-        metrics = evaluate_slices(model, val_set, dev, dist_info=info, tile_size=args.tile_size,
-                                  tile_batch=args.tile_batch, overlap=args.overlap, blend=args.blend, tta=args.tta)
-        if log:
-            log.write({"kind": "val", "step": step, "val": metrics})
-        say(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                     if k in ("dice_nvidia", "dice_mean", "iou_mean", "v_rand",
-                                                              "v_info")))
-        if metrics["dice_nvidia"] > best:
-            best, history_best_step = metrics["dice_nvidia"], step
-            save("best.pt", metrics)
+        metrics = evaluate_slices(self.model, self.val_set, self.dev, dist=self.dist, options=self.tiling)
+        if self.log:
+            self.log.write({"kind": "val", "step": self.step, "val": metrics})
+        self.say(f"step {self.step}: validation " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k in ("dice_nvidia", "dice_mean", "iou_mean", "v_rand",
+                                                                "v_info")))
+        if metrics["dice_nvidia"] > self.best_dice_nvidia:
+            self.best_dice_nvidia, self.best_step = metrics["dice_nvidia"], self.step
+            self.save("best.pt", metrics)
         return metrics
 
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=not info.is_main or args.no_progress,
-               unit="step", dynamic_ncols=True, smoothing=0.1)
-    fp16 = scaler.is_enabled()
-    limit = MAX_NONFINITE_STREAK_FP16 if fp16 else 1
-    streak = torch.zeros((), device=dev.device)
-    first_bad = torch.full((), -1, device=dev.device, dtype=torch.long)
-    # Sum and count of the finite losses since the last log (steps the fp16 scaler skipped are left out).
-    loss_sum, finite_count = torch.zeros((), device=dev.device), torch.zeros((), device=dev.device)
-    loss_count, t_log, last_metrics = 0, time.perf_counter(), None
-    model.train()
-    last_good_step = step
-    while step < args.max_steps:
-        loss = train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
-        step += 1
-        # Divergence bookkeeping stays on the device: no host sync per step.
-        finite = torch.isfinite(loss)
-        streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
-        first_bad = torch.where((first_bad < 0) & (streak >= limit), torch.full_like(first_bad, step), first_bad)
-        loss_sum += torch.where(finite, loss, torch.zeros_like(loss_sum))
-        finite_count += finite
-        loss_count += 1
-        bar.update(1)
+    def save(self, name: str, metrics: dict | None = None, summary: dict | None = None) -> None:
+        """Rank 0 writes ``model_dir/name``; every rank waits for it."""
+        if self.dist.is_main:
+            save_checkpoint(self.model_dir / name, self.model, step=self.step, optimizer=self.optimizer.state_dict(),
+                            scaler=self.scaler.state_dict(), rng=self.dev.rng_state(), args=self.config.as_dict(),
+                            metrics=metrics or {}, best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step,
+                            summary=summary)
+        barrier()
 
-        at_end = step == args.max_steps
-        do_log = step % args.log_every == 0 or at_end
-        do_eval = (args.evaluate_every and step % args.evaluate_every == 0) or at_end
-        do_save = step % args.save_every == 0 or at_end
-        if do_log or do_eval or do_save:
-            # The earliest bad step on any rank; ranks without one report a step past the end.
-            never = torch.full_like(first_bad, args.max_steps + 1)
-            bad = int(D.all_reduce_min(torch.where(first_bad < 0, never, first_bad), dev.device).item())
-            if bad <= args.max_steps:
-                raise TrainingDiverged(
-                    f"the loss became non-finite at step {bad}"
-                    f"{f' ({MAX_NONFINITE_STREAK_FP16} steps in a row, beyond what fp16 loss scaling skips)' if fp16 else ''}; "
-                    f"stopped, keeping the last good checkpoint {model_dir / 'last.pt'} (step {last_good_step}); "
-                    f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
-        if do_log:
-            total = D.all_reduce_sum(torch.stack([loss_sum, finite_count]), dev.device)
-            mean_loss = (total[0] / total[1]).item()  # NaN (logged as null) if the scaler skipped every step
-            now = time.perf_counter()
-            ips = loss_count * global_batch / (now - t_log)
-            if log:
-                log.write({"kind": "train", "step": step, "loss": mean_loss, "lr": args.learning_rate,
-                           "images_per_s": ips, "loss_scale": scaler.get_scale() if fp16 else None})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
-            loss_sum.zero_()
-            finite_count.zero_()
-            loss_count, t_log = 0, time.perf_counter()
-        if do_eval:
-            last_metrics = validate() or last_metrics
-            t_log = time.perf_counter()  # validation time is not training throughput
-        if do_save and not at_end:
-            save("last.pt", last_metrics)
-            last_good_step = step
-    bar.close()
-
-    summary = {"weights_identical_across_ranks": D.same_on_all_ranks(_weights_digest(model)), "steps": step,
-               "global_batch": global_batch, "world_size": info.world_size, "device": dev.name(),
-               "amp": dev.amp_name, "best_dice_nvidia": best if best > -math.inf else None,
-               "best_step": history_best_step, "final_validation": last_metrics, "model_dir": str(model_dir),
-               "fold": args.fold, "fold_scheme": args.fold_scheme, "data": str(data_name)}
-    save("last.pt", last_metrics, summary=summary)
-    if info.is_main:
-        write_json(model_dir / "summary.json", summary)
-        plot_curves(log.read(), model_dir / "curves.png",
-                    title=f"fold {args.fold} ({args.fold_scheme}), {data_name}")
-        say(f"done: {step} steps; best dice_nvidia {summary['best_dice_nvidia']} at step {history_best_step}; "
-            f"files in {model_dir}")
-    return summary
+    def finish(self) -> dict:
+        """Final last.pt, summary.json and curves.png; returns the summary."""
+        c, best = self.config, self.best_dice_nvidia
+        summary = {"weights_identical_across_ranks": same_on_all_ranks(_weights_digest(self.model)),
+                   "steps": self.step, "global_batch": self.global_batch, "world_size": self.dist.world_size,
+                   "device": self.dev.name(), "amp": self.dev.amp_name,
+                   "best_dice_nvidia": best if best > -math.inf else None, "best_step": self.best_step,
+                   "final_validation": self.last_metrics, "model_dir": str(self.model_dir), "fold": c.fold,
+                   "fold_scheme": c.fold_scheme, "data": str(self.data_name)}
+        self.save("last.pt", self.last_metrics, summary=summary)
+        if self.dist.is_main:
+            write_json(self.model_dir / "summary.json", summary)
+            plot_curves(self.log.read(), self.model_dir / "curves.png",
+                        title=f"fold {c.fold} ({c.fold_scheme}), {self.data_name}")
+            self.say(f"done: {self.step} steps; best dice_nvidia {summary['best_dice_nvidia']} at step "
+                     f"{self.best_step}; files in {self.model_dir}")
+        return summary
 
 
-def _benchmark(args, info, dev, net, model, optimizer, scaler, batches, global_batch, say) -> dict:
-    """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised."""
-    from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
-
-    flops_per_image = model_flops(model, (1, model.config.in_channels, args.input_size, args.input_size))
+def run_benchmark(trainer: Trainer) -> dict:
+    """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised; writes benchmark.json."""
+    c, dev, model = trainer.config, trainer.dev, trainer.model
+    flops_per_image = model_flops(model, (1, model.config.in_channels, c.input_size, c.input_size))
 
     def one_step():
-        train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
+        train_step(trainer.net, *next(trainer.batches), trainer.optimizer, trainer.scaler, dev,
+                   clip_grad=c.clip_grad)
 
     model.train()
-    _, step_time = time_steps(one_step, args.warmup_steps, args.max_steps, dev, barrier=D.barrier)
+    _, step_time = time_steps(one_step, c.warmup_steps, c.max_steps, dev, barrier=barrier)
     peak_memory = dev.peak_memory_bytes()  # read before the CPU peak measurement adds its own buffers
-    images_per_s = global_batch / step_time
-    achieved = flops_per_image * args.batch_size / step_time  # per device
+    achieved = flops_per_image * c.batch_size / step_time  # per device
     precision = dev.amp_name
     cpu_peaks = ({precision: measure_cpu_peak(PRECISION_DTYPES[precision])}
-                 if dev.type == "cpu" and not args.peak_tflops else {})
-    peak, source = peak_source(dev, precision, cpu_peaks, args.peak_tflops)
-    result = {"images_per_s": images_per_s, "step_time_ms": step_time * 1e3, "global_batch": global_batch,
-              "world_size": info.world_size, "batch_per_device": args.batch_size, "input_size": args.input_size,
-              "amp": dev.amp_name, "compile": args.compile, "device": dev.name(),
-              "peak_memory_mb": peak_memory / 2 ** 20, "gflop_per_image": flops_per_image / 1e9,
-              "achieved_tflops_per_device": achieved / 1e12,
+                 if dev.type == "cpu" and not c.peak_tflops else {})
+    peak, source = peak_source(dev, precision, cpu_peaks, c.peak_tflops)
+    result = {"images_per_s": trainer.global_batch / step_time, "step_time_ms": step_time * 1e3,
+              "global_batch": trainer.global_batch, "world_size": trainer.dist.world_size,
+              "batch_per_device": c.batch_size, "input_size": c.input_size, "amp": dev.amp_name,
+              "compile": c.compile, "device": dev.name(), "peak_memory_mb": peak_memory / 2 ** 20,
+              "gflop_per_image": flops_per_image / 1e9, "achieved_tflops_per_device": achieved / 1e12,
               "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
-              "mfu": achieved / peak if peak else None, "steps": args.max_steps, "warmup_steps": args.warmup_steps}
-    say("benchmark: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                  for k, v in result.items()))
-    if info.is_main:
-        from unet.run_log import write_json
-        Path(args.model_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.model_dir) / "benchmark.json", result)
+              "mfu": achieved / peak if peak else None, "steps": c.max_steps, "warmup_steps": c.warmup_steps}
+    trainer.say("benchmark: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in result.items()))
+    if trainer.dist.is_main:
+        trainer.model_dir.mkdir(parents=True, exist_ok=True)
+        write_json(trainer.model_dir / "benchmark.json", result)
     return result

@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -84,6 +85,29 @@ class SliceSet:
         return SliceSet(images=[self.images[i] for i in idx],
                         labels=None if self.labels is None else [self.labels[i] for i in idx],
                         names=[self.names[i] for i in idx], source=self.source)
+
+
+@dataclass
+class StackInfo:
+    """What the header of one image stack says (:func:`stack_info`).
+
+    Args:
+        path: the file (None for the built-in synthetic stack).
+        num_slices, height, width, channels: stack geometry.
+        dtype: raw pixel dtype.
+    """
+
+    path: Path | None
+    num_slices: int
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        """The file's stem (``a.ome.tif`` -> ``a``), or ``synthetic``."""
+        return "synthetic" if self.path is None else self.path.name.split(".")[0]
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -237,14 +261,14 @@ def read_stack(path: str | Path) -> np.ndarray:
     return arr
 
 
-def stack_info(path: str | Path) -> tuple[int, int, int, int, np.dtype]:
+def stack_info(path: str | Path) -> StackInfo:
     """Shape and dtype of a stack from its header, without reading the pixels.
 
     Args:
         path: a file :func:`read_stack` accepts.
 
     Returns:
-        ``(num_slices, height, width, channels, dtype)``.
+        A :class:`StackInfo`.
     """
     path = Path(path)
     _check_file(path)
@@ -256,10 +280,12 @@ def stack_info(path: str | Path) -> tuple[int, int, int, int, np.dtype]:
                 blank = Image.new(img.mode, (1, 1))
                 blank.info = img.info
                 probe = _png_array(blank)
-                return 1, img.height, img.width, probe.shape[1] if probe.ndim == 4 else 1, probe.dtype
+                channels = probe.shape[1] if probe.ndim == 4 else 1
+                return StackInfo(path, 1, int(img.height), int(img.width), int(channels), np.dtype(probe.dtype))
         with tifffile.TiffFile(path) as tif:
             layout = _tiff_layout(tif, path)
-            return layout.num_slices, layout.height, layout.width, layout.channels, layout.dtype
+            return StackInfo(path, int(layout.num_slices), int(layout.height), int(layout.width),
+                             int(layout.channels), np.dtype(layout.dtype))
     except UserError:
         raise
     except _READ_ERRORS as exc:
@@ -366,6 +392,32 @@ def _as_label(raw: np.ndarray, path: Path) -> np.ndarray:
                     f"(0 = membrane); threshold the labels to binary")
 
 
+def _dataset_files(root: Path, split: str) -> tuple[list[Path], list[Path] | None, str]:
+    """Image files, label files (None: none found) and the message for missing labels of a data folder."""
+    volume = root / f"{split}-volume.tif"
+    if volume.exists() or (root / "train-volume.tif").exists():
+        image_files = [volume]
+        label_path = root / f"{split}-labels.tif"
+        label_files = [label_path] if label_path.exists() else None
+        if not volume.exists():
+            raise UserError(f"{volume}: file not found; the ISBI layout needs {volume.name} for split {split!r}")
+        missing_labels = f"{label_path}: file not found; labels are needed here (0 = membrane, 255 = cell)"
+    elif (root / "images").is_dir():
+        image_files = list_images(root / "images")
+        if not image_files:
+            raise UserError(f"{root / 'images'}: no TIFF or PNG files; put one image per slice there")
+        label_dir = root / "labels"
+        label_files = list_images(label_dir) if label_dir.is_dir() else None
+        if label_files == []:
+            label_files = None
+        missing_labels = (f"{label_dir}: no label files; put one TIFF/PNG label per image there "
+                          f"(0 = membrane, 255 = cell), paired by sorted file name")
+    else:
+        raise UserError(f"{root}: no data found; expected train-volume.tif (+ train-labels.tif) or "
+                        f"images/ and labels/ folders of TIFF/PNG files")
+    return image_files, label_files, missing_labels
+
+
 def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_labels: bool = True,
                  channels: int | None = 1) -> SliceSet:
     """Load and validate a data set of 2D slices and binary labels.
@@ -389,7 +441,6 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
     if split not in ("train", "test"):
         raise UserError(f"split {split!r} is not known; use 'train' or 'test'")
     if data_dir is None:
-        from unet.data.synthetic import synthetic_dataset
         return synthetic_dataset()
     root = Path(data_dir)
     if not root.exists():
@@ -399,27 +450,7 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
         raise UserError(f"{root}: is not a directory; --data-dir takes a folder with train-volume.tif "
                         f"or images/ and labels/")
 
-    volume = root / f"{split}-volume.tif"
-    if volume.exists() or (root / "train-volume.tif").exists():
-        image_files = [volume]
-        label_path = root / f"{split}-labels.tif"
-        label_files = [label_path] if label_path.exists() else None
-        if not volume.exists():
-            raise UserError(f"{volume}: file not found; the ISBI layout needs {volume.name} for split {split!r}")
-        missing_labels = f"{label_path}: file not found; labels are needed here (0 = membrane, 255 = cell)"
-    elif (root / "images").is_dir():
-        image_files = list_images(root / "images")
-        if not image_files:
-            raise UserError(f"{root / 'images'}: no TIFF or PNG files; put one image per slice there")
-        label_dir = root / "labels"
-        label_files = list_images(label_dir) if label_dir.is_dir() else None
-        if label_files == []:
-            label_files = None
-        missing_labels = (f"{label_dir}: no label files; put one TIFF/PNG label per image there "
-                          f"(0 = membrane, 255 = cell), paired by sorted file name")
-    else:
-        raise UserError(f"{root}: no data found; expected train-volume.tif (+ train-labels.tif) or "
-                        f"images/ and labels/ folders of TIFF/PNG files")
+    image_files, label_files, missing_labels = _dataset_files(root, split)
     if label_files is None and require_labels:
         raise UserError(missing_labels)
 
@@ -442,3 +473,20 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
                                 f"{img.shape[2]}x{img.shape[1]} of {io_.name}; labels must match their images")
             labels.append(lab)
     return SliceSet(images=images, labels=labels, names=names, source=str(root))
+
+
+def synthetic_dataset(count: int = 30, size: int = 256, seed: int = 0) -> SliceSet:
+    """The built-in synthetic data set (what ``load_dataset(None)`` returns).
+
+    Args:
+        count: number of slices.
+        size: height and width.
+        seed: generator seed.
+
+    Returns:
+        A :class:`SliceSet` with source ``"synthetic"``.
+    """
+    images, labels = make_synthetic_em(count, size, size, seed)
+    return SliceSet(images=[scale_by_dtype(im[None]) for im in images],
+                    labels=[(lab == 255).astype(np.uint8) for lab in labels],
+                    names=[f"synthetic_{k:03d}" for k in range(count)], source="synthetic")

@@ -3,6 +3,8 @@
 Each slice: irregular cells (a Voronoi tessellation of a smoothly warped plane), dark membranes of
 varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012),
 per-cell grey levels, uneven illumination, blur and noise.
+
+Pure numpy/scipy: the :class:`~unet.data.io.SliceSet` wrapper is :func:`unet.data.io.synthetic_dataset`.
 """
 from __future__ import annotations
 
@@ -84,20 +86,3 @@ def make_synthetic_em(count: int, height: int, width: int, seed: int = 0) -> tup
         images[k], labels[k] = _one_slice(np.random.default_rng([seed, k]), height, width)
     return images, labels
 
-
-def synthetic_dataset(count: int = 30, size: int = 256, seed: int = 0):
-    """The built-in synthetic data set (what ``load_dataset(None)`` returns).
-
-    Args:
-        count: number of slices.
-        size: height and width.
-        seed: generator seed.
-
-    Returns:
-        A :class:`~unet.data.io.SliceSet` with source ``"synthetic"``.
-    """
-    from unet.data.io import SliceSet, scale_by_dtype
-    images, labels = make_synthetic_em(count, size, size, seed)
-    return SliceSet(images=[scale_by_dtype(im[None]) for im in images],
-                    labels=[(lab == 255).astype(np.uint8) for lab in labels],
-                    names=[f"synthetic_{k:03d}" for k in range(count)], source="synthetic")
