@@ -11,9 +11,9 @@ def calls(monkeypatch):
     log = []
     state = {"up": False}
     monkeypatch.setattr(D, "init_distributed", lambda *a, **k: (log.append("init"), state.update(up=True)))
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: state["up"])
-    monkeypatch.setattr(D.dist, "barrier", lambda *a, **k: log.append("barrier"))
-    monkeypatch.setattr(D.dist, "destroy_process_group", lambda *a, **k: (log.append("destroy"), state.update(up=False)))
+    monkeypatch.setattr(D.torch_dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(D.torch_dist, "barrier", lambda *a, **k: log.append("barrier"))
+    monkeypatch.setattr(D.torch_dist, "destroy_process_group", lambda *a, **k: (log.append("destroy"), state.update(up=False)))
     return log
 
 

@@ -57,6 +57,43 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert steps == [2, 3, 4, 6]  # continues the log (3 was the first part's last step), no duplicates
 
 
+# The "args" keys of a checkpoint written before RunConfig (b508466): dict(vars(args)) + world_size, in order.
+PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "workers", "base_filters", "depth",
+                      "padding", "batch_norm", "dropout", "input_size", "batch_size", "learning_rate",
+                      "weight_decay", "max_steps", "clip_grad", "seed", "compile", "model_dir", "evaluate_every",
+                      "log_every", "save_every", "resume", "overwrite", "no_progress", "benchmark", "warmup_steps",
+                      "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
+                      "tta", "world_size")
+
+
+def test_run_config_holds_every_flag_and_is_frozen():
+    args = training.get_args_parser().parse_args(["--padding", "valid"])
+    config = training.RunConfig.from_args(args, world_size=2, amp_dtype=None)
+    assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS == (*vars(args), "world_size")
+    assert config.input_size == 572 and config.world_size == 2 and args.input_size is None  # args left alone
+    with pytest.raises(AttributeError):
+        config.max_steps = 1
+
+
+def test_checkpoint_written_before_run_config_resumes_bit_identically(tmp_path):
+    common = ("--max-steps", "6", "--save-every", "3", "--fold", "0", "--evaluate-every", "3")
+    straight = run(tmp_path, *common, name="straight")
+    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "old"), *common])
+    args.max_steps = 3
+    training.main(args)
+    # Rewrite last.pt the way the old trainer stored it: the edited Namespace as a dict, the best score as best_dice.
+    path = tmp_path / "old" / "last.pt"
+    ckpt = load_checkpoint(path)
+    old_args = {**vars(args), "world_size": 1, "amp_dtype": None}
+    assert tuple(old_args) == PRE_RUNCONFIG_ARGS
+    ckpt["args"], ckpt["best_dice"] = old_args, ckpt.pop("best_dice_nvidia")
+    torch.save(ckpt, path)
+    resumed = run(tmp_path, *common, "--resume", name="old")
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["best_dice_nvidia"] == straight["best_dice_nvidia"] and resumed["best_step"] == straight["best_step"]
+
+
 def test_model_dir_guards(tmp_path, capsys):
     with pytest.raises(UserError, match="--resume: there is no .*last.pt to resume from"):
         run(tmp_path, "--max-steps", "2", "--resume")

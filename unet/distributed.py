@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,19 @@ def _silent(*args, **kwargs) -> None:
     """A print that prints nothing (ranks other than 0)."""
 
 
-def rank0_printer(info: DistInfo) -> Callable[..., None]:
+def rank0_printer(dist: DistInfo) -> Callable[..., None]:
     """``print`` on rank 0, a no-op elsewhere: only rank 0 talks."""
-    return print if info.is_main else _silent
+    return print if dist.is_main else _silent
 
 
 def _active() -> bool:
     """Whether this process is in a process group (False for a plain ``python`` run)."""
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
-def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout_s: float = 1800) -> None:
+def init_distributed(dist: DistInfo, backend: str, device: torch.device, timeout_s: float = 1800) -> None:
     """Join the process group (env:// rendezvous from torchrun) when more than one process runs."""
-    if not info.distributed or _active():
+    if not dist.distributed or _active():
         return
     timeout = timedelta(seconds=timeout_s)
     kwargs = {}
@@ -62,12 +62,12 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout
         # then reads a dead rank's address from it ("connectFullMesh ... Connection refused", seen with
         # torch 2.14). Keys under a per-attempt prefix keep each attempt's rendezvous apart.
         agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                              is_master=not agent_hosts_store and info.rank == 0, timeout=timeout,
-                              multi_tenant=True)
-        kwargs.update(store=dist.PrefixStore(f"unet/attempt_{attempt}", store), rank=info.rank,
-                      world_size=info.world_size)
-    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.world_size,
+                                    is_master=not agent_hosts_store and dist.rank == 0, timeout=timeout,
+                                    multi_tenant=True)
+        kwargs.update(store=torch_dist.PrefixStore(f"unet/attempt_{attempt}", store), rank=dist.rank,
+                      world_size=dist.world_size)
+    torch_dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
 
 
 def cleanup(synchronize: bool = True) -> None:
@@ -79,17 +79,17 @@ def cleanup(synchronize: bool = True) -> None:
             # shutdown killed such a thread mid-decref: "terminate called without an active exception",
             # SIGABRT (torch 2.14, ~1 in 10 two-rank evaluate.py runs on 2 cores). Waiting here, GIL
             # released, gives the workers that moment.
-            dist.barrier()
-        dist.destroy_process_group()
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 @contextmanager
-def process_group(info: DistInfo, backend: str, device: torch.device):
+def process_group(dist: DistInfo, backend: str, device: torch.device):
     """Join the process group for the ``with`` body and leave it afterwards.
 
     A rank that fails skips the final barrier (its peers are stopped by torchrun, not left waiting on it).
     """
-    init_distributed(info, backend, device)
+    init_distributed(dist, backend, device)
     try:
         yield
     except BaseException:
@@ -100,7 +100,7 @@ def process_group(info: DistInfo, backend: str, device: torch.device):
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        torch_dist.barrier()
 
 
 def _all_reduce(t: torch.Tensor, device: torch.device, op) -> torch.Tensor:
@@ -109,18 +109,18 @@ def _all_reduce(t: torch.Tensor, device: torch.device, op) -> torch.Tensor:
     home = t.device
     # float64 sums stay exact for pixel counts; hccl has no float64, so NPU reduces in float32.
     buf = t.to(device=device, dtype=torch.float32 if device.type == "npu" else t.dtype)
-    dist.all_reduce(buf, op=op)
+    torch_dist.all_reduce(buf, op=op)
     return buf.to(device=home, dtype=t.dtype)
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum a tensor over all ranks (on the communication device); returns it on its original device."""
-    return _all_reduce(t, device, dist.ReduceOp.SUM)
+    return _all_reduce(t, device, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_min(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Element-wise minimum of a tensor over all ranks; returns it on its original device."""
-    return _all_reduce(t, device, dist.ReduceOp.MIN)
+    return _all_reduce(t, device, torch_dist.ReduceOp.MIN)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -128,7 +128,7 @@ def broadcast_object(obj, src: int = 0):
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -136,6 +136,6 @@ def same_on_all_ranks(obj) -> bool:
     """Whether every rank holds an equal (picklable) ``obj``; True for a single process."""
     if not _active():
         return True
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, obj)
     return all(g == gathered[0] for g in gathered)
