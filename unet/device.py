@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import platform
 import resource
 import sys
 from dataclasses import dataclass
@@ -139,7 +140,8 @@ class DeviceSetup:
         """A gradient scaler: active only for fp16, where small gradients would underflow."""
         enabled = self.amp and self.amp_dtype == torch.float16
         if enabled and self.type == "npu":
-            # torch_npu ships its own scaler; the generic one is not validated on NPU here.
+            # torch_npu ships its own scaler; the generic one is not validated on NPU here. Imported here
+            # only: torch_npu is an optional extra that cannot even be imported on machines without CANN.
             import torch_npu  # noqa: F401  (only reachable when torch_npu is loaded)
             return torch_npu.npu.amp.GradScaler()
         return torch.amp.GradScaler(self.type, enabled=enabled)
@@ -241,7 +243,6 @@ def cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or "unknown CPU"
 
 
