@@ -63,9 +63,12 @@ def thin_boundaries(cell_mask: np.ndarray) -> np.ndarray:
     queued = np.zeros(flat.size, bool)
     queued[flat != _UNSET] = True  # cells and padding never enter the queue
     layer = _first_layer(flat, offsets, stride, h, w)
+    rank = np.full(flat.size, np.iinfo(np.int64).max, np.int64)  # queue position within the current layer
     while layer.size:
         queued[layer] = True
-        _label_layer(flat, layer, offsets)
+        rank[layer] = np.arange(layer.size)
+        _label_layer(flat, layer, offsets, rank)
+        rank[layer] = np.iinfo(np.int64).max
         layer = _next_layer(layer, queued, offsets)
     return labels[1:-1, 1:-1].copy()
 
@@ -81,10 +84,8 @@ def _first_layer(flat: np.ndarray, offsets: np.ndarray, stride: int, h: int, w: 
     return idx[np.lexsort((rows, cols))]
 
 
-def _label_layer(flat: np.ndarray, layer: np.ndarray, offsets: np.ndarray) -> None:
+def _label_layer(flat: np.ndarray, layer: np.ndarray, offsets: np.ndarray, rank: np.ndarray) -> None:
     """Give each pixel of one queue layer its label (or 0) from the neighbours processed before it."""
-    rank = np.full(flat.size, np.iinfo(np.int64).max, np.int64)
-    rank[layer] = np.arange(layer.size)
     nbrs = layer[:, None] + offsets[None, :]
     # A neighbour of the same layer counts only if it was dequeued earlier; later ones are not set yet.
     same = flat[nbrs] == _UNSET
