@@ -3,15 +3,18 @@
 A membrane map thresholded into connected components merges every pair of cells joined by one weak
 membrane pixel. Here the cells are flooded from seeds instead, so a gap in a membrane no longer merges them:
 
-1. ``cells = cell_prob > threshold`` (the region the instances may cover; everything else stays 0 = membrane).
+1. The probability map is Gaussian-smoothed by ``smooth`` px (isolated uncertain pixels would otherwise
+   punch holes into cells and seed spurious ones), then ``cells = cell_prob > threshold``.
 2. Seeds, one per cell:
-   * ``"distance"`` (default): the h-maxima of the Euclidean distance transform of ``cells`` (height
+   * ``"distance"``: the h-maxima of the Euclidean distance transform of ``cells`` (height
      ``seed_h`` pixels): a neck narrower than the cells on both sides by ``seed_h`` separates two seeds;
-   * ``"hminima"``: the h-minima (depth ``seed_h``, in probability units) of the membrane probability
-     ``1 - cell_prob`` inside ``cells``.
-3. ``skimage.segmentation.watershed`` floods the membrane probability (Gaussian-smoothed by ``smooth`` px)
-   from the seeds inside ``cells`` (4-connected), so touching cells are split where the membrane
-   probability is highest between them.
+   * ``"hminima"`` (default): the h-minima (depth ``seed_h``, in probability units) of the membrane
+     probability ``1 - cell_prob`` inside ``cells``.
+3. ``skimage.segmentation.watershed`` floods the (smoothed) membrane probability ``1 - cell_prob``
+   from the seeds (4-connected), so touching cells are split where the membrane probability is highest
+   between them. With ``fill`` (default) the flood covers the whole slice and only the one-pixel watershed
+   lines between cells stay 0, a partition like the challenge's thinned proposal; without it the flood
+   stays inside ``cells`` and every pixel at or below the threshold stays 0.
 
 Ids run on through a stack (slice k's ids follow slice k-1's), so no two cells of a stack share an id; the
 stack is uint16 while the largest id fits, else uint32.
@@ -35,19 +38,21 @@ _METHODS = ("distance", "hminima")
 
 @dataclass(frozen=True)
 class InstanceOptions:
-    """Seeded-watershed settings (defaults measured on ISBI 2012, see docs/inference.md of the wiring step).
+    """Seeded-watershed settings (defaults measured on a stand-in ISBI 2012 prediction, see docs/evaluation.md).
 
     Attributes:
         threshold: a pixel may belong to a cell iff ``cell_prob > threshold``.
         seeds: ``"distance"`` or ``"hminima"``.
         seed_h: h of the h-maxima (pixels of distance) or h-minima (probability) that make the seeds.
-        smooth: Gaussian sigma (px) applied to the membrane probability before flooding (0 = none).
+        smooth: Gaussian sigma (px) applied to the probability map first (0 = none).
+        fill: flood the membranes too, leaving one-pixel lines (True), or keep the thresholded mask (False).
     """
 
     threshold: float = 0.5
-    seeds: str = "distance"
-    seed_h: float = 2.0
+    seeds: str = "hminima"
+    seed_h: float = 0.2
     smooth: float = 1.0
+    fill: bool = True
 
     def __post_init__(self):
         if self.seeds not in _METHODS:
@@ -71,10 +76,10 @@ def cell_instances(cell_prob: np.ndarray, options: InstanceOptions = InstanceOpt
     cell_prob = np.asarray(cell_prob, dtype=np.float64)
     if cell_prob.ndim != 2:
         raise ValueError(f"cell_prob must be 2-D, got shape {cell_prob.shape}")
+    if options.smooth:
+        cell_prob = ndimage.gaussian_filter(cell_prob, options.smooth)
     cells = cell_prob > options.threshold
     membrane = 1.0 - cell_prob
-    if options.smooth:
-        membrane = ndimage.gaussian_filter(membrane, options.smooth)
     if options.seeds == "distance":
         seeds = h_maxima(ndimage.distance_transform_edt(cells), options.seed_h).astype(bool)
     else:
@@ -84,7 +89,11 @@ def cell_instances(cell_prob: np.ndarray, options: InstanceOptions = InstanceOpt
     # Cells without a seed (h-minima can miss flat ones) keep one by their own component.
     unseeded = label_cells(cells & ~ndimage.binary_propagation(seeds, mask=cells))
     markers[unseeded > 0] = unseeded[unseeded > 0] + markers.max()
-    return watershed(membrane, markers=markers, mask=cells, connectivity=1).astype(np.int64)
+    if options.fill:
+        lab = watershed(membrane, markers=markers, connectivity=1, watershed_line=True)
+    else:
+        lab = watershed(membrane, markers=markers, mask=cells, connectivity=1)
+    return lab.astype(np.int64)
 
 
 def label_dtype(max_label: int) -> type:
