@@ -59,6 +59,16 @@ def test_value_equal_to_threshold_is_membrane():
     assert scores[0, 0] == pytest.approx(2 / 3, abs=1e-15) and scores[1].tolist() == [1.0, 1.0]
 
 
+def test_values_are_read_as_float32_and_compared_in_double_like_java():
+    # float32(0.3) = 0.30000001192... > 0.30000000000000004 in double: cell (a float32 comparison would
+    # round the threshold to the same float32 and call it membrane). float64 0.3 is rounded to float32 first.
+    for bridge in (np.float32(0.3), 0.3):
+        prob = TRUTH.astype(np.float32 if isinstance(bridge, np.float32) else np.float64)
+        prob[0, 3] = bridge
+        v_rand = thinned_slice_scores(prob, TRUTH, (FIJI_THRESHOLDS[3],))[0, 0]
+        assert v_rand == pytest.approx(2 / 3, abs=1e-15)  # bridged: A and B merged
+
+
 def test_stack_score_is_max_over_thresholds_of_slice_means():
     # Slice 1: bridge of 0.75 -> merged (2/3, 0) up to th = 0.7, perfect from 0.7999999999999999.
     # Slice 2: false split of 0.25 -> perfect up to th = 0.2, the hand case above from 0.30000000000000004.

@@ -7,7 +7,8 @@ getMaximalVInfoAfterThinning(0.0, 1.0, 0.1)``; Arganda-Carreras et al. 2015, Fro
 1. The proposal is a cell probability map (the labels' polarity: high = cell interior). For each threshold
    ``th`` of Fiji's loop ``for (th = 0.0; th <= 1.0; th += 0.1)`` in floating point (0, 0.1, 0.2,
    0.30000000000000004, ..., 0.7999999999999999, 0.8999999999999999, 0.9999999999999999: eleven values,
-   the last just below 1), a pixel is cell iff ``value > th``.
+   the last just below 1), a pixel is cell iff ``value > th``, with the value as Fiji reads it from a
+   32-bit float image (rounded to float32) and the comparison in double.
 2. Only the proposal is thinned: its membranes are flooded from its 4-connected cells by Fiji's watershed
    (:func:`unet.fiji_watershed.thin_boundaries`); dam pixels become label 0.
 3. The truth is its 4-connected cells; truth label 0 (membrane) is left out (foreground restriction). A
@@ -59,6 +60,8 @@ def fiji_slice_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> tuple
       with (P, R) = (0, 1) when H(T) = 0 and (1, 0) when H(S) = 0; V_Info = 2PR / (P + R).
 
     Fiji's answers for degenerate slices are kept: no true foreground gives V_Rand 0 and V_Info NaN.
+    Not reproduced: Fiji stores segment ids as 16-bit, so a slice with more than 65535 segments (pure noise)
+    would alias ids there; here ids are exact.
 
     Args:
         true_labels: ``(H, W)`` true segment ids, 0 = membrane (ignored).
@@ -127,7 +130,10 @@ def thinned_slice_scores(cell_prob: np.ndarray, true_cells: np.ndarray,
     Returns:
         ``(len(thresholds), 2)`` float64 array of ``(v_rand, v_info)`` per threshold.
     """
-    cell_prob = np.asarray(cell_prob, dtype=np.float64)
+    # Fiji reads the proposal as a 32-bit float image and compares each value, widened to double, with the
+    # double threshold: round to float32, then compare in float64 (numpy would compare float32 arrays with
+    # a Python float in float32, which turns 0.30000000000000004 into 0.3f and flips values equal to 0.3f).
+    cell_prob = np.asarray(cell_prob, dtype=np.float32).astype(np.float64)
     true_cells = np.asarray(true_cells)
     if cell_prob.shape != true_cells.shape or cell_prob.ndim != 2:
         raise ValueError(f"expected two (H, W) arrays of one size, got {cell_prob.shape} and {true_cells.shape}")
