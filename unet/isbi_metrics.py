@@ -138,7 +138,14 @@ def thinned_slice_scores(cell_prob: np.ndarray, true_cells: np.ndarray,
     if cell_prob.shape != true_cells.shape or cell_prob.ndim != 2:
         raise ValueError(f"expected two (H, W) arrays of one size, got {cell_prob.shape} and {true_cells.shape}")
     true_labels = label_cells(true_cells > 0)
-    return np.array([fiji_slice_scores(true_labels, thin_boundaries(cell_prob > th)) for th in thresholds])
+    scores, previous = [], None
+    for th in thresholds:
+        mask = cell_prob > th
+        if previous is None or not np.array_equal(mask, previous):  # a binary proposal: thin it once
+            current = fiji_slice_scores(true_labels, thin_boundaries(mask))
+        scores.append(current)
+        previous = mask
+    return np.array(scores)
 
 
 class ThinnedScores:
