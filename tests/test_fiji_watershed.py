@@ -106,3 +106,15 @@ def test_matches_the_literal_replay_of_fiji_on_random_masks(seed):
     mask = field > np.quantile(field, rng.uniform(0.2, 0.8))
     ours, ref = thin_boundaries(mask), _fiji_flood_reference(mask)
     assert _same_partition(ours, ref), (mask.astype(int), ours, ref)
+
+
+def test_matches_the_literal_replay_on_isbi_shapes(isbi_dir):
+    # A 192 x 192 crop of a real label slice, blurred (2 px) + noise (0.15) as a stand-in proposal, at the
+    # first, a middle and the last of Fiji's thresholds.
+    import tifffile
+    from scipy import ndimage
+    truth = tifffile.imread(isbi_dir / "train-labels.tif")[0, 128:320, 200:392] > 0
+    prob = ndimage.gaussian_filter(truth.astype(float), 2) + np.random.default_rng(0).normal(0, 0.15, truth.shape)
+    for th in (0.0, 0.5, 0.9999999999999999):
+        mask = prob > th
+        assert _same_partition(thin_boundaries(mask), _fiji_flood_reference(mask)), th
