@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_dice", "ce_dice_loss"]
+__all__ = ["soft_dice", "ce_dice_loss", "weighted_cross_entropy"]
 
 
 def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -64,3 +64,28 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) 
     onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
     dice = soft_dice(probs, onehot, eps)
     return ce + (1 - dice).mean()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The UNet paper's loss: pixel-wise cross-entropy weighted by a weight map (Ronneberger et al., eq. 1).
+
+    ``loss = mean over images and pixels of w(x) * (-log softmax(logits)[target(x)])``: the paper's energy
+    divided by the pixel count, so weights of 1 give plain ``F.cross_entropy``. Computed in float32 (see
+    :func:`ce_dice_loss`).
+
+    Args:
+        logits: raw class scores ``(N, K, H, W)``.
+        target: class indices ``(N, H, W)``, integer dtype.
+        weights: per-pixel weights ``(N, H, W)`` (e.g. :func:`unet.weight_map.unet_weight_map`), >= 0.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if logits.dim() != 4 or target.dim() != 3 or target.shape != logits.shape[:1] + logits.shape[2:] \
+            or weights.shape != target.shape:
+        raise ValueError(f"expected logits (N, K, H, W), target and weights (N, H, W), got "
+                         f"{tuple(logits.shape)}, {tuple(target.shape)} and {tuple(weights.shape)}")
+    if target.is_floating_point():
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    per_pixel = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return (weights.float() * per_pixel).mean()
