@@ -301,7 +301,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
     loss_sum, finite_count = torch.zeros((), device=dev.device), torch.zeros((), device=dev.device)
     loss_count, t_log, last_metrics = 0, time.perf_counter(), None
     model.train()
-    last_good_step = step
+    last_good_step = step if resume is not None else None  # None: this run has written no last.pt yet
     while step < args.max_steps:
         loss = train_step(net, *next(batches), optimizer, scaler, dev, clip_grad=args.clip_grad)
         step += 1
@@ -323,10 +323,12 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
             never = torch.full_like(first_bad, args.max_steps + 1)
             bad = int(D.all_reduce_min(torch.where(first_bad < 0, never, first_bad), dev.device).item())
             if bad <= args.max_steps:
+                kept = ("no checkpoint was written" if last_good_step is None else
+                        f"keeping the last good checkpoint {model_dir / 'last.pt'} (step {last_good_step})")
                 raise TrainingDiverged(
                     f"the loss became non-finite at step {bad}"
                     f"{f' ({MAX_NONFINITE_STREAK_FP16} steps in a row, beyond what fp16 loss scaling skips)' if fp16 else ''}; "
-                    f"stopped, keeping the last good checkpoint {model_dir / 'last.pt'} (step {last_good_step}); "
+                    f"stopped, {kept}; "
                     f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
         if do_log:
             total = D.all_reduce_sum(torch.stack([loss_sum, finite_count]), dev.device)
