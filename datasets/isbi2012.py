@@ -12,6 +12,7 @@ Arganda-Carreras et al. 2015. Exit status 2 with a one-line message on any failu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import sys
 import urllib.error
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unet.atomic import atomic_path, write_error  # noqa: E402
+from unet.atomic import atomic_path, make_folder, write_error  # noqa: E402
 from unet.data.io import stack_info  # noqa: E402
 from unet.errors import UserError  # noqa: E402
 
@@ -52,7 +53,6 @@ def download(url: str, dest: Path, opener=urllib.request.urlopen, sha256: str | 
         UserError: the download failed, exceeded :data:`MAX_BYTES`, did not match ``sha256``, is not a valid
             stack, or ``dest`` could not be written (the old ``dest``, if any, is then left as it was).
     """
-    _make_folder(dest.parent)
     # The temporary file keeps the .tif suffix, so the reader accepts it; it is checked before the rename.
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as out:
@@ -97,13 +97,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--data-dir {folder}: cannot create the folder ({exc.strerror or exc})") from None
-
-
 def fetch_all(data_dir: Path, base_url: str = BASE_URL, opener=urllib.request.urlopen,
               sha256: dict[str, str] | None = None) -> list[tuple[Path, str]]:
     """Download whichever of the three stacks are missing, invalid or (with ``sha256``) different.
@@ -111,7 +104,18 @@ def fetch_all(data_dir: Path, base_url: str = BASE_URL, opener=urllib.request.ur
     Returns:
         ``(path, SHA-256)`` of each of the three stacks, as saved.
     """
-    sha256 = sha256 or {}
+    created = not data_dir.exists()
+    make_folder(data_dir, "--data-dir")
+    try:
+        return _fetch_each(data_dir, base_url, opener, sha256 or {})
+    except BaseException:
+        if created:  # leave no empty folder behind a failed first download
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()
+        raise
+
+
+def _fetch_each(data_dir: Path, base_url: str, opener, sha256: dict[str, str]) -> list[tuple[Path, str]]:
     saved = []
     for name in FILES:
         dest = data_dir / name

@@ -37,8 +37,9 @@ _HINTS = {
 
 def write_error(path: Path | str, exc: OSError) -> UserError:
     """One line naming the target ``path`` and why writing it failed."""
-    cause = exc.strerror or type(exc).__name__
-    hint = _HINTS.get(exc.errno)
+    cause = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    # numpy's tofile (used by tifffile) reports a short write without an errno.
+    hint = _HINTS.get(exc.errno) if exc.errno is not None else "the disk may be full or a file-size limit reached"
     return UserError(f"cannot write {path}: {cause}" + (f"; {hint}" if hint else ""))
 
 
@@ -83,6 +84,18 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def make_folder(folder: str | Path, flag: str) -> Path:
+    """``mkdir -p folder``, or a UserError naming ``flag``, the folder and why (a file in the way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        hint = _HINTS.get(exc.errno, "") if not isinstance(exc, FileExistsError) else "a file of that name is there"
+        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}"
+                        f"{'; ' + hint if hint else ''})") from None
+    return folder
 
 
 def temporary_path(path: Path) -> Path:
@@ -158,7 +171,7 @@ def write_errors(path: str | Path, cleanup: Callable[[], None]) -> Iterator[None
         yield
     except BaseException as exc:
         cleanup()
-        if isinstance(exc, OSError) and exc.errno is not None:
+        if isinstance(exc, OSError):
             raise write_error(path, exc) from None
         raise
 

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from unet import distributed as D
+from unet.atomic import make_folder
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int
 from unet.data.folds import fold_indices
@@ -203,7 +204,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, dev: DeviceSetup) -> dict
 
     resume = None
     if info.is_main and not args.benchmark:
-        model_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(model_dir, "--model-dir")
         resume = _find_run(args, model_dir)
     # Every rank must agree whether (and from which step) to resume before touching the model.
     resume_step = D.broadcast_object(resume["step"] if resume is not None else None)
