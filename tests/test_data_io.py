@@ -342,3 +342,9 @@ def test_small_slices_and_unrelated_names_warn_once(tmp_path, capsys):
         tifffile.imwrite(tmp_path / "labels" / f"em{k}.tif", big_lab[k])
     load_dataset(tmp_path)
     assert capsys.readouterr().err == ""
+
+
+def test_huge_finite_pixels_are_not_mistaken_for_inf(tmp_path):
+    img = np.full((2, 16, 16), 3e38, np.float32)  # every slice's sum overflows to inf
+    tifffile.imwrite(tmp_path / "h.tif", img, photometric="minisblack")
+    np.testing.assert_array_equal(read_stack(tmp_path / "h.tif"), img)
