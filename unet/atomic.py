@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import socket
@@ -159,27 +160,51 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
 
-    with write_errors(path, cleanup=discard):
+    with write_errors(path, cleanup=discard, tmp=tmp):
         yield tmp
         publish(tmp, path)
 
 
 @contextlib.contextmanager
-def write_errors(path: str | Path, cleanup: Callable[[], None]) -> Iterator[None]:
-    """On any exception call ``cleanup()`` (delete the temporary); an ``OSError`` becomes a UserError naming ``path``."""
+def write_errors(path: str | Path, cleanup: Callable[[], None], tmp: Path | None = None) -> Iterator[None]:
+    """On any exception call ``cleanup()`` (delete the temporary); an ``OSError`` becomes a UserError naming ``path``.
+
+    Writers that report a failed write as something else (torch's zip writer raises a bare RuntimeError) are
+    recognised by the state of ``tmp``: at the file-size limit, or on a full disk.
+    """
     try:
         yield
     except BaseException as exc:
+        cause = exc if isinstance(exc, OSError) else _full_or_at_limit(tmp) if isinstance(exc, Exception) else None
         cleanup()
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
 
 
-class _RecordingFile:
-    """A file object that remembers the first OSError of ``write``: torch.save reports it as a bare RuntimeError."""
+def _full_or_at_limit(tmp: Path | None) -> OSError | None:
+    if tmp is None:
+        return None
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit - 4096:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        if os.statvfs(tmp.parent).f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except (OSError, ImportError):
+        pass
+    return None
+
+
+class _RecordingFile(io.IOBase):
+    """A binary file that remembers the first OSError of ``write``: torch.save reports it as a bare RuntimeError.
+
+    An ``io.IOBase`` (savers such as torch.export check for one); closing it leaves the real file to its owner.
+    """
 
     def __init__(self, f):
+        super().__init__()
         self._f = f
         self.error: OSError | None = None
 
@@ -190,8 +215,23 @@ class _RecordingFile:
             self.error = self.error or exc
             raise
 
-    def __getattr__(self, name):
-        return getattr(self._f, name)
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._f.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
 
 def atomic_write(path: str | Path, write: Callable) -> None:
