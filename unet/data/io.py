@@ -200,7 +200,7 @@ def _header_image_count(tif: tifffile.TiffFile) -> int | None:
             root = ET.fromstring(tif.ome_metadata)
         except ET.ParseError:
             return None
-        # Only single-file, single-image OME (the kind this reader accepts); count its TiffData planes.
+        # Only single-file, single-image OME (the kind this reader accepts): Z x C x T planes, one page each.
         images = [e for e in root.iter() if e.tag.endswith("}Image")]
         if len(images) != 1 or any(e.tag.endswith("}UUID") for e in root.iter()):
             return None
