@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unet.atomic import atomic_path, atomic_write, remove_stale_temporaries, temporary_path
+from unet.atomic import _host_tag, atomic_path, atomic_write, remove_stale_temporaries
 from unet.errors import UserError
 from unet.inference import StackWriter
 from unet.run_log import MetricsLog, write_json
@@ -140,18 +140,18 @@ def test_stale_temporaries_of_dead_writers_removed_and_only_those(tmp_path):
     target = tmp_path / "last.pt"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # that process has exited: its pid is free (or reused; then only age counts)
-    mine = temporary_path(target)  # a live writer (this process): must survive
-    stale = tmp_path / mine.name.replace(f".{os.getpid()}.", f".{dead_pid}.")
-    stale.write_bytes(b"half a checkpoint")
-    other_target = tmp_path / mine.name.replace(".last.pt.", ".best.pt.").replace(f".{os.getpid()}.", f".{dead_pid}.")
-    other_target.write_bytes(b"another target's temporary")
-    unrelated = tmp_path / ".last.pt.notes"
-    unrelated.write_bytes(b"user file")
-    assert remove_stale_temporaries(target) == [stale]
-    assert _listing(tmp_path) == sorted([mine.name, other_target.name, unrelated.name])
+    host = _host_tag()
+    files = {"stale": f".last.pt.{host}.{dead_pid}.k2j4h5g6.tmp.pt",         # this target, dead writer: removed
+             "live": f".last.pt.{host}.{os.getpid()}.a1b2c3d4.tmp.pt",       # this target, live writer: kept
+             "other_target": f".best.pt.{host}.{dead_pid}.x9y8z7w6.tmp.pt",  # another target: kept until it is written
+             "user": ".last.pt.notes"}                                        # looks alike, not ours: kept
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    assert remove_stale_temporaries(target) == [tmp_path / files["stale"]]
+    assert _listing(tmp_path) == sorted([files["live"], files["other_target"], files["user"]])
     with atomic_path(tmp_path / "best.pt") as tmp:  # the next write to best.pt removes best.pt's stale one
         tmp.write_bytes(b"best")
-    assert _listing(tmp_path) == sorted([mine.name, unrelated.name, "best.pt"])
+    assert _listing(tmp_path) == sorted([files["live"], files["user"], "best.pt"])
 
 
 def test_stale_temporary_of_a_sigkilled_writer_is_removed_by_the_next_write(tmp_path):

@@ -69,34 +69,38 @@ def _is_stale(tmp: Path, host: str, pid: int) -> bool:
         return False
 
 
+# Hidden temporaries found in a folder when this process first wrote there, by target name. Listed once per
+# folder and process: listing a folder of thousands of overlays before every write would cost O(n) each time.
+# A temporary that appears later belongs to a writer that was alive when we started; the next run sweeps it.
+_STALE_CANDIDATES: dict[Path, dict[str, list[str]]] = {}
+_ANY_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9-]+\.\d+\.[A-Za-z0-9_]+\.tmp.*")
+
+
+def _candidates(folder: Path) -> dict[str, list[str]]:
+    key = folder.resolve()
+    if key not in _STALE_CANDIDATES:
+        found: dict[str, list[str]] = {}
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                m = _ANY_TEMPORARY.fullmatch(entry.name) if entry.name.startswith(".") else None
+                if m:
+                    found.setdefault(m.group(1), []).append(entry.name)
+        _STALE_CANDIDATES[key] = found
+    return _STALE_CANDIDATES[key]
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Delete the temporaries of ``path`` left by dead writers (dead pid on this host, or older than a day)."""
     pattern = _temporary_pattern(path)
     removed = []
-    with contextlib.suppress(OSError):
-        for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp{glob_escape(path.suffix)}"):
-            m = pattern.fullmatch(tmp.name)
-            if m and _is_stale(tmp, m.group(1), int(m.group(2))):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                    removed.append(tmp)
+    for name in _candidates(path.parent).pop(path.name, []):
+        tmp = path.parent / name
+        m = pattern.fullmatch(name)
+        if m and _is_stale(tmp, m.group(1), int(m.group(2))):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
     return removed
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
-def make_folder(folder: str | Path, flag: str) -> Path:
-    """``mkdir -p folder``, or a UserError naming ``flag``, the folder and why (a file in the way, no permission)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        hint = _HINTS.get(exc.errno, "") if not isinstance(exc, FileExistsError) else "a file of that name is there"
-        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}"
-                        f"{'; ' + hint if hint else ''})") from None
-    return folder
 
 
 def temporary_path(path: Path) -> Path:
