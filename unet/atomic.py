@@ -103,6 +103,18 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def make_folder(folder: str | Path, flag: str) -> Path:
+    """``mkdir -p folder``, or a UserError naming ``flag``, the folder and why (a file in the way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        hint = _HINTS.get(exc.errno, "") if not isinstance(exc, FileExistsError) else "a file of that name is there"
+        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}"
+                        f"{'; ' + hint if hint else ''})") from None
+    return folder
+
+
 def temporary_path(path: Path) -> Path:
     """A new empty hidden file beside ``path`` (same folder, so the final rename is atomic), keeping its suffix.
 
