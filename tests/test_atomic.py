@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unet.atomic import _host_tag, atomic_path, atomic_write, remove_stale_temporaries
+from unet.atomic import _host_tag, atomic_path, atomic_write, make_folder, remove_stale_temporaries
 from unet.errors import UserError
 from unet.inference import StackWriter
 from unet.run_log import MetricsLog, write_json
@@ -68,6 +68,10 @@ def test_stack_writer_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeyp
 
 def test_path_under_a_regular_file(tmp_path):
     (tmp_path / "plain").write_text("x")
+    with pytest.raises(UserError, match=r"^--model-dir .*plain/run: cannot create the folder \(Not a directory; "
+                                        r"a part of the path is a file, not a folder\)$"):
+        make_folder(tmp_path / "plain" / "run", "--model-dir")
+    assert make_folder(tmp_path / "a" / "b", "--model-dir").is_dir()
     with pytest.raises(UserError, match=r"cannot write .*plain/out.json: folder .*plain is a file, not a folder"):
         write_json(tmp_path / "plain" / "out.json", {})
 
