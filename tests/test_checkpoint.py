@@ -59,11 +59,56 @@ def test_foreign_checkpoint(tmp_path, model):
         load_checkpoint(path)
 
 
-def test_unsafe_pickle_is_refused_not_executed(tmp_path):
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_unsafe_pickle_is_refused_not_executed(tmp_path, capsys):
     path = tmp_path / "evil.pt"
-    torch.save({"format": "unet-em-checkpoint", "obj": object()}, path)
-    with pytest.raises(UserError, match="is not a readable PyTorch checkpoint"):
+    torch.save({"format": "unet-em-checkpoint", "obj": _RunsCode()}, path)
+    with pytest.raises(UserError) as info:
         load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} was refused: it holds objects other than tensors and plain data "
+                              f"(print), and loading it could run code")
+    assert "weights_only" not in message and "truncated" not in message and "\n" not in message
+    assert "this ran on load" not in capsys.readouterr().out
+
+
+def test_non_finite_weights_refused_at_load(tmp_path, model):
+    path = tmp_path / "nan.pt"
+    with torch.no_grad():
+        name = [n for n, _ in model.named_parameters()][3]
+        dict(model.named_parameters())[name][0].fill_(float("nan"))
+    save_checkpoint(path, model)
+    with pytest.raises(UserError, match=rf"checkpoint .*nan.pt: weight '{name}' has \d+ non-finite value\(s\) "
+                                        rf"\(NaN or Inf\)"):
+        load_model(path)
+
+
+def _old_and_new(tmp_path, model):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, step=1)
+    return path, path.read_bytes()
+
+
+def test_write_failing_halfway_leaves_old_checkpoint_byte_identical(tmp_path, model, monkeypatch):
+    # torch.save writing straight into last.pt (not through the temporary) fails this test.
+    path, before = _old_and_new(tmp_path, model)
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # every byte of the new checkpoint is written ...
+        raise OSError(28, "No space left on device")  # ... then the disk fills up before the rename
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    with pytest.raises(UserError, match=rf"^cannot write {path}: No space left on device; the disk is full"):
+        save_checkpoint(path, model, step=2)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_weights_for_another_architecture(tmp_path, model):

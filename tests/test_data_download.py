@@ -34,7 +34,7 @@ def _mirror(folder: Path, shape=(30, 512, 512)) -> str:
 
 def test_downloads_from_mirror_and_checks(tmp_path, isbi_script):
     url = _mirror(tmp_path / "mirror")
-    paths = isbi_script.fetch_all(tmp_path / "out", url)
+    paths = [p for p, _ in isbi_script.fetch_all(tmp_path / "out", url)]
     assert [p.name for p in paths] == ["train-volume.tif", "train-labels.tif", "test-volume.tif"]
     assert tifffile.imread(paths[0]).shape == (30, 512, 512)
     # Only the three stacks: no temporary files left behind.
@@ -46,7 +46,7 @@ def test_wrong_shape_is_rejected_and_not_kept(tmp_path, isbi_script):
     with pytest.raises(UserError, match=r"mirror/train-volume.tif: has 3 slices of 64x64 with 1 channel\(s\), expected 30 slices of "
                                         r"512x512 grayscale"):
         isbi_script.fetch_all(tmp_path / "out", url)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing kept, not even the folder it made
 
 
 def test_offline_gives_one_line_error(tmp_path, isbi_script):
@@ -57,7 +57,7 @@ def test_offline_gives_one_line_error(tmp_path, isbi_script):
                                         r"name resolution\); check the internet connection") as err:
         isbi_script.fetch_all(tmp_path / "out", opener=offline)
     assert "\n" not in str(err.value)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing kept, not even the folder it made
 
 
 def test_cli_exit_status_and_message(tmp_path):
@@ -72,3 +72,31 @@ def test_cli_exit_status_and_message(tmp_path):
 def test_real_stacks_pass_the_check(isbi_dir, isbi_script):
     for name in isbi_script.FILES:
         isbi_script.check_stack(isbi_dir / name)
+
+
+def test_prints_sha256_of_what_was_saved_and_refuses_another_digest(tmp_path):
+    url = _mirror(tmp_path / "mirror")
+    import hashlib
+    want = {n: hashlib.sha256((tmp_path / "mirror" / n).read_bytes()).hexdigest() for n in
+            ("train-volume.tif", "train-labels.tif", "test-volume.tif")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "out"), "--base-url", url,
+                           "--sha256", f"train-volume.tif={want['train-volume.tif']}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"ok {tmp_path / 'out' / n} sha256 {d}" for n, d in want.items()]
+    wrong = "0" * 64
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "other"), "--base-url", url,
+                           "--sha256", f"test-volume.tif={wrong}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"test-volume.tif: SHA-256 is {want['test-volume.tif']}, not the {wrong} "
+                                        f"given with --sha256; the file was not kept")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["train-labels.tif", "train-volume.tif"]
+
+
+def test_size_read_is_capped(tmp_path, isbi_script, monkeypatch):
+    monkeypatch.setattr(isbi_script, "MAX_BYTES", 1000)
+    monkeypatch.setattr(isbi_script, "CHUNK_BYTES", 100)
+    url = _mirror(tmp_path / "mirror")
+    with pytest.raises(UserError, match=r"train-volume.tif: more than 1,000 bytes; an ISBI 2012 stack is about 8 MB"):
+        isbi_script.fetch_all(tmp_path / "out", url)
+    assert not (tmp_path / "out").exists()  # nothing kept, not even the folder it made

@@ -229,9 +229,9 @@ def test_unreadable_and_truncated(tmp_path):
     tifffile.imwrite(tmp_path / "t.tif", img, photometric="minisblack")
     data = (tmp_path / "t.tif").read_bytes()
     (tmp_path / "t.tif").write_bytes(data[:len(data) // 2])
-    with pytest.raises(UserError, match=r"t.tif: cannot be read .*truncated or corrupt"):
+    with pytest.raises(UserError, match=r"t.tif: page 1 cannot be read .*truncated or corrupt"):
         read_stack(tmp_path / "t.tif")
-    with pytest.raises(UserError, match=r"t.tif: cannot be read"):
+    with pytest.raises(UserError, match=r"t.tif: page 1 cannot be read"):
         list(iter_pages(tmp_path / "t.tif", 2))
     Image.fromarray(img[0]).save(tmp_path / "p.png")
     png = (tmp_path / "p.png").read_bytes()
@@ -255,3 +255,99 @@ def test_pages_of_different_sizes_are_refused_not_dropped(tmp_path):
     for reader in (read_stack, stack_info):
         with pytest.raises(UserError, match=r"odd.tif: page 2 is 32x40 but the stack's first page is 32x32"):
             reader(path)
+
+
+# ------------------------------------------------------------------------------- truncated stacks, NaN
+
+def _truncate(src, dst, fraction=0.5):
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * fraction)])
+    return dst
+
+
+@pytest.mark.parametrize("writer", ["imagej", "plain", "ome"])
+def test_truncated_stack_refused_by_every_reader(tmp_path, writer):
+    img = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
+    options = {"imagej": {"imagej": True}, "plain": {}, "ome": {"ome": True, "metadata": {"axes": "ZYX"}}}[writer]
+    tifffile.imwrite(tmp_path / "full.tif", img, **options)
+    np.testing.assert_array_equal(read_stack(tmp_path / "full.tif"), img)
+    cut = _truncate(tmp_path / "full.tif", tmp_path / "cut.tif")
+    pattern = r"cut.tif: page 1 cannot be read .*truncated or corrupt"
+    for read in (read_stack, stack_info, lambda p: list(iter_pages(p, 2))):
+        with pytest.raises(UserError, match=pattern):
+            read(cut)
+
+
+def test_truncated_isbi_volume_refused(tmp_path, isbi_dir):
+    cut = _truncate(isbi_dir / "test-volume.tif", tmp_path / "test-volume.tif")
+    with pytest.raises(UserError, match=r"test-volume.tif: page 1 cannot be read \(the file holds 1 readable "
+                                        r"page\(s\) of 30 its header lists\)"):
+        read_stack(cut)
+
+
+def test_pixel_data_past_end_of_file_names_the_page(tmp_path):
+    # IFDs first, pixel data after them: a cut keeps every page header but loses the last pages' pixels.
+    img = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
+    tifffile.imwrite(tmp_path / "s.tif", img, photometric="minisblack", metadata=None)
+    data = (tmp_path / "s.tif").read_bytes()
+    with tifffile.TiffFile(tmp_path / "s.tif") as tif:
+        end_of_page2 = tif.pages[2].dataoffsets[0] + tif.pages[2].databytecounts[0]
+    cut = tmp_path / "c.tif"
+    cut.write_bytes(data[:end_of_page2 - 1])
+    with pytest.raises(UserError, match=r"c.tif: page [12] cannot be read"):
+        read_stack(cut)
+
+
+def test_imagej_header_count_disagreeing_with_pages_refused(tmp_path):
+    img = np.zeros((3, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", img, imagej=True)
+    data = (tmp_path / "s.tif").read_bytes().replace(b"images=3", b"images=5")
+    (tmp_path / "h.tif").write_bytes(data)
+    with pytest.raises(UserError, match=r"h.tif: page 3 cannot be read \(its header lists 5 image\(s\) but "
+                                        r"the file holds 3 page\(s\)\)"):
+        read_stack(tmp_path / "h.tif")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_refused_naming_file_and_slice(tmp_path, bad):
+    img = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
+    img[3, 4, 5] = bad
+    tifffile.imwrite(tmp_path / "f.tif", img, photometric="minisblack")
+    pattern = r"f.tif: slice 3 has 1 non-finite pixel\(s\) \(NaN or Inf\)"
+    with pytest.raises(UserError, match=pattern):
+        read_stack(tmp_path / "f.tif")
+    chunks = iter_pages(tmp_path / "f.tif", 2)
+    assert next(chunks).shape == (2, 16, 16)  # slices 0-1 are clean and come through
+    with pytest.raises(UserError, match=pattern):
+        list(chunks)
+    _isbi_layout(tmp_path, img, np.full((5, 16, 16), 255, np.uint8))
+    with pytest.raises(UserError, match=r"train-volume.tif: slice 3 has 1 non-finite"):
+        load_dataset(tmp_path)
+
+
+def test_small_slices_and_unrelated_names_warn_once(tmp_path, capsys):
+    img, lab = _stack(n=2, h=8, w=8)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for k in range(2):
+        tifffile.imwrite(tmp_path / "images" / f"em{k}.tif", img[k])
+        tifffile.imwrite(tmp_path / "labels" / f"seg_{k}.tif", lab[k])
+    load_dataset(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("warning: ") and "labels: no label file has the name of an image file" in err[0]
+    assert "em0.tif: 2 slice(s) smaller than 16 pixels on a side (first: 8x8)" in err[1]
+    for k in range(2):
+        (tmp_path / "labels" / f"seg_{k}.tif").rename(tmp_path / "labels" / f"em{k}.tif")
+    big_img, big_lab = _stack(n=2, h=16, w=16)
+    for k in range(2):
+        tifffile.imwrite(tmp_path / "images" / f"em{k}.tif", big_img[k])
+        tifffile.imwrite(tmp_path / "labels" / f"em{k}.tif", big_lab[k])
+    load_dataset(tmp_path)
+    assert capsys.readouterr().err == ""
+
+
+def test_huge_finite_pixels_are_not_mistaken_for_inf(tmp_path):
+    img = np.full((2, 16, 16), 3e38, np.float32)  # every slice's sum overflows to inf
+    tifffile.imwrite(tmp_path / "h.tif", img, photometric="minisblack")
+    np.testing.assert_array_equal(read_stack(tmp_path / "h.tif"), img)

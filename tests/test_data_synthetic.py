@@ -1,5 +1,4 @@
 """The synthetic EM generator: deterministic, fast, and with labels that match what the image shows."""
-import time
 
 import numpy as np
 import pytest
@@ -34,12 +33,6 @@ def test_looks_like_em():
     assert len(np.unique(img)) > 100
     corr = np.corrcoef(img.ravel().astype(float), (~membrane).ravel().astype(float))[0, 1]
     assert corr > 0.5
-
-
-def test_fast_enough_for_smoke_runs():
-    t = time.perf_counter()
-    make_synthetic_em(30, 256, 256)
-    assert time.perf_counter() - t < 5.0   # ~0.5 s alone; generous because the machine is shared
 
 
 def test_default_dataset():

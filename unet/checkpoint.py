@@ -6,6 +6,8 @@ so that opening a checkpoint can never run code.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -44,10 +46,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the same user-facing problem
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{first[:200]}") from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise _unreadable(path, e) from None
+        # torch's own text suggests turning the safety off; we never pass that advice on.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors and plain data"
+                        f"{f' ({found.group(1)})' if found else ''}, and loading it could run code; use a "
+                        f"checkpoint written by train.py") from None
+    except Exception as e:  # noqa: BLE001 - any other failure to read is the same user-facing problem
+        raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a unet-em checkpoint (it has no format={FORMAT!r} entry); "
                         f"pass a file written by train.py")
@@ -57,7 +65,26 @@ def load_checkpoint(path: str | Path) -> dict:
     for key in ("model_config", "model"):
         if key not in ckpt:
             raise UserError(f"checkpoint {path} has no {key!r} entry; it is incomplete")
+    _check_finite_weights(ckpt["model"], path)
     return ckpt
+
+
+def _unreadable(path: Path, e: BaseException) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first[:200]}")
+
+
+def _check_finite_weights(state: dict, path: Path) -> None:
+    """Refuse NaN/Inf weights: such a model predicts NaN everywhere, which becomes an all-membrane mask."""
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} has a 'model' entry that is not a dict of tensors; it is corrupt")
+    for name, t in state.items():
+        # The sum is non-finite when any weight is; only then pay for the exact count (an overflow is no alarm).
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.sum())):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise UserError(f"checkpoint {path}: weight {name!r} has {bad} non-finite value(s) (NaN or Inf); "
+                                f"the run that wrote it diverged, use an earlier checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> UNet:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from unet.atomic import atomic_path
+from unet.atomic import atomic_path, atomic_write
 from unet.errors import UserError
 from unet.tiling import check_tile_size
 
@@ -113,13 +113,13 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
                         f"pip install -e .[onnx] (or export to .pt2)")
     model, tile_size = _prepare(model, tile_size)
     program = _trace(model, tile_size, onnx=suffix == ".onnx")
-    # Both savers want a path name, so a named temporary file beside the target.
-    with atomic_path(path) as tmp:
-        if suffix == ".pt2":
-            extra = {METADATA_NAME: json.dumps(export_metadata(model, tile_size))}
-            torch.export.save(program, tmp, extra_files=extra)
-        else:
-            program.save(str(tmp))
+    if suffix == ".pt2":
+        extra = {METADATA_NAME: json.dumps(export_metadata(model, tile_size))}
+        # Through a file object: a failed write then surfaces as an OSError (one line), not a C++ abort.
+        atomic_write(path, lambda f: torch.export.save(program, f, extra_files=extra))
+        return path
+    with atomic_path(path) as tmp:  # the ONNX saver wants a path name: a named temporary beside the target
+        program.save(str(tmp))
     return path
 
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from unet.atomic import atomic_path, publish, temporary_path
+from unet.atomic import atomic_path, publish, temporary_path, write_errors
 from unet.checkpoint import load_model
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
 from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
@@ -269,10 +269,10 @@ class StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        with write_errors(self.path, cleanup=self.abort):  # disk full, size limit: one line, no temporary left
+            if exc is not None:
+                raise exc
             self.commit()
-        else:
-            self.abort()
 
 
 def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:

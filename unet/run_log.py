@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from unet.atomic import atomic_write
+from unet.atomic import atomic_write, write_errors
+from unet.errors import UserError
 
 
 def jsonable(obj):
@@ -28,26 +30,49 @@ def jsonable(obj):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``; keeps lines past ``max_step`` out on resume."""
+    """Appends one JSON object per line to ``metrics.jsonl``; keeps lines past ``max_step`` out on resume.
+
+    A run killed in the middle of an append leaves a torn last line: resuming drops it (and says so) instead
+    of refusing the run.
+    """
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
+            records, torn = _parse(self.path)
+            if torn:
+                print(f"note: {self.path}: dropped a torn last line (the previous run stopped while writing it)",
+                      file=sys.stderr)
             # Lines logged after the checkpoint we resume from belong to steps that will be redone.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in records if r.get("step", 0) <= resume_step]
             atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with write_errors(self.path, cleanup=lambda: None), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """Every record, in order (a torn last line left out)."""
+        return _parse(self.path)[0] if self.path.exists() else []
+
+
+def _parse(path: Path) -> tuple[list[dict], bool]:
+    """The records of a JSON-lines file and whether its last line was torn; a bad line elsewhere is refused."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise UserError(f"{path}: line {number} is not valid JSON; the log is damaged, "
+                                f"repair or delete that line") from None
+            torn = True
+    return records, torn
 
 
 def write_json(path: str | Path, obj: dict) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from unet.atomic import make_folder
 from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
@@ -294,7 +295,8 @@ class Trainer:
         self.say = rank0_printer(dist)
         self.tiling = tiling_options(config)
         self.global_batch = config.batch_size * dist.world_size
-        self.step, self.last_good_step = 0, 0
+        self.step = 0
+        self.last_good_step: int | None = None  # None: this run has written or resumed no last.pt
         self.best_dice_nvidia, self.best_step = -math.inf, None
         self.last_metrics: dict | None = None
         self.log: MetricsLog | None = None
@@ -317,7 +319,7 @@ class Trainer:
         bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main or self.config.no_progress, smoothing=0.1)
         self.model.train()
-        self.last_good_step = self.step
+        self.last_good_step = self.step if resume is not None else None
         while self.step < self.config.max_steps:
             loss = train_step(self.net, *next(self.batches), self.optimizer, self.scaler, self.dev,
                               clip_grad=self.config.clip_grad)
@@ -353,7 +355,7 @@ class Trainer:
         """The checkpoint to resume from (None: a fresh run); every rank agrees before touching the model."""
         resume = None
         if self.dist.is_main and not self.config.benchmark:
-            self.model_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.model_dir, "--model-dir")
             resume = find_run(self.config, self.model_dir)
         resume_step = broadcast_object(resume["step"] if resume is not None else None)
         if resume_step is not None and resume is None:
@@ -432,13 +434,19 @@ class Trainer:
             self.save("last.pt", self.last_metrics)
             self.last_good_step = step
 
+    def kept_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, naming last.pt only when this run wrote or resumed it."""
+        if self.last_good_step is None:
+            return "no checkpoint was written"
+        return f"keeping the last good checkpoint {self.model_dir / 'last.pt'} (step {self.last_good_step})"
+
     def check_finite(self, losses: LossTracker) -> None:
         bad = losses.first_bad_step(self.config.max_steps)
         if bad is not None:
             raise TrainingDiverged(
                 f"the loss became non-finite at step {bad}"
                 f"{f' ({MAX_NONFINITE_STREAK_FP16} steps in a row, beyond what fp16 loss scaling skips)' if losses.fp16 else ''}; "
-                f"stopped, keeping the last good checkpoint {self.model_dir / 'last.pt'} (step {self.last_good_step}); "
+                f"stopped, {self.kept_checkpoint()}; "
                 f"try a lower --learning-rate, --clip-grad 1.0 or --amp-dtype bf16")
 
     def log_loss(self, losses: LossTracker, bar) -> None:
@@ -520,6 +528,6 @@ def run_benchmark(trainer: Trainer) -> dict:
     trainer.say("benchmark: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in result.items()))
     if trainer.dist.is_main:
-        trainer.model_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(trainer.model_dir, "--model-dir")
         write_json(trainer.model_dir / "benchmark.json", result)
     return result

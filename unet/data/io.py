@@ -9,6 +9,9 @@ pixels have several samples (RGB) or an ImageJ/OME hyperstack has a channel axis
 from __future__ import annotations
 
 import math
+import os
+import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,9 @@ from unet.errors import UserError
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+
+# Slices with a side below this train and predict, but on little more than mirrored padding: warn.
+MIN_SENSIBLE_SIDE = 16
 
 # Everything a truncated or corrupt file makes tifffile / Pillow raise; turned into one UserError.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, EOFError, IndexError, KeyError,
@@ -181,7 +187,73 @@ def _check_single_series(tif: tifffile.TiffFile, path: Path) -> None:
                     f"supported, save each series as its own file")
 
 
+def _check_pages_complete(tif: tifffile.TiffFile, path: Path) -> None:
+    """Refuse a TIFF whose pages cannot all be read (truncated or cut-off IFD chain, pixel data past the end).
+
+    tifffile only logs "invalid page offset" and hands back the pages before the break, so a truncated stack
+    would be read as a shorter one. Reads page headers only (no pixel data), once per open file.
+    """
+    fh = tif.filehandle
+    pages = tif.pages
+    num_pages = len(pages)  # indexes every IFD; stops at the first one that is missing or corrupt
+    # The last IFD read ends with the offset of the next one: anything but 0 means the chain was cut short.
+    fh.seek(pages.next_page_offset)
+    raw = fh.read(tif.tiff.offsetsize)
+    chain_ok = len(raw) == tif.tiff.offsetsize and struct.unpack(tif.tiff.offsetformat, raw)[0] == 0
+    for k in range(num_pages):
+        page = pages[k]
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if ends and max(ends) > fh.size:
+            raise _truncated(path, k, f"its pixel data runs past the end of the file ({fh.size} bytes)")
+    expected = _header_image_count(tif)
+    if not chain_ok and (expected is None or expected > num_pages):
+        raise _truncated(path, num_pages, f"the file holds {num_pages} readable page(s)"
+                                          + (f" of {expected} its header lists" if expected else ""))
+    if expected is not None and expected != num_pages and not _imagej_contiguous_fits(tif, expected):
+        raise _truncated(path, min(num_pages, expected),
+                         f"its header lists {expected} image(s) but the file holds {num_pages} page(s)")
+
+
+def _truncated(path: Path, page: int, why: str) -> UserError:
+    return UserError(f"{path}: page {page} cannot be read ({why}); the file is truncated or corrupt, "
+                     f"copy or export it again")
+
+
+def _header_image_count(tif: tifffile.TiffFile) -> int | None:
+    """Number of TIFF pages the ImageJ or OME header says the file holds; None without such a header."""
+    if tif.is_imagej and tif.imagej_metadata and "images" in tif.imagej_metadata:
+        return int(tif.imagej_metadata["images"])
+    if tif.is_ome and tif.ome_metadata:
+        import xml.etree.ElementTree as ET
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+        except ET.ParseError:
+            return None
+        # Only single-file, single-image OME (the kind this reader accepts): Z x C x T planes, one page each.
+        images = [e for e in root.iter() if e.tag.endswith("}Image")]
+        if len(images) != 1 or any(e.tag.endswith("}UUID") for e in root.iter()):
+            return None
+        pixels = next((e for e in images[0] if e.tag.endswith("}Pixels")), None)
+        if pixels is None:
+            return None
+        sizes = [int(pixels.get(k, 1)) for k in ("SizeZ", "SizeC", "SizeT")]
+        channels = [e for e in pixels if e.tag.endswith("}Channel")]
+        samples = int(channels[0].get("SamplesPerPixel", 1)) if channels else 1
+        return math.prod(sizes) // max(samples, 1)
+    return None
+
+
+def _imagej_contiguous_fits(tif: tifffile.TiffFile, expected: int) -> bool:
+    # ImageJ files > 4 GB keep fewer IFDs than images and store the planes back to back after the first
+    # page's data; such a file is whole when all those bytes are there.
+    page = tif.pages.first
+    if not tif.is_imagej or tif.filehandle.size < 2 ** 32 or not page.is_contiguous or page.compression != 1:
+        return False
+    return page.dataoffsets[0] + page.nbytes * expected <= tif.filehandle.size
+
+
 def _tiff_layout(tif: tifffile.TiffFile, path: Path) -> _Layout:
+    _check_pages_complete(tif, path)
     if not tif.series:
         raise UserError(f"{path}: TIFF file has no images; export the stack again")
     _check_single_series(tif, path)
@@ -263,7 +335,29 @@ def read_stack(path: str | Path) -> np.ndarray:
         raise
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
+    check_finite(arr, path)
     return arr
+
+
+def check_finite(slices: np.ndarray, path: Path | str, first: int = 0) -> None:
+    """Refuse NaN or Inf pixels in a float stack; ``slices[k]`` is slice ``first + k`` of ``path``.
+
+    Integer pixels cannot be non-finite, so only float data pays for the check (one pass, once per read).
+
+    Raises:
+        UserError: naming the file and the first slice with a non-finite pixel.
+    """
+    if slices.dtype.kind not in "fc":
+        return
+    # A sum is NaN/Inf when any term is (and cheaper than a full mask); the exact test runs only on slices whose
+    # sum is not finite, so an overflowing sum of huge but finite pixels is no false alarm.
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspects = np.flatnonzero(~np.isfinite(slices.reshape(len(slices), -1).sum(axis=1)))
+    for k in suspects:
+        bad = int(np.count_nonzero(~np.isfinite(slices[k])))
+        if bad:
+            raise UserError(f"{path}: slice {first + k} has {bad} non-finite pixel(s) (NaN or Inf); "
+                            f"fix or mask them in the image before using it")
 
 
 def stack_info(path: str | Path) -> StackInfo:
@@ -322,7 +416,9 @@ def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
             num_pages = math.prod(layout.lead_shape)
             if len(series.pages) != num_pages:
                 # Pages do not map one-to-one to planes (e.g. ImageJ files > 4 GB): read it all at once.
-                yield from iter_chunks(_normalise(series.asarray(), layout), batch)
+                whole = _normalise(series.asarray(), layout)
+                check_finite(whole, path)
+                yield from iter_chunks(whole, batch)
                 return
             lead = list(layout.lead_shape)
             c_axis = layout.channel_axis
@@ -337,6 +433,7 @@ def iter_pages(path: str | Path, batch: int) -> Iterator[np.ndarray]:
                         keys.append(int(np.ravel_multi_index(full, lead)) if lead else 0)
                 pages = _planes(tif.asarray(key=keys, series=0), layout, len(keys))
                 pages = pages.reshape(stop - start, layout.channels, layout.height, layout.width)
+                check_finite(pages, path, start)
                 yield pages[:, 0] if layout.channels == 1 else pages
     except UserError:
         raise
@@ -459,6 +556,8 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
     if label_files is None and require_labels:
         raise UserError(missing_labels)
 
+    if label_files is not None and len(image_files) > 1:
+        _warn_unpaired_names(image_files, label_files)
     raw_images, names, image_origin = _read_many(image_files)
     images = [as_image(r, o, channels) for r, o in zip(raw_images, image_origin)]
     if channels is None and len({im.shape[0] for im in images}) > 1:
@@ -477,6 +576,7 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
                 raise UserError(f"{lo}: label size {lab.shape[1]}x{lab.shape[0]} differs from image size "
                                 f"{img.shape[2]}x{img.shape[1]} of {io_.name}; labels must match their images")
             labels.append(lab)
+    _warn_small_slices(images, image_origin)
     return SliceSet(images=images, labels=labels, names=names, source=str(root))
 
 
@@ -495,3 +595,25 @@ def synthetic_dataset(count: int = 30, size: int = 256, seed: int = 0) -> SliceS
     return SliceSet(images=[scale_by_dtype(im[None]) for im in images],
                     labels=[(lab == 255).astype(np.uint8) for lab in labels],
                     names=[f"synthetic_{k:03d}" for k in range(count)], source="synthetic")
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, from rank 0 only (every rank loads the data set)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _warn_small_slices(images: list[np.ndarray], origin: list[Path]) -> None:
+    small = [(im, o) for im, o in zip(images, origin) if min(im.shape[1:]) < MIN_SENSIBLE_SIDE]
+    if small:
+        im, o = small[0]
+        _warn(f"{o}: {len(small)} slice(s) smaller than {MIN_SENSIBLE_SIDE} pixels on a side "
+              f"(first: {im.shape[2]}x{im.shape[1]}); crops of them are mostly mirrored padding")
+
+
+def _warn_unpaired_names(image_files: list[Path], label_files: list[Path]) -> None:
+    # Pairing is by sorted position; names sharing no stem at all suggest two unrelated folders.
+    stems = {f.name.split(".")[0] for f in image_files}
+    if not stems & {f.name.split(".")[0] for f in label_files}:
+        _warn(f"{label_files[0].parent}: no label file has the name of an image file; images and labels are "
+              f"paired by sorted name ({image_files[0].name} with {label_files[0].name}), check the pairing")
