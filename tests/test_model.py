@@ -96,8 +96,9 @@ def test_up_block_keeps_channels_last_through_crop_and_concat_with_the_same_valu
     def run(block, a, b):
         a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
         out = block(a, b)
-        out.backward(grad)
-        return out, a.grad, b.grad
+        # autograd.grad, not .backward(): a leaf's .grad is restrided to the leaf's layout, which would hide
+        # the layout the gradient arrives in (what the skip's other, pooling-branch gradient is added to).
+        return (out, *torch.autograd.grad(out, (a, b), grad))
 
     ref_out, ref_gx, ref_gskip = run(up, x, skip)
     up_cl = Up(32, 16, "valid", False).to(memory_format=cl)
