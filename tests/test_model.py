@@ -106,7 +106,8 @@ def test_up_block_keeps_channels_last_through_crop_and_concat_with_the_same_valu
     out, gx, gskip = run(up_cl, x.contiguous(memory_format=cl), skip.contiguous(memory_format=cl))
     assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
     # The skip's gradient (zero outside the crop) stays channels_last too: it is added to the pooling branch's.
-    assert gskip.is_contiguous(memory_format=cl) and gx.is_contiguous(memory_format=cl)
+    # (x's gradient is cat's backward: a channel slice of a channels_last gradient, a view in no standard layout.)
+    assert gskip.is_contiguous(memory_format=cl) and not gskip.is_contiguous()
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(gx, ref_gx)
     torch.testing.assert_close(gskip, ref_gskip)
