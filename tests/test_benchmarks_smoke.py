@@ -39,6 +39,9 @@ def test_train_throughput_quick(tmp_path):
                "--precisions", "fp32,fp16", "--threads", "1", "--json", str(tmp_path / "t.json")], tmp_path)
     assert re.search(r"^# train throughput .* cpu: .* cores: \d+ .* torch \S+", out, flags=re.M)
     assert "fp16 skipped" in out and re.search(r"MFU peak .* fp32 [\d.]+ / [\d.]+ TFLOP/s", out)
+    # The theoretical ceiling is printed beside the measured peak (cores x GHz x FLOP/cycle), never used for MFU.
+    assert re.search(r"CPU theoretical peak: \d+ cores x [\d.]+ GHz x \d+ FLOP/cycle", out)
+    assert re.search(r"theoretical fp32 [\d.]+ TFLOP/s \(measured \d+%\)", out)
     header, rows = table_rows(out, "model")
     for title in ("batch", "prec", "compile", "layout", "images/s", "step ms", "peak MB", "GFLOP/img",
                   "TFLOP/s", "MFU"):
@@ -51,6 +54,7 @@ def test_train_throughput_quick(tmp_path):
     assert row["peak_memory_mb"] > 0 and row["peak_source"] == "measured fp32 matmul/conv3x3 max"
     assert row["peak_tflops"] == pytest.approx(data["cpu_peaks_tflops"]["fp32"])
     assert sorted(data["cpu_peak_kernels"]["fp32"]) == ["conv3x3_tflops", "matmul_tflops"]
+    assert data["cpu_theoretical_peak_tflops"]["fp32"] > 0
 
 
 def test_inference_throughput_quick(tmp_path):
