@@ -77,34 +77,56 @@ def conv_flops(key: str, shapes: list, pad: int) -> float | None:
 CONV_OPS = ("aten::conv2d", "aten::conv_transpose2d", "aten::convolution_backward")
 
 
+def _outside_conv(event) -> bool:
+    """Whether no enclosing op of ``event`` is a convolution (autocast re-dispatches conv2d inside conv2d)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in CONV_OPS:
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
 def layer_tables(prof, total_us: float, peak_flops: float, pad: int, top: int) -> dict:
     """Convolution layers by inclusive time (with FLOP rates) and the other ops by self time.
 
     The three outermost convolution ops (forward, transposed forward, backward) are timed inclusively, so
-    whatever backend runs below them (oneDNN, or the slow path for tiny channel counts) is inside their row;
-    every other op is timed by self time, skipping those backend ops so no time is counted twice.
+    whatever backend runs below them (oneDNN, or the slow path for tiny channel counts, and autocast's inner
+    re-dispatch) is inside their row; every other op outside them is timed by self time, so no time is counted
+    twice. Rows are grouped by op and input shapes.
     """
-    layers, others, conv_us, conv_flop = [], [], 0.0, 0.0
-    for e in prof.key_averages(group_by_input_shape=True):
-        if e.key in CONV_OPS:
-            flop = conv_flops(e.key, e.input_shapes, pad)
-            us = e.cpu_time_total
-            conv_us += us
-            conv_flop += (flop or 0) * e.count
-            tflops = flop * e.count / (us / 1e6) / 1e12 if flop and us > 0 else None
-            layers.append({"op": e.key.replace("aten::", ""), "shapes": _shapes(e.input_shapes), "calls": e.count,
-                           "ms": us / 1e3, "share": us / total_us, "gflop": flop * e.count / 1e9 if flop else None,
-                           "tflops": tflops, "of_peak": tflops * 1e12 / peak_flops if tflops else None})
-        elif e.self_cpu_time_total > 0 and not any(t in e.key for t in ("conv", "mkldnn", "ProfilerStep")):
-            others.append({"op": e.key.replace("aten::", ""), "shapes": _shapes(e.input_shapes), "calls": e.count,
-                           "ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total_us,
-                           "gflop": None, "tflops": None, "of_peak": None})
-    layers.sort(key=lambda r: -r["ms"])
-    others.sort(key=lambda r: -r["ms"])
-    conv_tflops = conv_flop / (conv_us / 1e6) / 1e12 if conv_us else None
-    return {"conv_ms": conv_us / 1e3, "conv_share": conv_us / total_us, "conv_tflops": conv_tflops,
+    layers: dict[tuple, dict] = {}
+    others: dict[tuple, dict] = {}
+    for e in prof.events():
+        if not _outside_conv(e):
+            continue
+        shapes = e.input_shapes or []
+        if e.name in CONV_OPS:
+            row = layers.setdefault((e.name, str(shapes)), {"op": e.name.replace("aten::", ""), "shapes": _shapes(shapes),
+                                                            "calls": 0, "us": 0.0,
+                                                            "flop": conv_flops(e.name, shapes, pad)})
+            row["us"] += e.cpu_time_total
+        elif "ProfilerStep" not in e.name and e.self_cpu_time_total > 0:
+            row = others.setdefault((e.name, _shapes(shapes)), {"op": e.name.replace("aten::", ""),
+                                                               "shapes": _shapes(shapes), "calls": 0, "us": 0.0,
+                                                               "flop": None})
+            row["us"] += e.self_cpu_time_total
+        else:
+            continue
+        row["calls"] += 1
+    for row in list(layers.values()) + list(others.values()):
+        flop = row.pop("flop")
+        us = row.pop("us")
+        tflops = flop * row["calls"] / (us / 1e6) / 1e12 if flop and us > 0 else None
+        row.update(ms=us / 1e3, share=us / total_us, gflop=flop * row["calls"] / 1e9 if flop else None, tflops=tflops,
+                   of_peak=tflops * 1e12 / peak_flops if tflops else None)
+    conv_ms = sum(r["ms"] for r in layers.values())
+    conv_flop = sum(r["gflop"] or 0 for r in layers.values()) * 1e9
+    conv_tflops = conv_flop / (conv_ms / 1e3) / 1e12 if conv_ms else None
+    by_time = lambda rows: sorted(rows, key=lambda r: -r["ms"])[:top]  # noqa: E731
+    return {"conv_ms": conv_ms, "conv_share": conv_ms * 1e3 / total_us, "conv_tflops": conv_tflops,
             "conv_of_peak": conv_tflops * 1e12 / peak_flops if conv_tflops else None,
-            "layers": layers[:top], "others": others[:top]}
+            "layers": by_time(layers.values()), "others": by_time(others.values())}
 
 
 def _shapes(shapes: list) -> str:
