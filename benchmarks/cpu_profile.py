@@ -164,6 +164,7 @@ def profile_precision(spec, precision: str, args) -> dict:
         train_step(model, images, labels, optimizer, scaler, dev)
     step()  # warm-up: oneDNN primitives, allocator
     crop = compare_crop(step, args.compare_steps) if args.compare_steps else None
+    level0 = crop_level0(spec, precision, args.batch, 3 if args.quick else 10)
     # The peak is measured right before and after the profiled passes and the better reading kept: on a shared
     # machine one reading can land in a busy moment, and a low peak would flatter every layer's share of it.
     before = measure_peak()
@@ -184,7 +185,7 @@ def profile_precision(spec, precision: str, args) -> dict:
     return {"precision": precision, "batch": args.batch, "peak_kernels_tflops": {k: v / 1e12 for k, v in kernels.items()},
             "peak_readings_tflops": {"before": {k: v / 1e12 for k, v in before.items()},
                                      "after": {k: v / 1e12 for k, v in after.items()}},
-            "crop_comparison": crop,
+            "crop_comparison": crop, "crop_level0": level0,
             "train": {"ms": step_us / 1e3, "tflops": flops / (step_us / 1e6) / 1e12,
                       "of_peak": flops / (step_us / 1e6) / peak, **layer_tables(prof, step_us, peak, pad, args.top)},
             "forward": {"ms": fwd_us / 1e3, "tflops": fwd_flops / (fwd_us / 1e6) / 1e12,
@@ -209,6 +210,45 @@ def compare_crop(step, steps: int) -> dict:
     return {"before_s": before, "after_s": after, "speedup": before / after, "steps_each": steps, "times": times}
 
 
+def crop_level0(spec, precision: str, batch: int, reps: int) -> dict:
+    """The first skip level alone, before vs after: forward + backward of pool(relu(skip)) and
+    cat(up, crop(relu(skip))).
+
+    ``relu(skip)`` stands for the first DoubleConv's output (``base_filters`` channels, channels_last), cropped to the last
+    decoder level's input size as in the model. Alternating repetitions, medians: a few-percent change of a
+    multi-second training step is below the noise of a shared machine; this isolates it.
+    """
+    model = spec.build()
+    dtype, channels = PRECISION_DTYPES[precision], model.config.base_filters
+    valid = model.padding == "valid"
+    side = spec.input_size - 4 if valid else spec.input_size
+    crop = model.output_size(spec.input_size) + 4 if valid else spec.input_size
+    skip = torch.randn(batch, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(batch, channels, crop, crop, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    skip.requires_grad_()
+    up.requires_grad_()
+    grads = (torch.randn(batch, channels, side // 2, side // 2, dtype=dtype).contiguous(memory_format=torch.channels_last),
+             torch.randn(batch, 2 * channels, crop, crop, dtype=dtype).contiguous(memory_format=torch.channels_last))
+
+    def run(crop_fn):
+        out = torch.relu(skip)  # not a leaf, as in the model: its two gradients meet in autograd's buffer
+        pooled = torch.nn.functional.max_pool2d(out, 2)
+        joined = torch.cat([up, crop_fn(out, crop, crop)], dim=1)
+        torch.autograd.grad((pooled, joined), (skip, up), grads)
+    variants = {"before": model_module.center_crop, "after": model_module.crop_skip}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, fn in variants.items():
+        run(fn)  # warm-up
+    for _ in range(reps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            run(fn)
+            times[name].append(time.perf_counter() - t0)
+    before, after = statistics.median(times["before"]), statistics.median(times["after"])
+    return {"skip_shape": [batch, channels, side, side], "crop": crop, "before_s": before, "after_s": after,
+            "speedup": before / after, "reps": reps}
+
+
 def report(spec, r: dict, args) -> None:
     peak = max(r["peak_kernels_tflops"].values())
     kernels = ", ".join(f"{k} {v:.3f}" for k, v in r["peak_kernels_tflops"].items())
@@ -216,6 +256,10 @@ def report(spec, r: dict, args) -> None:
         c = r["crop_comparison"]
         print(f"\n# {r['precision']} training step, skip crop before -> after (median of {c['steps_each']} "
               f"alternating steps each): {c['before_s']:.2f} s -> {c['after_s']:.2f} s, {c['speedup']:.3f}x")
+    c = r["crop_level0"]
+    print(f"# {r['precision']} first skip level alone (pool + crop + cat, forward + backward, skip "
+          f"{'x'.join(map(str, c['skip_shape']))} -> {c['crop']}), median of {c['reps']}: "
+          f"{c['before_s'] * 1e3:.0f} ms -> {c['after_s'] * 1e3:.0f} ms, {c['speedup']:.2f}x")
     for part, label in (("train", "training step"), ("forward", "eval forward")):
         d = r[part]
         print(f"\n# {spec.name} batch {args.batch} {r['precision']} {label}: {d['ms']:.0f} ms profiled, "

@@ -130,7 +130,9 @@ def test_cpu_profile_quick(tmp_path):
                "--json", str(tmp_path / "p.json")], tmp_path)
     assert re.search(r"CPU theoretical peak: \d+ cores", out)
     assert re.search(r"fp32 training step, skip crop before -> after .*: [\d.]+ s -> [\d.]+ s, [\d.]+x", out)
+    assert re.search(r"fp32 first skip level alone .*: \d+ ms -> \d+ ms, [\d.]+x", out)
     (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert row["crop_level0"]["skip_shape"] == [2, 16, 64, 64] and row["crop_level0"]["after_s"] > 0
     layers = row["train"]["layers"]
     assert layers and all(r["gflop"] > 0 and r["tflops"] > 0 for r in layers)  # every conv layer gets its FLOPs
     assert {r["op"] for r in layers} <= {"conv2d", "conv_transpose2d", "convolution_backward"}
