@@ -1,8 +1,9 @@
 """Checkpoints off the training loop's critical path: snapshot to host memory, write on a background thread.
 
-The loop only pays for the snapshot: every tensor of the state is copied into a host buffer (pinned, with a
-non-blocking copy, when it lives on a CUDA device, so the copy overlaps the next step's work on the same stream
-and the training thread never waits for it). One background thread then waits for those copies, serializes the
+The loop only pays for the snapshot: every tensor of the state is copied into a host buffer. On a CUDA device
+the buffers are pinned and the copies non-blocking: they are queued on the current stream ahead of the next
+step's kernels (so they read the weights as they are now) and the training thread does not wait for them. On
+a CPU the snapshot is a memory copy on the training thread. One background thread then waits for those copies, serializes the
 snapshot with :func:`unet.checkpoint.save_checkpoint` itself and writes it with its atomic write (temporary
 file, fsync, rename), so the bytes on disk and the SIGKILL guarantee are the synchronous save's.
 
