@@ -10,7 +10,7 @@
 # 100-slice 512x512 stack vs forward-only; train.py --benchmark and a real run with checkpoints and validation;
 # the checkpoint stall), each in its own process and time limit, rewriting $OUT/gpu_check.json after every row,
 # and ends with the torch.profiler table of the top CUDA kernels of the fastest training row.
-# Env: QUICK=1; DEVICE=auto|cuda|npu|cpu; BUDGET_S (450: the rows' budget; the whole script stays under
+# Env: QUICK=1; DEVICE=auto|cuda|npu|cpu; BUDGET_S (420: the rows' budget; the whole script stays under
 # BUDGET_S + 60); ROWS=comma list (default all); TORCHINDUCTOR_CACHE_DIR (default /tmp/unet-inductor-cache:
 # a rerun on the same machine reuses the compiled graphs).
 set -uo pipefail
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=${QUICK:-0}
 DEVICE=${DEVICE:-auto}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-420}
 ROWS=${ROWS:-}
 RESULTS=${OUT:-$(mktemp -d -t unet-gpu-check-XXXXXX)}
 mkdir -p "$RESULTS"
