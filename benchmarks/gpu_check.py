@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,9 @@ def row_command(name: str, args, workdir: Path, json_path: Path) -> list[str]:
         if name == "train_py_benchmark":
             steps = ["--benchmark", "--max-steps", "2" if args.quick else "50", "--warmup-steps", "1" if args.quick else "20"]
         else:
-            steps = (["--max-steps", "4", "--save-every", "2", "--evaluate-every", "2", "--log-every", "1"] if args.quick
-                     else ["--max-steps", "400", "--save-every", "200", "--evaluate-every", "200", "--log-every", "20"])
+            steps = ["--fold", "0"] + (
+                ["--max-steps", "4", "--save-every", "2", "--evaluate-every", "2", "--log-every", "1"] if args.quick
+                else ["--max-steps", "400", "--save-every", "200", "--evaluate-every", "200", "--log-every", "20"])
         return [py, str(REPO / "train.py"), "--device", args.device, "--amp", "--amp-dtype", "bf16", *small, *steps,
                 "--no-progress", "--overwrite", "--model-dir", str(model_dir)]
     profile = ["--profile"] if name.startswith("train_") else []
@@ -77,10 +79,10 @@ def collect(name: str, workdir: Path, json_path: Path) -> dict:
     if name == "train_py_real_run":
         records = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines() if line]
         rates = sorted(r["images_per_s"] for r in records if r.get("kind") == "train" and r.get("images_per_s"))
-        return {"logged_images_per_s": rates, "images_per_s": rates[len(rates) // 2] if rates else None,
+        return {"logged_images_per_s": rates, "images_per_s": statistics.median(rates) if rates else None,
                 "slowest_interval_images_per_s": rates[0] if rates else None,
-                "note": "median of train.py's logged images/s per --log-every interval (validation excluded, "
-                        "checkpoint saves included: the slowest interval holds one)"}
+                "note": "median of train.py's logged images/s per --log-every interval (validation excluded by "
+                        "train.py, checkpoint saves included in the intervals that hold them)"}
     data = json.loads(json_path.read_text())
     return data["rows"][0] if "rows" in data else data
 
