@@ -168,8 +168,8 @@ class MfuPeaks:
 
     def record(self) -> dict:
         """The CPU peaks and their kernels' readings, for the JSON output."""
-        theory = {p: self.theoretical[p] / 1e12 if self.theoretical and self.theoretical[p] else None
-                  for p in ("fp32", "bf16")} if self.theoretical else None
+        theory = ({p: self.theoretical[p] / 1e12 if self.theoretical[p] else None for p in ("fp32", "bf16")}
+                  if self.theoretical else None)
         return {"cpu_peaks_tflops": {p: v / 1e12 for p, v in self.cpu.items()}, "cpu_peak_kernels": self.kernels,
                 "cpu_theoretical_peak_tflops": theory}
 
