@@ -17,10 +17,12 @@ RUN=${RUN_DIR:-/tmp/unet_reference_fold$FOLD}   # checkpoints are ~400 MB: kept 
 mkdir -p "$OUT"
 
 echo "### throughput check"
-BUDGET_S=${CHECK_S:-200} COMPILE=${COMPILE:-0} bash benchmarks/gpu_check.sh
+BUDGET_S=${CHECK_S:-200} ROWS=${ROWS:-train_eager,train_py_benchmark,forward_eager,infer_end_to_end} \
+  bash benchmarks/gpu_check.sh
 
-ips=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['images_per_s'])" \
-        "$OUT/train_benchmark_augment/benchmark.json" 2>/dev/null || echo 50)
+ips=$(python -c "import json,sys; print(next(r['images_per_s'] for r in json.load(open(sys.argv[1]))['rows']
+                                          if r['row'] == 'train_py_benchmark'))" \
+        "$OUT/gpu_check.json" 2>/dev/null || echo 50)
 left=$((TOTAL_S - SECONDS - 90))   # keep 90 s for validation, evaluation and the export tests
 steps=$(python -c "print(max(100, min(6400, int($left * $ips * 0.85 / 8) // 100 * 100)))")
 echo "### reference recipe, fold $FOLD: $steps of 6400 steps (measured $ips img/s, ${left}s left)"

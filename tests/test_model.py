@@ -83,3 +83,40 @@ def test_forward_backward_cpu(autocast):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_up_block_keeps_channels_last_through_crop_and_concat_with_the_same_values():
+    from unet.model import Up
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    up = Up(32, 16, "valid", False)
+    x, skip = torch.randn(2, 16, 20, 20), torch.randn(2, 16, 30, 30)
+    grad = torch.randn(2, 8, 32, 32)
+
+    def run(block, a, b):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = block(a, b)
+        # autograd.grad, not .backward(): a leaf's .grad is restrided to the leaf's layout, which would hide
+        # the layout the gradient arrives in (what the skip's other, pooling-branch gradient is added to).
+        return (out, *torch.autograd.grad(out, (a, b), grad))
+
+    ref_out, ref_gx, ref_gskip = run(up, x, skip)
+    up_cl = Up(32, 16, "valid", False).to(memory_format=cl)
+    up_cl.load_state_dict(up.state_dict())
+    out, gx, gskip = run(up_cl, x.contiguous(memory_format=cl), skip.contiguous(memory_format=cl))
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+    # The skip's gradient (zero outside the crop) stays channels_last too: it is added to the pooling branch's.
+    # (x's gradient is cat's backward: a channel slice of a channels_last gradient, a view in no standard layout.)
+    assert gskip.is_contiguous(memory_format=cl) and not gskip.is_contiguous()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gskip, ref_gskip)
+    assert gskip[..., :5, :].abs().sum() == 0 and gskip[..., 5:25, 5:25].abs().sum() > 0
+
+
+def test_reference_state_dict_keys_unchanged():
+    # Old checkpoints must keep loading: the parameter names are part of the checkpoint format.
+    keys = list(UNet().state_dict())
+    assert len(keys) == 46 and keys[:4] == ["downs.0.conv.0.weight", "downs.0.conv.0.bias", "downs.0.conv.2.weight",
+                                            "downs.0.conv.2.bias"]
+    assert keys[-2:] == ["out.head.weight", "out.head.bias"] and "bottleneck.up.0.weight" in keys

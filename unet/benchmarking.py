@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from unet.device import DeviceSetup
+from unet.device import DeviceSetup, usable_cpus
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,3 +136,67 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, dev: DeviceS
     dev.synchronize()
     barrier()
     return warmup_s, (time.perf_counter() - t0) / steps
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def cpu_theoretical_peak(cores: int | None = None, info: dict[str, str] | None = None) -> dict:
+    """This CPU's datasheet-style dense peak: cores x GHz x FLOP per cycle of its widest ISA, fp32 and bf16.
+
+    FLOP/cycle per core assume two FMA pipes of the widest vector unit (Intel Xeon Gold/Platinum, AMD Zen 5):
+    fp32 = 2 pipes x lanes x 2 (multiply + add); AMD family 0x19 (Zen 3/4) executes AVX-512 on 256-bit pipes,
+    so it counts 256. bf16: AMX (TDPBF16PS, 16x16x32 multiply-adds every 16 cycles) 1024 FLOP/cycle; AVX512_BF16
+    (VDPBF16PS, two bf16 products per fp32 lane) twice fp32; otherwise bf16 runs at the fp32 rate. The clock
+    is /proc/cpuinfo's ``cpu MHz`` (the nominal clock inside a VM; turbo is not counted). A ceiling to read the
+    measured kernels against, never a measurement.
+
+    Args:
+        cores: cores this process may use (default: its affinity mask).
+        info: /proc/cpuinfo fields of one processor (tests inject these).
+
+    Returns:
+        ``{"fp32": FLOP/s, "bf16": FLOP/s, "ghz", "cores", "isa", "description"}``; FLOP/s None where the
+        clock is unknown.
+    """
+    info = _cpuinfo() if info is None else info
+    cores = cores or usable_cpus()
+    flags = set(info.get("flags", "").split())
+    width = 512 if "avx512f" in flags else 256 if "avx2" in flags and "fma" in flags else 128
+    isa = {512: "AVX-512", 256: "AVX2+FMA", 128: "SSE"}[width]
+    if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
+        width = min(width, 256)
+        isa += " (256-bit pipes)"
+    fp32_per_cycle = 2 * (width // 32) * 2
+    if "amx_bf16" in flags:
+        bf16_per_cycle, bf16_isa = 1024, "AMX-BF16"
+    elif "avx512_bf16" in flags:
+        bf16_per_cycle, bf16_isa = 2 * fp32_per_cycle, "AVX512_BF16"
+    else:
+        bf16_per_cycle, bf16_isa = fp32_per_cycle, "fp32 units"
+    try:
+        ghz = float(info["cpu MHz"]) / 1e3
+    except (KeyError, ValueError):
+        ghz = None
+    peak = {"fp32": cores * ghz * 1e9 * fp32_per_cycle if ghz else None,
+            "bf16": cores * ghz * 1e9 * bf16_per_cycle if ghz else None}
+    if ghz:
+        description = (f"CPU theoretical peak: {cores} cores x {ghz:.2f} GHz x {fp32_per_cycle} FLOP/cycle "
+                       f"({isa}, 2 FMA pipes) = {peak['fp32'] / 1e12:.3f} TFLOP/s fp32; x {bf16_per_cycle} "
+                       f"FLOP/cycle ({bf16_isa}) = {peak['bf16'] / 1e12:.3f} TFLOP/s bf16")
+    else:
+        description = "CPU theoretical peak: unknown (no clock in /proc/cpuinfo)"
+    return {**peak, "ghz": ghz, "cores": cores, "isa": f"{isa}; bf16 {bf16_isa}",
+            "fp32_flop_per_cycle": fp32_per_cycle, "bf16_flop_per_cycle": bf16_per_cycle, "description": description}

@@ -23,11 +23,15 @@ from unet.errors import UserError
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Dense bf16/fp16 matrix peaks (FLOP/s) by device-name fragment, for model-FLOP-utilisation figures.
+# Dense bf16/fp16 matrix peaks (FLOP/s, NVIDIA's datasheets: the sparse figures halved) by device-name fragment
+# (spaces removed), for model-FLOP-utilisation figures. The first fragment found in the name wins, so the
+# specific H100 forms come before the plain "H100" (SXM, e.g. "NVIDIA H100 80GB HBM3").
 # Only used when the user does not give --peak-tflops; unknown devices report MFU as unknown.
 KNOWN_PEAK_FLOPS = {
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is lower, pass --peak-tflops for it
+    "H100PCIe": 756e12,
+    "H100NVL": 835e12,
+    "H100": 989e12,
     "A100": 312e12,
     "V100": 125e12,
     "L40S": 362e12,

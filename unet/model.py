@@ -107,6 +107,41 @@ def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., top:top + height, left:left + width]
 
 
+class _LayoutKeepingCrop(torch.autograd.Function):
+    """:func:`center_crop` whose backward zero-pads the gradient in the input's memory format.
+
+    The plain slice's backward (``slice_backward``) builds a contiguous NCHW zero tensor; in a UNet that
+    gradient is then added to the skip's channels_last gradient from the pooling branch, and an add across
+    two layouts runs several times slower than within one (fp32, 2 x 64 x 568 x 568 on 2 CPU cores: 0.46 s vs
+    0.07 s). Forward is the same view, so values are unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        ctx.shape, ctx.height, ctx.width = x.shape, height, width
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        return center_crop(x, height, width)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad_in = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        center_crop(grad_in, ctx.height, ctx.width).copy_(grad)
+        return grad_in, None, None
+
+
+def crop_skip(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The skip connection's centre crop for concatenation, channels_last in forward and backward alike.
+
+    Eager training uses :class:`_LayoutKeepingCrop`; without autograd (inference, export) and under
+    ``torch.compile`` (whose compiler plans the layouts itself) it is the plain slice.
+    """
+    if skip.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _LayoutKeepingCrop.apply(skip, height, width)
+    return center_crop(skip, height, width)
+
+
 class Down(nn.Module):
     """Encoder level: DoubleConv, then 2x2 max-pool; returns (pooled, skip)."""
 
@@ -142,7 +177,7 @@ class Up(nn.Module):
         self.up = UpConv(out_ch, out_ch // 2)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        skip = crop_skip(skip, x.shape[-2], x.shape[-1])
         return self.up(self.conv(torch.cat([x, skip], dim=1)))
 
 
@@ -155,7 +190,7 @@ class OutBlock(nn.Module):
         self.head = nn.Conv2d(mid_ch, num_classes, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        skip = crop_skip(skip, x.shape[-2], x.shape[-1])
         return self.head(self.conv(torch.cat([x, skip], dim=1)))
 
 
