@@ -54,6 +54,8 @@ CITATIONS = (
     ("NVIDIA Deep Learning Examples: UNet_Medical for TensorFlow 2.", None,
      "https://github.com/NVIDIA/DeepLearningExamples/tree/master/TensorFlow2/Segmentation/UNet_Medical"),
 )
+FLAG_OF_FIELD = {"authors": "--author", "maintainers": "--maintainer", "name": "--name",
+                 "description": "--description", "git_repo": "--git-repo"}
 TAGS = ("unet", "segmentation", "electron-microscopy", "membrane-segmentation", "2d", "pytorch", "isbi2012",
         "semantic-segmentation", "unet-em")
 
@@ -565,8 +567,12 @@ def _validated_description(model, ckpt, options, sample, files):
             return describe(model, ckpt, options, sample, files)
         except pydantic.ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"package metadata rejected by bioimageio.spec at {where}: {first['msg']}") from None
+            loc = [str(p) for p in first["loc"]]
+            flag = FLAG_OF_FIELD.get(loc[0] if loc else "", ".".join(loc))
+            if loc and loc[0] == "license":
+                raise UserError(f"--license {options.license!r} is not an SPDX licence identifier known to "
+                                f"bioimageio.spec (e.g. MIT, CC-BY-4.0, Apache-2.0, BSD-3-Clause)") from None
+            raise UserError(f"{flag}: rejected by bioimageio.spec: {_one_line(Exception(first['msg']))[:200]}") from None
 
 
 def _save_package(descr, path: Path) -> None:
@@ -596,3 +602,61 @@ def check_package(path: Path, *, test: bool = True) -> None:
             failed = [d for d in result.details if d.status == "failed"]
             reason = "; ".join(f"{d.name}: {_one_line(Exception(d.errors))}" for d in failed[:2])
             raise RuntimeError(f"bioimageio.core test_model failed for {fmt} weights: {reason}")
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def get_args_parser(add_help: bool = True):
+    """Arguments of ``python export.py``."""
+    import argparse
+
+    from unet.cli import HelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="export.py", add_help=add_help, formatter_class=HelpFormatter,
+        description="Package a train.py checkpoint as a BioImage Model Zoo model (bioimage.io spec 0.5 .zip) "
+                    "for Fiji/deepImageJ, napari, ilastik and bioimageio.core.\n\n"
+                    "  python export.py --ckpt best.pt --output unet.zip --author \"Jane Doe\" --license MIT\n\n"
+                    "Needs the extra: pip install -e .[bioimageio]")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--output", required=True, help="the package to write (.zip)")
+    parser.add_argument("--format", default="bioimageio", help="package format (only 'bioimageio')")
+    parser.add_argument("--author", action="append", default=[], metavar="NAME[;AFFILIATION[;GITHUB_USER]]",
+                        help="an author of the model (repeat for several); required")
+    parser.add_argument("--maintainer", action="append", default=[], metavar="GITHUB_USER[;NAME]",
+                        help="a maintainer (repeat for several)")
+    parser.add_argument("--license", default=None, help="SPDX licence of the weights (e.g. MIT, CC-BY-4.0); required")
+    parser.add_argument("--name", default=None, help="package name (default: made from the model)")
+    parser.add_argument("--description", default=None, help="one-paragraph description (default: made from "
+                                                            "the checkpoint's model and training data)")
+    parser.add_argument("--git-repo", default=None, help="URL of the code that trained the model")
+    parser.add_argument("--weight-formats", default=",".join(WEIGHT_FORMATS),
+                        help="comma-separated subset of " + ", ".join(WEIGHT_FORMATS))
+    parser.add_argument("--sample", default=None,
+                        help="TIFF/PNG image or stack whose first slice makes the test tensors and the cover; "
+                             "None = the built-in synthetic stack")
+    parser.add_argument("--no-test", action="store_true",
+                        help="skip bioimageio.core's test of every weight format before the package is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    return parser
+
+
+def main(args) -> Path:
+    """Run ``export.py``: check everything, build, validate, test and publish the package."""
+    if args.format != "bioimageio":
+        raise UserError(f"--format: unknown package format {args.format!r}; the only one is 'bioimageio' "
+                        f"(infer.py --export writes .pt2 / .onnx programs)")
+    options = PackageOptions(
+        authors=list(args.author), license=args.license, maintainers=list(args.maintainer), name=args.name,
+        description=args.description, git_repo=args.git_repo, sample=args.sample, overwrite=args.overwrite,
+        weight_formats=tuple(f.strip() for f in args.weight_formats.split(",") if f.strip()),
+        test=not args.no_test)
+    path = build_package(args.ckpt, args.output, options)
+    tested = "validated" if args.no_test else "validated and tested (bioimageio.core test_model)"
+    print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB; {', '.join(options.weight_formats)}; {tested})")
+    return path
+
+
+def cli(argv=None) -> int:
+    """Console script ``unet-export``."""
+    from unet.cli import run
+    return run(main, get_args_parser(), argv)
