@@ -149,7 +149,7 @@ def architecture_source() -> str:
     return inspect.getsource(unet.model) + "\n\n" + inspect.getsource(BioimageioUNet)
 
 
-def test_tensors(net: BioimageioUNet, crop: np.ndarray, halo: int) -> tuple[np.ndarray, np.ndarray]:
+def make_test_tensors(net: BioimageioUNet, crop: np.ndarray, halo: int) -> tuple[np.ndarray, np.ndarray]:
     """Test input and output: ``crop`` mirror-padded by ``halo`` as a tool pads a slice, and the raw output.
 
     bioimageio.core reproduces test outputs by running the network on the test input as it is (no halo
@@ -237,6 +237,25 @@ def require_extra() -> None:
         raise UserError("bioimage.io export needs the bioimageio extra; pip install -e .[bioimageio]") from None
 
 
+def verify_github_users(options: PackageOptions) -> None:
+    """Look the GitHub user names of ``--author``/``--maintainer`` up with bioimageio.spec's own check.
+
+    bioimageio.spec asks api.github.com about every ``github_user`` when it validates a package with I/O
+    checks, and raises (rather than warns) when the host cannot be reached; checking first turns that into
+    one line naming the flag, before anything is computed or written.
+    """
+    from bioimageio.spec._internal.field_validation import validate_github_user
+    users = [a.split(";")[2].strip() for a in options.authors if len(a.split(";")) > 2 and a.split(";")[2].strip()]
+    users += [m.split(";")[0].strip() for m in options.maintainers]
+    for user in users:
+        try:
+            validate_github_user(user)
+        except Exception as e:  # noqa: BLE001 - a 404 (ValueError) or no network (httpx errors) alike
+            raise UserError(f"GitHub user {user!r} (--author/--maintainer) could not be verified with "
+                            f"api.github.com, as bioimageio.spec requires: {_one_line(e)[:160]}; check the "
+                            f"name, or leave GitHub names out where GitHub cannot be reached") from None
+
+
 # ------------------------------------------------------------------------------------------ sample
 
 @dataclass
@@ -275,7 +294,7 @@ def load_sample(path: str | None, in_channels: int) -> Sample:
     return Sample(raw if raw.dtype in (np.uint8, np.uint16) else raw.astype(np.float32), source)
 
 
-def test_crop(sample: Sample, step: int) -> np.ndarray:
+def sample_crop(sample: Sample, step: int) -> np.ndarray:
     """The centre ``S x S`` of the sample, S the largest multiple of ``step`` up to :data:`SAMPLE_SIZE`."""
     h, w = sample.raw.shape[-2:]
     size = min(SAMPLE_SIZE, h, w) // step * step
@@ -507,12 +526,12 @@ def write_files(net: BioimageioUNet, model: UNet, ckpt: dict, options: PackageOp
                 folder: Path) -> dict[str, Path]:
     """Weights, architecture, test tensors, cover and README in ``folder``; returns role -> file."""
     geom = package_geometry(model)
-    crop = test_crop(sample, geom.step)
+    crop = sample_crop(sample, geom.step)
     files = write_weights(net, options.weight_formats, folder, geom.block_size(crop.shape[-1]))
     if "pytorch_state_dict" in files:
         files["architecture"] = folder / "unet_em_model.py"
     files["test_input"], files["test_output"] = folder / "test_input.npy", folder / "test_output.npy"
-    test_input, test_output = test_tensors(net, crop, geom.halo)
+    test_input, test_output = make_test_tensors(net, crop, geom.halo)
     np.save(files["test_input"], test_input)
     np.save(files["test_output"], test_output)
     files["cover"], files["readme"] = folder / "cover.png", folder / "README.md"
@@ -543,8 +562,9 @@ def build_package(ckpt_path: str | Path, output: str | Path, options: PackageOpt
     """
     from unet.checkpoint import load_model
     path = check_request(output, options)
-    require_extra()
     model, ckpt = load_model(ckpt_path)
+    require_extra()
+    verify_github_users(options)
     sample = load_sample(options.sample, model.config.in_channels)
     net = package_network(model)
     with tempfile.TemporaryDirectory(prefix="unet-bioimageio-") as tmp:
