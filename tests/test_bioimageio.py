@@ -212,6 +212,27 @@ def test_tiled_prediction_matches_infer_py(package, tmp_path):
         assert diff.max() < 0.05
 
 
+@needs_extra
+@pytest.mark.slow
+def test_test_tensors_from_a_real_slice(isbi_dir, tmp_path):
+    """--sample: the test input is the centre of the stack's first slice, mirror-padded by the halo."""
+    import io
+    ckpt = _checkpoint(tmp_path / "ck.pt", _tiny_model())
+    out = tmp_path / "isbi.zip"
+    assert _export(["--ckpt", str(ckpt), "--output", str(out), "--sample", str(isbi_dir / "test-volume.tif"),
+                    "--weight-formats", "torchscript", *META]) == 0
+    with zipfile.ZipFile(out) as z:
+        test_input = np.load(io.BytesIO(z.read("test_input.npy")))
+        test_output = np.load(io.BytesIO(z.read("test_output.npy")))
+        names = set(z.namelist())
+    first = tifffile.imread(isbi_dir / "test-volume.tif", key=0)
+    assert test_input.shape == (1, 1, 304, 304) and test_input.dtype == np.uint8
+    np.testing.assert_array_equal(test_input[0, 0, 24:-24, 24:-24], first[128:384, 128:384])
+    np.testing.assert_array_equal(test_input[0, 0], np.pad(first[128:384, 128:384], 24, mode="reflect"))
+    assert test_output.shape == (1, 2, 304, 304)
+    assert "weights_torchscript.pt" in names and "weights.onnx" not in names and "weights.pt" not in names
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def _fails(argv: list[str], capsys) -> str:

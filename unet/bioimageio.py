@@ -376,6 +376,10 @@ def checkpoint_facts(ckpt: dict) -> dict:
     }
 
 
+def _known(value) -> str:
+    return "not recorded" if value is None else str(value)
+
+
 def readme_text(name: str, model: UNet, geom: PackageGeometry, facts: dict, sample: Sample) -> str:
     """The package's documentation page (Markdown)."""
     c = model.config
@@ -404,7 +408,7 @@ in electron-microscopy slices. Trained with unet-em and exported by its `export.
 ## Training and validation
 * data: {facts['data']}
 * validation: {facts['fold']}
-* optimizer steps: {facts['step']} (of {facts['max_steps']}), batch {facts['batch_size']}, learning rate {facts['learning_rate']}
+* optimizer steps: {_known(facts['step'])} (of {_known(facts['max_steps'])}), batch {_known(facts['batch_size'])}, learning rate {_known(facts['learning_rate'])}
 * validation metrics of this checkpoint (whole slices of its validation fold, as train.py recorded them):
 
 | metric | value |
