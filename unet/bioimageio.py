@@ -610,6 +610,8 @@ def check_package(path: Path, *, test: bool = True) -> None:
     Raises:
         RuntimeError: with the first failing check's message.
     """
+    import warnings
+
     from bioimageio.spec import load_model_description
     descr = load_model_description(path, perform_io_checks=True)
     summary = descr.validation_summary
@@ -621,7 +623,10 @@ def check_package(path: Path, *, test: bool = True) -> None:
     for fmt in WEIGHT_FORMATS:
         if getattr(descr.weights, fmt) is None:
             continue
-        result = test_model(path, weight_format=fmt, devices=["cpu"])
+        with warnings.catch_warnings():
+            # core's TorchScript adapter calls torch.jit.load, which torch 2.14 marks deprecated.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            result = test_model(path, weight_format=fmt, devices=["cpu"])
         if result.status != "passed":
             failed = [d for d in result.details if d.status == "failed"]
             reason = "; ".join(f"{d.name}: {_one_line(Exception(d.errors))}" for d in failed[:2])
