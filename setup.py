@@ -23,12 +23,15 @@ setup(
         "test": ["pytest"],
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
+        # BioImage Model Zoo packages (export.py); the versions tested with spec 0.5.12.
+        "bioimageio": ["bioimageio.core==0.11.0", "bioimageio.spec==0.5.12.0", "onnx", "onnxruntime"],
     },
     entry_points={
         "console_scripts": [
             "unet-train=unet.commands:train",
             "unet-evaluate=unet.commands:evaluate",
             "unet-infer=unet.commands:infer",
+            "unet-export=unet.commands:export",
         ],
     },
 )

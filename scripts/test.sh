@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Install the package with its test extras and run the whole test suite (slow tests included).
+# Install the package with its test, onnx and bioimageio extras and run the whole test suite (slow tests included).
 # Usage: bash scripts/test.sh [pytest args]      (README's test command; CI runs exactly this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 # Pin torch explicitly: an unpinned install makes pip fetch the newest multi-GB CUDA build.
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,onnx,bioimageio]"
 # A given ISBI_DIR must hold the data (CI's does; the tests fail otherwise). Without one, the stacks are
 # looked for beside the checkout, and the real-data tests are skipped when they are not there.
 if [ -z "${ISBI_DIR:-}" ]; then

@@ -1,10 +1,10 @@
-"""Console-script launchers (``unet-train``, ``unet-evaluate``, ``unet-infer``; also train.py, evaluate.py and
-infer.py): the top of the import tree, which nothing in the package imports."""
+"""Console-script launchers (``unet-train``, ``unet-evaluate``, ``unet-infer``, ``unet-export``; also train.py,
+evaluate.py, infer.py and export.py): the top of the import tree, which nothing in the package imports."""
 from __future__ import annotations
 
 from typing import Sequence
 
-from unet import evaluation, inference, training
+from unet import bioimageio, evaluation, inference, training
 from unet.cli import run
 
 
@@ -21,3 +21,8 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
 def infer(argv: Sequence[str] | None = None) -> int:
     """Console script ``unet-infer``."""
     return run(inference.main, inference.get_args_parser(), argv)
+
+
+def export(argv: Sequence[str] | None = None) -> int:
+    """Console script ``unet-export`` (a BioImage Model Zoo package)."""
+    return run(bioimageio.main, bioimageio.get_args_parser(), argv)

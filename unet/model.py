@@ -134,10 +134,12 @@ class _LayoutKeepingCrop(torch.autograd.Function):
 def crop_skip(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The skip connection's centre crop for concatenation, channels_last in forward and backward alike.
 
-    Eager training uses :class:`_LayoutKeepingCrop`; without autograd (inference, export) and under
-    ``torch.compile`` (whose compiler plans the layouts itself) it is the plain slice.
+    Eager training uses :class:`_LayoutKeepingCrop`; without autograd (inference, export), while tracing and
+    under ``torch.compile`` (whose compiler plans the layouts itself) it is the plain slice.
     """
-    if skip.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    # Tracing (TorchScript, ONNX) must see the plain slice: a custom autograd Function traces differently per call.
+    if (skip.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()):
         return _LayoutKeepingCrop.apply(skip, height, width)
     return center_crop(skip, height, width)
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Thin entry point: see `python export.py --help` (the code lives in unet/bioimageio.py)."""
+import sys
+
+from unet.commands import export
+
+if __name__ == "__main__":
+    sys.exit(export())

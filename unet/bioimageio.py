@@ -1,0 +1,679 @@
+"""BioImage Model Zoo packages (bioimage.io model spec 0.5) of a trained UNet, for Fiji/deepImageJ, napari, ilastik.
+
+``python export.py --ckpt best.pt --output unet.zip --author "Jane Doe" --license MIT`` writes a ``.zip``
+holding ``rdf.yaml``, the weights (pytorch_state_dict with its architecture source, TorchScript, ONNX, each
+with its SHA-256), test input/output tensors cut from a real slice, a cover picture and a README page.
+The package is validated by bioimageio.spec and, unless ``--no-test``, run by bioimageio.core's
+``test_model`` for every weight format before it is renamed into place; nothing is left behind otherwise.
+
+What the package computes is what ``infer.py --probabilities`` computes:
+
+* preprocessing is the dtype scaling of :func:`unet.data.io.scale_by_dtype` (uint8 / 255, uint16 / 65535,
+  float as is), stated for the dtype of the sample slice; the model's own ``(x - mean) / std`` stays inside
+  the network (``UNet.forward``), as in every other export of this project;
+* the network ends in a softmax over the classes: output channel ``cell`` is infer.py's probability stack,
+  channel ``membrane`` is one minus it.
+
+Tiling. A bioimage.io tool cuts a slice into blocks of ``min + n * step`` pixels (ParameterizedSize) that
+overlap by a halo, pads the slice edges (here: ``reflect``, which is :func:`unet.tiling.mirror_pad`) and crops
+the halo from every block's output. A 'valid' UNet crops its margin (92 px for the reference depth-5 model)
+itself; :class:`BioimageioUNet` pads its output back to the block size so that the spec's "output size =
+input size, crop ``halo``" holds, and the halo is chosen (:func:`package_geometry`) so that every block sits
+on the pooling grid of infer.py's canvas and drops the transposed-convolution edge band
+(:attr:`unet.model.UNet.edge_band`): a tiled bioimage.io prediction then equals the one-pass prediction of
+:mod:`unet.tiling` pixel for pixel up to float rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from unet import model as unet_model
+from unet.atomic import atomic_path
+from unet.checkpoint import load_model
+from unet.cli import HelpFormatter
+from unet.data.io import as_image, iter_pages, scale_by_dtype, stack_info
+from unet.data.synthetic import make_synthetic_em
+from unet.device import setup_device
+from unet.errors import UserError
+from unet.inference import mask_from_probabilities, overlay
+from unet.model import ModelConfig, UNet
+from unet.predict import predict_probabilities
+
+WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx")
+ONNX_OPSET = 17
+SAMPLE_SIZE = 256  # test tensors: at most this many pixels a side, cut from the sample slice
+DTYPE_GAIN = {"uint8": 1 / 255, "uint16": 1 / 65535, "float32": None}
+CITATIONS = (
+    ("Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+     "MICCAI 2015.", "10.1007/978-3-319-24574-4_28", None),
+    ("Arganda-Carreras I, Turaga SC, Berger DR, et al. Crowdsourcing the creation of image segmentation "
+     "algorithms for connectomics (ISBI 2012 EM segmentation challenge). Front. Neuroanat. 2015.",
+     "10.3389/fnana.2015.00142", None),
+    ("NVIDIA Deep Learning Examples: UNet_Medical for TensorFlow 2.", None,
+     "https://github.com/NVIDIA/DeepLearningExamples/tree/master/TensorFlow2/Segmentation/UNet_Medical"),
+)
+FLAG_OF_FIELD = {"authors": "--author", "maintainers": "--maintainer", "name": "--name",
+                 "description": "--description", "git_repo": "--git-repo"}
+TAGS = ("unet", "segmentation", "electron-microscopy", "membrane-segmentation", "2d", "pytorch", "isbi2012",
+        "semantic-segmentation", "unet-em")
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+@dataclass(frozen=True)
+class PackageGeometry:
+    """How the packaged network is tiled (all sizes in pixels, the same along y and x).
+
+    Attributes:
+        margin: context the UNet crops from each side (92 for the reference 'valid' model, 0 for 'same').
+        step: spacing of valid input sizes, the pooling alignment ``2 ** (depth - 1)``.
+        crop: rows/columns the package network drops at the bottom/right of its input so that a block size
+            that keeps tiles on the pooling grid is a valid UNet input.
+        halo: what a tool crops from each side of a block's output (and pads around the slice).
+        min_size: smallest block (input tensor) size; valid sizes are ``min_size + n * step``.
+    """
+
+    margin: int
+    step: int
+    crop: int
+    halo: int
+    min_size: int
+
+    def block_size(self, inner: int) -> int:
+        """Input block size whose output, halo cropped, covers ``inner`` pixels (a multiple of ``step``)."""
+        return inner + 2 * self.halo
+
+
+def package_geometry(model: UNet) -> PackageGeometry:
+    """Valid sizes and halo of a UNet's package, from :mod:`unet.model`'s size arithmetic.
+
+    'valid' padding: the smallest input ``v`` gives ``v - 2 * margin`` output pixels; sizes go up in steps of
+    ``g = 2 ** (depth - 1)``. Blocks must start on multiples of ``g`` of infer.py's canvas (origin ``-margin``),
+    so ``halo = margin (mod g)`` and the inner size is a multiple of ``g``; the network drops ``crop``
+    bottom/right input pixels to make such a block a valid input, and the halo also covers those and the
+    ``g - 1`` edge-band pixels. Reference model: margin 92, step 16, crop 12, halo 124, sizes 264 + 16 n.
+    'same' padding: sizes are multiples of ``g``; halo ``g`` keeps the edge band out of every block.
+    """
+    g = 2 ** (model.config.depth - 1)
+    if model.padding == "same":
+        return PackageGeometry(margin=0, step=g, crop=0, halo=g, min_size=3 * g)
+    smallest = model.valid_input_size(1)
+    margin = (smallest - model.output_size(smallest)) // 2
+    crop = -model.output_size(smallest) % g
+    halo = margin + g * math.ceil((crop + model.edge_band) / g)
+    min_size = smallest + crop
+    while min_size < 2 * halo + g:
+        min_size += g
+    return PackageGeometry(margin=margin, step=g, crop=crop, halo=halo, min_size=min_size)
+
+
+class BioimageioUNet(nn.Module):
+    """The packaged network: class probabilities at the input's size, the halo region set to 0.
+
+    Args:
+        config: a :class:`~unet.model.ModelConfig` as a dict.
+        margin: context the UNet crops from each side ('valid'), 0 for 'same'.
+        crop: input rows/columns dropped at the bottom/right (see :func:`package_geometry`).
+    """
+
+    def __init__(self, config: dict, margin: int = 0, crop: int = 0):
+        super().__init__()
+        self.unet = UNet(ModelConfig.from_dict(config))
+        self.margin, self.crop = int(margin), int(crop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, B, B)`` images in [0, 1] -> ``(N, classes, B, B)`` probabilities (softmax over classes)."""
+        if self.crop:
+            x = x[..., :-self.crop, :-self.crop]
+        probs = self.unet(x).softmax(1)
+        m, c = self.margin, self.crop
+        if m or c:
+            # Output pixel i of a 'valid' UNet is input pixel i + margin: pad it back into place.
+            probs = torch.nn.functional.pad(probs, (m, m + c, m, m + c))
+        return probs
+
+
+def package_network(model: UNet) -> BioimageioUNet:
+    """A CPU float32 eval-mode :class:`BioimageioUNet` holding ``model``'s weights."""
+    geom = package_geometry(model)
+    net = BioimageioUNet(model.config.to_dict(), geom.margin, geom.crop)
+    net.unet.load_state_dict(model.state_dict())
+    return net.to("cpu", torch.float32).eval()
+
+
+def architecture_source() -> str:
+    """A standalone Python file defining :class:`BioimageioUNet`: unet/model.py followed by the class."""
+    return inspect.getsource(unet_model) + "\n\n" + inspect.getsource(BioimageioUNet)
+
+
+def make_test_tensors(net: BioimageioUNet, crop: np.ndarray, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test input and output: ``crop`` mirror-padded by ``halo`` as a tool pads a slice, and the raw output.
+
+    bioimageio.core reproduces test outputs by running the network on the test input as it is (no halo
+    padding, no cropping), so both tensors are block-sized, the output's halo included.
+
+    Args:
+        net: the packaged network.
+        crop: ``(C, S, S)`` raw pixels (uint8, uint16 or float32), S a multiple of the geometry's step.
+        halo: the package's halo.
+
+    Returns:
+        ``(1, C, B, B)`` input in ``crop``'s dtype and ``(1, classes, B, B)`` float32 probabilities,
+        ``B = S + 2 * halo``.
+    """
+    padded = np.pad(crop, ((0, 0), (halo, halo), (halo, halo)), mode="reflect")[None]
+    with torch.inference_mode():
+        out = net(torch.from_numpy(scale_by_dtype(padded)))
+    return padded, out.numpy().astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+@dataclass
+class PackageOptions:
+    """Everything a package needs besides the checkpoint (the export.py flags, bundled).
+
+    Args:
+        authors: ``"Name[;affiliation[;github_user]]"`` each; at least one.
+        license: SPDX identifier of the weights' licence (e.g. ``MIT``, ``CC-BY-4.0``).
+        maintainers: ``"github_user[;Name]"`` each.
+        name, description: defaults are made from the checkpoint.
+        git_repo: URL of the code that trained the model.
+        weight_formats: a subset of :data:`WEIGHT_FORMATS`.
+        sample: a TIFF/PNG image or stack whose first slice makes the test tensors and cover; None = the
+            built-in synthetic stack.
+        overwrite: replace an existing output file.
+        test: run bioimageio.core's ``test_model`` on the package (every weight format) before publishing it.
+    """
+
+    authors: list[str] = field(default_factory=list)
+    license: str | None = None
+    maintainers: list[str] = field(default_factory=list)
+    name: str | None = None
+    description: str | None = None
+    git_repo: str | None = None
+    weight_formats: tuple[str, ...] = WEIGHT_FORMATS
+    sample: str | None = None
+    overwrite: bool = False
+    test: bool = True
+
+
+def check_request(output: str | Path, options: PackageOptions) -> Path:
+    """All checks that need no checkpoint and no work: output path, formats, metadata. Returns the path."""
+    path = Path(output)
+    if path.suffix.lower() != ".zip":
+        raise UserError(f"{path}: unknown output format {path.suffix or '(no suffix)'!r}; a bioimage.io "
+                        f"model package is a .zip file")
+    if path.exists() and not options.overwrite:
+        raise UserError(f"{path}: output exists; pass --overwrite to replace it or choose another name")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: folder {path.parent} does not exist; create it first")
+    unknown = [f for f in options.weight_formats if f not in WEIGHT_FORMATS]
+    if unknown or not options.weight_formats:
+        raise UserError(f"--weight-formats: unknown weight format(s) {unknown or '(none given)'}; "
+                        f"choose from {', '.join(WEIGHT_FORMATS)}")
+    if not options.authors:
+        raise UserError("--author is required (no default): who made the model, e.g. --author \"Jane Doe\"")
+    if not options.license:
+        raise UserError("--license is required (no default): the SPDX licence of the weights, e.g. "
+                        "--license MIT or --license CC-BY-4.0")
+    if any(not a.split(";")[0].strip() for a in options.authors):
+        raise UserError("--author: every author needs a name before any ';affiliation;github_user'")
+    if any(not m.split(";")[0].strip() for m in options.maintainers):
+        raise UserError("--maintainer: every maintainer needs a GitHub user name, e.g. --maintainer janedoe")
+    return path
+
+
+def require_extra() -> None:
+    """UserError when the ``[bioimageio]`` extra (bioimageio.core, onnx, onnxruntime) is not installed."""
+    try:
+        import bioimageio.core  # noqa: F401
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise UserError("bioimage.io export needs the bioimageio extra; pip install -e .[bioimageio]") from None
+
+
+def verify_github_users(options: PackageOptions) -> None:
+    """Look the GitHub user names of ``--author``/``--maintainer`` up with bioimageio.spec's own check.
+
+    bioimageio.spec asks api.github.com about every ``github_user`` when it validates a package with I/O
+    checks, and raises (rather than warns) when the host cannot be reached; checking first turns that into
+    one line naming the flag, before anything is computed or written.
+    """
+    from bioimageio.spec._internal.field_validation import validate_github_user
+    users = [a.split(";")[2].strip() for a in options.authors if len(a.split(";")) > 2 and a.split(";")[2].strip()]
+    users += [m.split(";")[0].strip() for m in options.maintainers]
+    for user in users:
+        try:
+            validate_github_user(user)
+        except Exception as e:  # noqa: BLE001 - a 404 (ValueError) or no network (httpx errors) alike
+            raise UserError(f"GitHub user {user!r} (--author/--maintainer) could not be verified with "
+                            f"api.github.com, as bioimageio.spec requires: {_one_line(e)[:160]}; check the "
+                            f"name, or leave GitHub names out where GitHub cannot be reached") from None
+
+
+# ------------------------------------------------------------------------------------------ sample
+
+@dataclass
+class Sample:
+    """The slice the test tensors and cover are made from.
+
+    Attributes:
+        raw: ``(C, H, W)`` pixels as stored (uint8, uint16 or float32).
+        source: where it came from, for the README.
+    """
+
+    raw: np.ndarray
+    source: str
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if np.issubdtype(self.raw.dtype, np.floating) else str(self.raw.dtype)
+
+
+def load_sample(path: str | None, in_channels: int) -> Sample:
+    """First slice of ``path`` (any stack infer.py reads), or of the built-in synthetic stack."""
+    if path is None:
+        images, _ = make_synthetic_em(1, SAMPLE_SIZE, SAMPLE_SIZE, seed=0)
+        raw, source = images[0][None], "slice 0 of the built-in synthetic EM stack"
+    else:
+        stack_info(path)  # one-line errors for a missing, unreadable or unsupported file
+        raw = next(iter(iter_pages(path, 1)))[0]
+        raw = raw[None] if raw.ndim == 2 else raw
+        source = f"slice 0 of {Path(path).name}"
+    as_image(raw, path or "synthetic", in_channels)  # channel count and dtype checks
+    if raw.dtype not in (np.uint8, np.uint16) and not np.issubdtype(raw.dtype, np.floating):
+        raise UserError(f"{path}: pixel type {raw.dtype} is not supported; use uint8, uint16 or float")
+    return Sample(raw if raw.dtype in (np.uint8, np.uint16) else raw.astype(np.float32), source)
+
+
+def sample_crop(sample: Sample, step: int) -> np.ndarray:
+    """The centre ``S x S`` of the sample, S the largest multiple of ``step`` up to :data:`SAMPLE_SIZE`."""
+    h, w = sample.raw.shape[-2:]
+    size = min(SAMPLE_SIZE, h, w) // step * step
+    if size < step:
+        raise UserError(f"{sample.source}: the slice ({w}x{h}) is smaller than the model's {step}-pixel "
+                        f"alignment; pass --sample with a larger image")
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(sample.raw[:, top:top + size, left:left + size])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def write_weights(net: BioimageioUNet, formats: tuple[str, ...], folder: Path, example_size: int) -> dict[str, Path]:
+    """Write each requested weight format into ``folder``; returns format -> file.
+
+    TorchScript is ``torch.jit.trace`` and ONNX the TorchScript-based exporter (``dynamo=False``) with
+    dynamic batch, height and width: the torch.export-based exporter specialises the spatial sizes because
+    ``UNet.forward`` checks them with ``int()``, and a package must accept every size ``min + n * step``.
+    """
+    files: dict[str, Path] = {}
+    example = torch.rand(1, net.unet.config.in_channels, example_size, example_size)
+    if "pytorch_state_dict" in formats:
+        files["pytorch_state_dict"] = folder / "weights.pt"
+        torch.save(net.state_dict(), files["pytorch_state_dict"])
+        (folder / "unet_em_model.py").write_text(architecture_source(), encoding="utf-8")
+    with warnings.catch_warnings():
+        # The size check in UNet.forward is a Python int under tracing (TracerWarning); the traced graph
+        # keeps the size arithmetic of center_crop and slicing symbolic (tested at other sizes).
+        warnings.simplefilter("ignore")
+        if "torchscript" in formats:
+            files["torchscript"] = folder / "weights_torchscript.pt"
+            torch.jit.trace(net, example).save(str(files["torchscript"]))
+        if "onnx" in formats:
+            files["onnx"] = folder / "weights.onnx"
+            dims = {0: "batch", 2: "y", 3: "x"}
+            torch.onnx.export(net, (example,), str(files["onnx"]), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["raw"], output_names=["probabilities"],
+                              dynamic_axes={"raw": dims, "probabilities": dims})
+    return files
+
+
+def write_cover(net: BioimageioUNet, sample: Sample, path: Path) -> None:
+    """Cover picture: the sample slice beside infer.py's ``--overlay`` of it (predicted membranes in red)."""
+    image = scale_by_dtype(sample.raw)
+    probs = predict_probabilities(net.unet, image, setup_device("cpu"))
+    mask = mask_from_probabilities(probs).numpy()
+    picture = overlay(image, mask)
+    plain = overlay(image, np.full_like(mask, 255))  # the same contrast stretch, nothing drawn
+    Image.fromarray(np.concatenate([plain, picture], axis=1), mode="RGB").save(path, format="PNG")
+
+
+def checkpoint_facts(ckpt: dict) -> dict:
+    """Training facts a README states: data, fold, steps, validation metrics (from the checkpoint)."""
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
+    fold = args.get("fold")
+    return {
+        "data": args.get("data_dir") or "the built-in synthetic EM set (not real data)",
+        "fold": ("all slices (no validation fold)" if fold is None else
+                 f"fold {fold} of {args.get('folds', 5)} ({args.get('fold_scheme', 'disjoint')} scheme)"),
+        "step": ckpt.get("step"), "max_steps": args.get("max_steps"), "batch_size": args.get("batch_size"),
+        "learning_rate": args.get("learning_rate"),
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
+
+
+def _known(value) -> str:
+    return "not recorded" if value is None else str(value)
+
+
+def readme_text(name: str, model: UNet, geom: PackageGeometry, facts: dict, sample: Sample) -> str:
+    """The package's documentation page (Markdown)."""
+    c = model.config
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in facts["metrics"].items()) or "| (none recorded) | |"
+    sizes = (f"{geom.min_size} + {geom.step}·n pixels per side (blocks), halo {geom.halo}" if c.padding == "valid"
+             else f"multiples of {geom.step} from {geom.min_size} (blocks), halo {geom.halo}")
+    return f"""# {name}
+
+A 2D UNet (Ronneberger et al. 2015, as configured in NVIDIA's UNet_Medical) that segments cell membranes
+in electron-microscopy slices. Trained with unet-em and exported by its `export.py`.
+
+## Input and output
+* input `raw`: one {c.in_channels}-channel slice, axes batch, channel, y, x, {sample.dtype}. Preprocessing scales
+  it by its data type (uint8 / 255, uint16 / 65535, float as is, i.e. already in [0, 1]); the network
+  applies its own normalisation (x - {c.mean}) / {c.std} inside.
+* output `probabilities`: softmax over 2 channels, `{c.class_names[0]}` and `{c.class_names[1]}`; channel
+  `{c.class_names[1]}` is exactly what `infer.py --probabilities` writes, and argmax == 1 is its mask (255).
+* tiling: block sizes {sizes}; the slice is mirror-padded (`reflect`). Blocks of these sizes reproduce
+  unet-em's own whole-slice prediction (the halo covers the {geom.margin}-pixel context the
+  '{c.padding}' network crops itself and keeps blocks on its {geom.step}-pixel pooling grid).
+
+## Model
+{c.depth} levels, {c.base_filters} base filters, '{c.padding}' convolutions, batch norm {c.batch_norm},
+{sum(p.numel() for p in model.parameters()):,} parameters.
+
+## Training and validation
+* data: {facts['data']}
+* validation: {facts['fold']}
+* optimizer steps: {_known(facts['step'])} (of {_known(facts['max_steps'])}), batch {_known(facts['batch_size'])}, learning rate {_known(facts['learning_rate'])}
+* validation metrics of this checkpoint (whole slices of its validation fold, as train.py recorded them):
+
+| metric | value |
+|---|---|
+{rows}
+
+The test tensors and cover are from {sample.source}.
+
+## Intended use and limits
+Membrane probability maps of 2D EM slices at a resolution and contrast like the training data (ISBI 2012:
+serial-section TEM of Drosophila ventral nerve cord, 4x4 nm pixels). It is not a 3D or instance
+segmentation; other modalities, resolutions or stainings need retraining. A model trained on the built-in
+synthetic set is for smoke tests only.
+"""
+
+
+# ------------------------------------------------------------------------------------------ description
+
+def _people(options: PackageOptions):
+    from bioimageio.spec.model.v0_5 import Author, Maintainer
+    authors = []
+    for text in options.authors:
+        name, affiliation, github = (text.split(";") + ["", ""])[:3]
+        authors.append(Author(name=name.strip(), affiliation=affiliation.strip() or None,
+                              github_user=github.strip() or None))
+    maintainers = []
+    for text in options.maintainers:
+        github, name = (text.split(";") + [""])[:2]
+        maintainers.append(Maintainer(github_user=github.strip(), name=name.strip() or None))
+    return authors, maintainers
+
+
+def _tensors(model: UNet, geom: PackageGeometry, dtype: str, files: dict[str, Path]):
+    """Input and output descriptions: axes, sizes, halo, data type/range, pre-/postprocessing."""
+    from bioimageio.spec.model import v0_5 as s
+    size = s.ParameterizedSize(min=geom.min_size, step=geom.step)
+    gain = DTYPE_GAIN[dtype]
+    pre = [] if gain is None else [s.EnsureDtypeDescr(kwargs=s.EnsureDtypeKwargs(dtype="float32")),
+                                   s.ScaleLinearDescr(kwargs=s.ScaleLinearKwargs(gain=gain)),
+                                   # Said explicitly: the spec otherwise casts back to the input's dtype.
+                                   s.EnsureDtypeDescr(kwargs=s.EnsureDtypeKwargs(dtype="float32"))]
+    top = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}[dtype]
+    raw = s.InputTensorDescr(
+        id=s.TensorId("raw"), description="EM slice; scaled by its data type to [0, 1]",
+        axes=[s.BatchAxis(), s.ChannelAxis(channel_names=[f"channel{i}" for i in range(model.config.in_channels)]),
+              s.SpaceInputAxis(id=s.AxisId("y"), size=size), s.SpaceInputAxis(id=s.AxisId("x"), size=size)],
+        test_tensor=_file(files["test_input"]),
+        data=s.IntervalOrRatioDataDescr(type=dtype, range=(0.0, top)),
+        pad=s.ReflectPadding(mode="reflect"), preprocessing=pre)
+    ref = {a: s.SizeReference(tensor_id=s.TensorId("raw"), axis_id=s.AxisId(a)) for a in ("y", "x")}
+    out = s.OutputTensorDescr(
+        id=s.TensorId("probabilities"),
+        description=f"softmax; channel '{model.config.class_names[1]}' = infer.py --probabilities",
+        axes=[s.BatchAxis(), s.ChannelAxis(channel_names=list(model.config.class_names)),
+              *(s.SpaceOutputAxisWithHalo(id=s.AxisId(a), size=ref[a], halo=geom.halo) for a in ("y", "x"))],
+        test_tensor=_file(files["test_output"]),
+        data=s.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)))
+    return raw, out
+
+
+def _weights(model: UNet, geom: PackageGeometry, files: dict[str, Path]):
+    """WeightsDescr: the state dict (with its architecture file) is the parent of the converted formats."""
+    from bioimageio.spec.model import v0_5 as s
+    torch_version = s.Version(torch.__version__.split("+")[0])
+    first = next(f for f in WEIGHT_FORMATS if f in files)
+    parent = {} if first != "pytorch_state_dict" else {"parent": "pytorch_state_dict"}
+    entries = {}
+    if "pytorch_state_dict" in files:
+        arch = files["architecture"]
+        entries["pytorch_state_dict"] = s.PytorchStateDictWeightsDescr(
+            source=files["pytorch_state_dict"], sha256=sha256(files["pytorch_state_dict"]),
+            pytorch_version=torch_version,
+            architecture=s.ArchitectureFromFileDescr(
+                source=arch, sha256=sha256(arch), callable=s.Identifier("BioimageioUNet"),
+                kwargs={"config": model.config.to_dict(), "margin": geom.margin, "crop": geom.crop}))
+    if "torchscript" in files:
+        entries["torchscript"] = s.TorchscriptWeightsDescr(
+            source=files["torchscript"], sha256=sha256(files["torchscript"]), pytorch_version=torch_version,
+            **(parent if first != "torchscript" else {}))
+    if "onnx" in files:
+        entries["onnx"] = s.OnnxWeightsDescr(
+            source=files["onnx"], sha256=sha256(files["onnx"]), opset_version=ONNX_OPSET,
+            **({"parent": first} if first != "onnx" else {}))
+    return s.WeightsDescr(**entries)
+
+
+def _file(path: Path):
+    from bioimageio.spec.model.v0_5 import FileDescr
+    return FileDescr(source=path, sha256=sha256(path))
+
+
+def describe(model: UNet, ckpt: dict, options: PackageOptions, sample: Sample, files: dict[str, Path]):
+    """The bioimage.io ModelDescr of the package (local file paths; sha256 given for every file)."""
+    from bioimageio.spec.model import v0_5 as s
+    geom = package_geometry(model)
+    authors, maintainers = _people(options)
+    raw, out = _tensors(model, geom, sample.dtype, files)
+    facts = checkpoint_facts(ckpt)
+    name = options.name or f"unet-em {model.config.padding} UNet for EM membranes"
+    description = options.description or (
+        f"2D UNet ({model.config.depth} levels, {model.config.base_filters} base filters, "
+        f"'{model.config.padding}' convolutions) for membrane segmentation of EM slices; trained on "
+        f"{facts['data']}, {facts['fold']}.")
+    return s.ModelDescr(
+        name=name, description=description, authors=authors, maintainers=maintainers,
+        license=options.license, git_repo=options.git_repo,
+        cite=[s.CiteEntry(text=t, doi=s.Doi(d) if d else None, url=u) for t, d, u in CITATIONS],
+        tags=list(TAGS), documentation=_file(files["readme"]), covers=[_file(files["cover"])],
+        inputs=[raw], outputs=[out], weights=_weights(model, geom, files),
+        config={"bioimageio": {"architecture_type": "UNet", "modality": "electron microscopy",
+                               "target_structure": ["cell membranes"], "task": "semantic segmentation"},
+                "unet_em": {"model_config": model.config.to_dict(), "geometry": geom.__dict__,
+                            "checkpoint_step": facts["step"], "validation_metrics": facts["metrics"]}})
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def write_files(net: BioimageioUNet, model: UNet, ckpt: dict, options: PackageOptions, sample: Sample,
+                folder: Path) -> dict[str, Path]:
+    """Weights, architecture, test tensors, cover and README in ``folder``; returns role -> file."""
+    geom = package_geometry(model)
+    crop = sample_crop(sample, geom.step)
+    files = write_weights(net, options.weight_formats, folder, geom.block_size(crop.shape[-1]))
+    if "pytorch_state_dict" in files:
+        files["architecture"] = folder / "unet_em_model.py"
+    files["test_input"], files["test_output"] = folder / "test_input.npy", folder / "test_output.npy"
+    test_input, test_output = make_test_tensors(net, crop, geom.halo)
+    np.save(files["test_input"], test_input)
+    np.save(files["test_output"], test_output)
+    files["cover"], files["readme"] = folder / "cover.png", folder / "README.md"
+    write_cover(net, sample, files["cover"])
+    name = options.name or f"unet-em {model.config.padding} UNet for EM membranes"
+    files["readme"].write_text(readme_text(name, model, geom, checkpoint_facts(ckpt), sample), encoding="utf-8")
+    return files
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:400]
+
+
+def build_package(ckpt_path: str | Path, output: str | Path, options: PackageOptions) -> Path:
+    """Write a validated (and, with ``options.test``, tested) bioimage.io model package, atomically.
+
+    Args:
+        ckpt_path: a checkpoint written by train.py.
+        output: the ``.zip`` to write.
+        options: metadata, weight formats, sample, overwrite and test switches.
+
+    Returns:
+        The written path.
+
+    Raises:
+        UserError: bad output path, format, metadata, checkpoint or sample, or a missing extra.
+        RuntimeError: the package failed bioimageio.spec's validation or bioimageio.core's test (a bug).
+    """
+    path = check_request(output, options)
+    model, ckpt = load_model(ckpt_path)
+    require_extra()
+    verify_github_users(options)
+    sample = load_sample(options.sample, model.config.in_channels)
+    net = package_network(model)
+    with tempfile.TemporaryDirectory(prefix="unet-bioimageio-") as tmp:
+        files = write_files(net, model, ckpt, options, sample, Path(tmp))
+        descr = _validated_description(model, ckpt, options, sample, files)
+        with atomic_path(path) as zip_tmp:
+            _save_package(descr, zip_tmp)
+            check_package(zip_tmp, test=options.test)
+    return path
+
+
+def _validated_description(model, ckpt, options, sample, files):
+    """:func:`describe` inside a validation context without network look-ups; metadata errors -> UserError."""
+    import pydantic
+    from bioimageio.spec import ValidationContext
+    # No I/O checks while building: they would look GitHub user names up online; every file's sha256 is
+    # given, and the written package is validated with I/O checks by check_package.
+    with ValidationContext(perform_io_checks=False):
+        try:
+            return describe(model, ckpt, options, sample, files)
+        except pydantic.ValidationError as e:
+            first = e.errors()[0]
+            loc = [str(p) for p in first["loc"]]
+            flag = FLAG_OF_FIELD.get(loc[0] if loc else "", ".".join(loc))
+            if loc and loc[0] == "license":
+                raise UserError(f"--license {options.license!r} is not an SPDX licence identifier known to "
+                                f"bioimageio.spec (e.g. MIT, CC-BY-4.0, Apache-2.0, BSD-3-Clause)") from None
+            raise UserError(f"{flag}: rejected by bioimageio.spec: {_one_line(Exception(first['msg']))[:200]}") from None
+
+
+def _save_package(descr, path: Path) -> None:
+    from bioimageio.spec import save_bioimageio_package
+    save_bioimageio_package(descr, output_path=path)
+
+
+def check_package(path: Path, *, test: bool = True) -> None:
+    """Validate ``path`` with bioimageio.spec (I/O checks on: hashes, files) and run core's test_model.
+
+    Raises:
+        RuntimeError: with the first failing check's message.
+    """
+
+    from bioimageio.spec import load_model_description
+    descr = load_model_description(path, perform_io_checks=True)
+    summary = descr.validation_summary
+    if summary.status != "valid-format":
+        raise RuntimeError(f"bioimageio.spec rejects the package it was given: {_one_line(summary.format())}")
+    if not test:
+        return
+    from bioimageio.core import test_model
+    for fmt in WEIGHT_FORMATS:
+        if getattr(descr.weights, fmt) is None:
+            continue
+        with warnings.catch_warnings():
+            # core's TorchScript adapter calls torch.jit.load, which torch 2.14 marks deprecated.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            result = test_model(path, weight_format=fmt, devices=["cpu"])
+        if result.status != "passed":
+            failed = [d for d in result.details if d.status == "failed"]
+            reason = "; ".join(f"{d.name}: {_one_line(Exception(d.errors))}" for d in failed[:2])
+            raise RuntimeError(f"bioimageio.core test_model failed for {fmt} weights: {reason}")
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def get_args_parser(add_help: bool = True):
+    """Arguments of ``python export.py``."""
+    parser = argparse.ArgumentParser(
+        prog="export.py", add_help=add_help, formatter_class=HelpFormatter,
+        description="Package a train.py checkpoint as a BioImage Model Zoo model (bioimage.io spec 0.5 .zip) "
+                    "for Fiji/deepImageJ, napari, ilastik and bioimageio.core.\n\n"
+                    "  python export.py --ckpt best.pt --output unet.zip --author \"Jane Doe\" --license MIT\n\n"
+                    "Needs the extra: pip install -e .[bioimageio]")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--output", required=True, help="the package to write (.zip)")
+    parser.add_argument("--format", default="bioimageio", help="package format (only 'bioimageio')")
+    parser.add_argument("--author", action="append", default=[], metavar="NAME[;AFFILIATION[;GITHUB_USER]]",
+                        help="an author of the model (repeat for several); required")
+    parser.add_argument("--maintainer", action="append", default=[], metavar="GITHUB_USER[;NAME]",
+                        help="a maintainer (repeat for several)")
+    parser.add_argument("--license", default=None, help="SPDX licence of the weights (e.g. MIT, CC-BY-4.0); required")
+    parser.add_argument("--name", default=None, help="package name (default: made from the model)")
+    parser.add_argument("--description", default=None, help="one-paragraph description (default: made from "
+                                                            "the checkpoint's model and training data)")
+    parser.add_argument("--git-repo", default=None, help="URL of the code that trained the model")
+    parser.add_argument("--weight-formats", default=",".join(WEIGHT_FORMATS),
+                        help="comma-separated subset of " + ", ".join(WEIGHT_FORMATS))
+    parser.add_argument("--sample", default=None,
+                        help="TIFF/PNG image or stack whose first slice makes the test tensors and the cover; "
+                             "None = the built-in synthetic stack")
+    parser.add_argument("--no-test", action="store_true",
+                        help="skip bioimageio.core's test of every weight format before the package is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    return parser
+
+
+def main(args) -> Path:
+    """Run ``export.py``: check everything, build, validate, test and publish the package."""
+    if args.format != "bioimageio":
+        raise UserError(f"--format: unknown package format {args.format!r}; the only one is 'bioimageio' "
+                        f"(infer.py --export writes .pt2 / .onnx programs)")
+    options = PackageOptions(
+        authors=list(args.author), license=args.license, maintainers=list(args.maintainer), name=args.name,
+        description=args.description, git_repo=args.git_repo, sample=args.sample, overwrite=args.overwrite,
+        weight_formats=tuple(f.strip() for f in args.weight_formats.split(",") if f.strip()),
+        test=not args.no_test)
+    path = build_package(args.ckpt, args.output, options)
+    tested = "validated" if args.no_test else "validated and tested (bioimageio.core test_model)"
+    print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB; {', '.join(options.weight_formats)}; {tested})")
+    return path
