@@ -27,8 +27,9 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["TilePlan", "TilingOptions", "check_overlap", "check_tile_size", "choose_tile_size", "plan_tiles", "slice_plan", "predict_slice",
-           "mirror_pad", "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
+__all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_tile_size", "choose_tile_size",
+           "plan_tiles", "slice_plan", "predict_slice", "predict_tiles", "tile_batch_size", "mirror_pad",
+           "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 BLENDS = ("gaussian", "constant")
@@ -324,7 +325,8 @@ def _tree_sum(xs: list[torch.Tensor]) -> torch.Tensor:
     return xs[0]
 
 
-def _predict(predictor: Callable, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+def predict_tiles(predictor: Callable, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    """``predictor(batch)`` as float32, or with ``tta`` the mean over the 8 dihedral transforms, mapped back."""
     if not tta:
         return predictor(batch).float()
     outs = []
@@ -378,26 +380,91 @@ def predict_slice(predictor: Callable[[torch.Tensor], torch.Tensor], image: torc
         UserError: for an invalid ``tile_size``, ``overlap``, ``blend`` or ``tile_batch``.
     """
     geometry = _resolve_geometry(predictor, geometry)
-    if image.dim() != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
-    if blend not in BLENDS:
-        raise UserError(f"blend must be one of {BLENDS}, got {blend!r}")
+    _check_image(image, blend)
     if tile_batch < 1:
         raise UserError(f"tile batch must be at least 1, got {tile_batch}")
     _, height, width = image.shape
     plan = slice_plan(height, width, geometry, tile_size=tile_size, overlap=overlap,
                       memory_budget_mb=memory_budget_mb)
-    t = plan.tile_size
-    per_tile = t * t * estimate_bytes_per_pixel(geometry)
-    batch_size = max(1, min(tile_batch, int(_budget_bytes(memory_budget_mb) // per_tile)))
-    canvas = _canvas(image, plan)
-    stitcher = _Stitcher(plan, geometry, blend, image.device, num_outputs)
-    positions = [(y, x) for y in plan.starts_y for x in plan.starts_x]
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i:i + batch_size]
-        batch = torch.stack([canvas[:, y:y + t, x:x + t] for y, x in chunk])
-        stitcher.add(chunk, _predict(predictor, batch, tta), tuple(batch.shape))
-    return stitcher.result()[:, :height, :width]
+    batch_size = tile_batch_size(plan, geometry, tile_batch, memory_budget_mb)
+    tiles = SliceTiles(image, plan, geometry, blend=blend, num_outputs=num_outputs)
+    for i in range(0, tiles.num_tiles, batch_size):
+        batch = tiles.tiles(i, i + batch_size)
+        tiles.add(i, predict_tiles(predictor, batch, tta))
+    return tiles.result()
+
+
+def tile_batch_size(plan: TilePlan, geometry, tile_batch: int, memory_budget_mb: float | None) -> int:
+    """Tiles per predictor call: ``tile_batch``, lowered so that the batch fits the memory budget.
+
+    Raises:
+        UserError: when ``tile_batch`` < 1.
+    """
+    if tile_batch < 1:
+        raise UserError(f"tile batch must be at least 1, got {tile_batch}")
+    per_tile = plan.tile_size ** 2 * estimate_bytes_per_pixel(geometry)
+    return max(1, min(tile_batch, int(_budget_bytes(memory_budget_mb) // per_tile)))
+
+
+def _check_image(image: torch.Tensor, blend: str) -> None:
+    if image.dim() != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float (C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    if blend not in BLENDS:
+        raise UserError(f"blend must be one of {BLENDS}, got {blend!r}")
+
+
+class SliceTiles:
+    """One slice cut into the tiles of a plan, and the stitcher its predicted tiles go back into.
+
+    :func:`predict_slice` feeds it one batch at a time; a stack predictor (``unet.pipeline``) may fill
+    batches with tiles of several slices. Either way each slice's tiles are cut from the same mirror-padded
+    canvas and stitched in the same order, so a slice's result depends only on the tiles' predictions.
+
+    Args:
+        image: ``(C, H, W)`` float tensor on any device.
+        plan: the slice's :class:`TilePlan`.
+        geometry: the network's size arithmetic.
+        blend: weights for overlapping ``same`` windows.
+        num_outputs: expected channels of the predictions, or None.
+    """
+
+    def __init__(self, image: torch.Tensor, plan: TilePlan, geometry, *, blend: str = "gaussian",
+                 num_outputs: int | None = None):
+        _check_image(image, blend)
+        _, self.height, self.width = image.shape
+        self.plan = plan
+        self.canvas = _canvas(image, plan)
+        self.positions = [(y, x) for y in plan.starts_y for x in plan.starts_x]
+        self.stitcher = _Stitcher(plan, geometry, blend, image.device, num_outputs)
+        self.added = 0
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.positions)
+
+    @property
+    def done(self) -> bool:
+        return self.added == self.num_tiles
+
+    def tiles(self, start: int, stop: int) -> torch.Tensor:
+        """Input tiles ``start:stop`` (in plan order) as a ``(n, C, t, t)`` batch."""
+        t = self.plan.tile_size
+        return torch.stack([self.canvas[:, y:y + t, x:x + t] for y, x in self.positions[start:stop]])
+
+    def add(self, start: int, pred: torch.Tensor) -> None:
+        """Stitch the predictions ``(n, K, o, o)`` of tiles ``start:start + n``; tiles must come in order."""
+        if start != self.added:
+            raise ValueError(f"tiles must be added in order: expected tile {self.added}, got {start}")
+        chunk = self.positions[start:start + pred.shape[0]]
+        self.stitcher.add(chunk, pred, (len(chunk), self.canvas.shape[0], self.plan.tile_size, self.plan.tile_size))
+        self.added += len(chunk)
+
+    def result(self) -> torch.Tensor:
+        """``(K, H, W)`` float32 on the image's device, once every tile was added."""
+        if not self.done:
+            raise ValueError(f"{self.num_tiles - self.added} of {self.num_tiles} tiles not predicted yet")
+        self.canvas = None  # the padded slice is no longer needed; free it before the caller goes on
+        return self.stitcher.result()[:, :self.height, :self.width]
 
 
 def _canvas(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
