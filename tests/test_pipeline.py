@@ -118,3 +118,37 @@ def test_budget_caps_the_batch():
     options = TilingOptions(tile_size=64, tile_batch=8, memory_budget_mb=1.0)
     _, batch = StackPredictor(model, setup_device("cpu"), options).plan(200, 200)
     assert batch == int(2 ** 20 // (64 * 64 * 96)) == 2
+
+
+def test_short_last_batch_is_padded_for_a_given_forward():
+    """With ``forward`` (e.g. compiled), every call gets the full batch; the padding never reaches the output."""
+    model = _model("same")
+    dev = setup_device("cpu")
+    shapes = []
+
+    def forward(x):
+        shapes.append(tuple(x.shape))
+        return model(x)
+
+    stack = np.random.default_rng(2).integers(0, 256, (5, 40, 40), dtype=np.uint8)
+    options = TilingOptions(tile_batch=4)
+    got = {}
+    StackPredictor(model, dev, options, forward=forward).run([stack], lambda k, i, m, p: got.update({k: m.copy()}))
+    assert shapes == [(4, 1, 40, 40), (4, 1, 40, 40)]  # 5 one-tile slices: 4 + (1 padded to 4)
+    ref, _ = _per_slice(model, dev, stack, options)
+    np.testing.assert_array_equal(np.stack([got[k] for k in range(5)]), ref)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_masks(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, _model("same"))
+    stack = np.random.default_rng(4).integers(0, 256, (5, 40, 56), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", stack, photometric="minisblack")
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        assert infer(["--ckpt", str(path), "--input", str(tmp_path / "in.tif"), "--output", str(tmp_path / f"{name}.tif"),
+                      "--probabilities", str(tmp_path / f"p_{name}.tif"), "--device", "cpu", "--no-progress",
+                      *extra]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "compiled.tif"), tifffile.imread(tmp_path / "eager.tif"))
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "p_compiled.tif"), tifffile.imread(tmp_path / "p_eager.tif"),
+                               rtol=0, atol=1e-5)

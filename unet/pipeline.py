@@ -133,6 +133,7 @@ class StackPredictor:
         self.model, self.dev = model, dev
         self.options = options or TilingOptions()
         self.predictor = tile_predictor(model, dev, forward)
+        self.pad_batches = forward is not None
 
     def plan(self, height: int, width: int) -> tuple[TilePlan, int]:
         """The tile plan of a slice size and the tiles per forward pass."""
@@ -198,7 +199,7 @@ class StackPredictor:
             if not pieces:
                 return state["count"]
             tiles = [s.tiles.tiles(start, start + n) for s, start, n in pieces]
-            pred = predict_tiles(self.predictor, tiles[0] if len(tiles) == 1 else torch.cat(tiles), self.options.tta)
+            pred = self._forward(tiles[0] if len(tiles) == 1 else torch.cat(tiles), state["batch"])
             offset = 0
             for s, start, n in pieces:
                 s.tiles.add(start, pred[offset:offset + n])
@@ -206,6 +207,14 @@ class StackPredictor:
             del pieces, tiles, pred, s  # held until the next batch is built otherwise: memory would double
             while pending and pending[0].tiles.done:
                 pipe.put(outbox, self._finish(pending.popleft(), keep_probabilities))
+
+    def _forward(self, batch: torch.Tensor, full: int) -> torch.Tensor:
+        """Predict a batch; with a compiled forward a short last batch is padded to the full size, since
+        a graph specialised to one batch size would otherwise be compiled again for the remainder."""
+        n = batch.shape[0]
+        if self.pad_batches and n < full:
+            batch = torch.cat([batch, batch.new_zeros((full - n, *batch.shape[1:]))])
+        return predict_tiles(self.predictor, batch, self.options.tta)[:n]
 
     def _next_batch(self, pipe: _Pipe, inbox: queue.Queue, pending: deque, state: dict) -> list:
         """``(slice, first tile, tiles)`` pieces of the next batch, in slice order; [] when all is done."""
