@@ -232,7 +232,20 @@ def _output_folder(path: Path, flag: str, input_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ writing
 
-class StackWriter:
+class _CommitOnExit:
+    """Context manager of the atomic writers: ``commit()`` on success, ``abort()`` on any exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class StackWriter(_CommitOnExit):
     """Append 2D pages to a multi-page TIFF under a temporary name; rename into place on success.
 
     Each page is compressed and written as it arrives (no ImageJ header, see the module docstring), so
@@ -280,17 +293,9 @@ class StackWriter:
         with contextlib.suppress(OSError):
             self.tmp.unlink()
 
-    def __enter__(self) -> "StackWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
-class LabelStackWriter:
+class LabelStackWriter(_CommitOnExit):
     """Instance label pages with ids running on through the stack, written as uint16 or uint32 as needed.
 
     The largest id is known only after the last page, so pages go to a hidden uint32 TIFF as they come.
@@ -335,15 +340,6 @@ class LabelStackWriter:
 
     def abort(self) -> None:
         self._wide.abort()
-
-    def __enter__(self) -> "LabelStackWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
