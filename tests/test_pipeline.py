@@ -9,7 +9,7 @@ from unet.checkpoint import save_checkpoint
 from unet.commands import infer
 from unet.device import DeviceSetup, setup_device
 from unet.model import UNet
-from unet.pipeline import StackPredictor
+from unet.pipeline import StackPredictor, mask_from_probabilities
 from unet.predict import FREE_MEMORY_SHARE, free_memory_budget_mb
 from unet.tiling import TilingOptions
 
@@ -152,3 +152,13 @@ def test_compile_gives_the_eager_masks(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "compiled.tif"), tifffile.imread(tmp_path / "eager.tif"))
     np.testing.assert_allclose(tifffile.imread(tmp_path / "p_compiled.tif"), tifffile.imread(tmp_path / "p_eager.tif"),
                                rtol=0, atol=1e-5)
+
+
+def test_two_class_mask_is_argmax_at_ties_and_nan():
+    probs = torch.tensor([[0.3, 0.5, 0.7, float("nan"), 0.2],
+                          [0.7, 0.5, 0.3, float("nan"), 0.8]]).reshape(2, 1, 5)
+    expected = ((probs.argmax(0) == 1).to(torch.uint8) * 255)
+    got = mask_from_probabilities(probs)
+    assert got.dtype == torch.uint8 and got.tolist() == expected.tolist() == [[255, 0, 0, 0, 255]]
+    three = torch.rand(3, 4, 6)
+    assert torch.equal(mask_from_probabilities(three), (three.argmax(0) == 1).to(torch.uint8) * 255)

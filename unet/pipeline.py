@@ -48,7 +48,14 @@ Sink = Callable[[int, "np.ndarray | None", np.ndarray, "np.ndarray | None"], Non
 
 
 def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
-    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else)."""
+    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else).
+
+    ``argmax(0) == 1``; for two classes computed as ``probs[1] > probs[0]`` (2 passes instead of 4), which is
+    the same at ties (argmax takes the first, class 0) and at NaN (softmax makes both classes NaN together,
+    where argmax gives class 0 and ``>`` False).
+    """
+    if probs.shape[0] == 2:
+        return (probs[1] > probs[0]).view(torch.uint8) * 255
     return (probs.argmax(0) == 1).to(torch.uint8) * 255
 
 

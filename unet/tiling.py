@@ -19,6 +19,7 @@ Tiling never applies an activation: pass e.g. ``lambda x: model(x).softmax(1)`` 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -294,17 +295,23 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
         top, bottom, left, right: non-negative pad widths.
 
     Returns:
-        tensor ``(..., H + top + bottom, W + left + right)``.
+        tensor ``(..., H + top + bottom, W + left + right)`` (``x`` itself when every width is 0).
     """
     if min(top, bottom, left, right) < 0:
         raise ValueError(f"pad widths must be non-negative, got {(top, bottom, left, right)}")
+    if top == bottom == left == right == 0:
+        return x  # nothing to pad ('same' tiles that fit the slice): skip two full-size gathers
     iy = _reflect_index(x.shape[-2], top, bottom, x.device)
     ix = _reflect_index(x.shape[-1], left, right, x.device)
     return x.index_select(-2, iy).index_select(-1, ix)
 
 
+@functools.lru_cache(maxsize=8)
 def _weight_map(size: int, blend: str, device) -> torch.Tensor:
-    """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI)."""
+    """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI).
+
+    Cached (read only): a stack's slices all use the same map, and building it is ~10 full-size operations.
+    """
     if blend == "constant":
         return torch.ones(size, size, device=device)
     centre = (size - 1) / 2
