@@ -205,8 +205,9 @@ class StackPredictor:
             pieces = self._next_batch(pipe, inbox, pending, state)
             if not pieces:
                 return state["count"]
-            tiles = [s.tiles.tiles(start, start + n) for s, start, n in pieces]
-            pred = self._forward(tiles[0] if len(tiles) == 1 else torch.cat(tiles), state["batch"])
+            # One copy of the tiles of every slice in the batch, straight from their canvases.
+            tiles = torch.stack([v for s, start, n in pieces for v in s.tiles.tile_views(start, start + n)])
+            pred = self._forward(tiles, state["batch"])
             offset = 0
             for s, start, n in pieces:
                 s.tiles.add(start, pred[offset:offset + n])

@@ -455,8 +455,12 @@ class SliceTiles:
 
     def tiles(self, start: int, stop: int) -> torch.Tensor:
         """Input tiles ``start:stop`` (in plan order) as a ``(n, C, t, t)`` batch."""
+        return torch.stack(self.tile_views(start, stop))
+
+    def tile_views(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Tiles ``start:stop`` as ``(C, t, t)`` views of the canvas (stack them with other slices' into one batch)."""
         t = self.plan.tile_size
-        return torch.stack([self.canvas[:, y:y + t, x:x + t] for y, x in self.positions[start:stop]])
+        return [self.canvas[:, y:y + t, x:x + t] for y, x in self.positions[start:stop]]
 
     def add(self, start: int, pred: torch.Tensor) -> None:
         """Stitch the predictions ``(n, K, o, o)`` of tiles ``start:start + n``; tiles must come in order."""
@@ -485,6 +489,17 @@ def _canvas(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     return mirror_pad(image, margin, extent_y - height + margin, margin, extent_x - width + margin)
 
 
+@functools.lru_cache(maxsize=8)
+def _weight_sum(size: int, starts_y: tuple[int, ...], starts_x: tuple[int, ...], weights: torch.Tensor) -> torch.Tensor:
+    """Sum of the blending weights of every window of a plan (read only): the same for every slice of a stack,
+    so it is summed once, in the order :meth:`_Stitcher.add` visits the windows."""
+    norm = torch.zeros(starts_y[-1] + size, starts_x[-1] + size, device=weights.device, dtype=torch.float32)
+    for y in starts_y:
+        for x in starts_x:
+            norm[y:y + size, x:x + size] += weights
+    return norm
+
+
 class _Stitcher:
     """Accumulates predicted output tiles into the slice: edge-band cropping (valid) or blending (same)."""
 
@@ -500,7 +515,7 @@ class _Stitcher:
         extent = (self.plan.starts_y[-1] + self.plan.output_size, self.plan.starts_x[-1] + self.plan.output_size)
         self.out = torch.zeros(k, *extent, device=self.device, dtype=torch.float32)
         if self.weights is not None:
-            self.norm = torch.zeros(*extent, device=self.device, dtype=torch.float32)
+            self.norm = _weight_sum(self.plan.output_size, self.plan.starts_y, self.plan.starts_x, self.weights)
 
     def add(self, chunk: list[tuple[int, int]], pred: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         """Place the predictions ``(len(chunk), K, o, o)`` of the tiles at offsets ``chunk``."""
@@ -519,7 +534,6 @@ class _Stitcher:
                 self.out[:, y:y + h, x:x + w] = p[:, :h, :w]
             else:
                 self.out[:, y:y + o, x:x + o] += p * self.weights
-                self.norm[y:y + o, x:x + o] += self.weights
 
     def result(self) -> torch.Tensor:
         return self.out if self.norm is None else self.out / self.norm
