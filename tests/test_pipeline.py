@@ -14,12 +14,7 @@ from unet.predict import FREE_MEMORY_SHARE, free_memory_budget_mb
 from unet.tiling import TilingOptions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_inference import _one_thread  # noqa: E402,F401  (tiny convolutions run fastest on one thread)
 
 
 def _model(padding: str, seed: int = 0) -> UNet:
