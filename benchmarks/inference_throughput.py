@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from common import (MODELS, QUICK_MODEL, MfuPeaks, add_peak_args, csv_list, device_for, machine_header,  # noqa: E402
                     machine_record, print_table, usable_precisions, write_json)
 
-from unet import inference  # noqa: E402
+from unet import inference, pipeline  # noqa: E402
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.checkpoint import load_model, save_checkpoint  # noqa: E402
 from unet.data.io import scale_by_dtype  # noqa: E402
@@ -109,7 +109,8 @@ def write_stack(path: Path, count: int, size: int) -> np.ndarray:
 
 
 def forward_alone(ckpt: Path, pages: np.ndarray, dev, tile_batch: int) -> float:
-    """Seconds of predict_probabilities over in-memory slices (same model, tiler and tiles as infer.py)."""
+    """Seconds of predict_probabilities over in-memory slices (same model and tiles as infer.py, but batched
+    within each slice only: today's per-slice path; benchmarks/infer_pipeline.py times the forwards alone)."""
     model = dev.prepare_model(load_model(ckpt)[0])
     options = TilingOptions(tile_batch=tile_batch)
     images = [torch.from_numpy(scale_by_dtype(p[None])) for p in pages]
@@ -124,27 +125,29 @@ def forward_alone(ckpt: Path, pages: np.ndarray, dev, tile_batch: int) -> float:
 
 @contextlib.contextmanager
 def timed_predict_probabilities():
-    """Count the seconds infer.py spends inside predict_probabilities (device synchronised).
+    """Count the seconds infer.py spends in its tile forwards (``unet.pipeline.predict_tiles``, synchronised).
 
-    predict_pages calls the name predict_probabilities in unet.inference, so wrapping that module
-    attribute sees every call. Time outside it is infer.py's own overhead, measured in the same run and so
-    immune to the load changes that make two separate runs on a shared machine hard to compare.
+    The pipeline calls the name predict_tiles in unet.pipeline, so wrapping that module attribute sees
+    every forward (with TTA, all 8). Time outside it is infer.py's own overhead (reading, tiling, stitching,
+    copies, writing as far as they do not overlap), measured in the same run and so immune to the load
+    changes that make two separate runs on a shared machine hard to compare.
     """
-    original = inference.predict_probabilities
+    original = pipeline.predict_tiles
     spent = [0.0]
 
-    def wrapper(model, image, dev, options=None):
+    def wrapper(predictor, batch, tta):
         t0 = time.perf_counter()
-        probs = original(model, image, dev, options)
-        dev.synchronize()  # infer.py copies the result to the host next, which waits for it anyway
+        probs = original(predictor, batch, tta)
+        if batch.device.type != "cpu":
+            torch.accelerator.synchronize()
         spent[0] += time.perf_counter() - t0
         return probs
 
-    inference.predict_probabilities = wrapper
+    pipeline.predict_tiles = wrapper
     try:
         yield spent
     finally:
-        inference.predict_probabilities = original
+        pipeline.predict_tiles = original
 
 
 def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, tile_batch: int,
@@ -152,7 +155,7 @@ def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, 
     """Run unet.inference.main as infer.py would.
 
     Returns:
-        (wall seconds, seconds inside predict_probabilities, RunResult, its stdout).
+        (wall seconds, seconds inside the tile forwards, RunResult, its stdout).
     """
     argv = ["--ckpt", str(ckpt), "--input", str(stack), "--output", str(out), "--device", device,
             "--tile-batch", str(tile_batch), "--no-progress", "--overwrite"]
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{OVERHEAD_LIMIT_PCT:g} %; rerun with --profile to see where the time goes"
                       + (" (--quick: tiny slices, fixed costs dominate)" if args.quick else ""))
         print("# overhead % = (infer.py wall - forward alone) / forward alone, two separate runs (noisy on a "
-              "shared machine); in-run % = infer.py's time outside predict_probabilities / its time inside, "
+              "shared machine); in-run % = infer.py's time outside its tile forwards / its time inside them, "
               "same run (the figure held to < 10 %)")
     write_json(args.json, {"benchmark": "inference_throughput", "machine": machine_record(probe),
                            **peaks.record(), "forward": rows, "end_to_end": e2e})

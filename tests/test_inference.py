@@ -11,7 +11,7 @@ import tifffile
 import torch
 from PIL import Image, ImageSequence
 
-from unet import inference
+from unet import inference, pipeline
 from unet.checkpoint import save_checkpoint
 from unet.commands import infer
 from unet.device import setup_device
@@ -159,30 +159,42 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
     dev = setup_device("cpu")
     model = dev.prepare_model(model)
 
-    # Masks and probabilities are views of torch tensors, which tracemalloc cannot see: weak references to
-    # every chunk read and every slice's (image, mask, probability) show what the pipeline still holds.
-    chunks, slices = [], []
-    real_pages, real_predict = inference.iter_job_pages, inference.predict_pages
+    # Masks are torch tensors, which tracemalloc cannot see: weak references to every chunk read, every
+    # scaled slice and every mask show how much the reader, device loop and writer still hold.
+    chunks, images, masks_made, alive = [], [], [], []
+    real_pages, real_image, real_mask = inference.iter_job_pages, pipeline.as_image, pipeline.mask_from_probabilities
+
+    def count(refs):
+        return sum(ref() is not None for ref in refs)
 
     def pages(info, batch):
         for chunk in real_pages(info, batch):
-            # Reading chunk k, only chunk k - 1 and the outputs of its last slice may still be alive.
-            assert all(ref() is None for ref in chunks[:-1]), "an earlier input chunk is still held"
-            assert all(ref() is None for refs in slices[:-1] for ref in refs), "earlier outputs are still held"
+            alive.append((count(chunks), count(images), count(masks_made)))
             chunks.append(weakref.ref(chunk))
             yield chunk
 
-    def predict(*args, **kwargs):
-        for out in real_predict(*args, **kwargs):
-            slices.append([weakref.ref(a) for a in out])
-            yield out
+    def image(*args):
+        out = real_image(*args)
+        images.append(weakref.ref(out))
+        return out
+
+    def mask(probs):
+        out = real_mask(probs)
+        masks_made.append(weakref.ref(out))
+        return out
 
     monkeypatch.setattr(inference, "iter_job_pages", pages)
-    monkeypatch.setattr(inference, "predict_pages", predict)
+    monkeypatch.setattr(pipeline, "as_image", image)
+    monkeypatch.setattr(pipeline, "mask_from_probabilities", mask)
     jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "m.tif", probabilities=tmp_path / "p.tif")
     inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)  # also the warm-up below
-    assert len(chunks) == 400 // 8 and len(slices) == 400
-    assert all(ref() is None for refs in [chunks, *slices] for ref in refs)
+    assert len(chunks) == 400 // 8 and len(images) == len(masks_made) == 400
+    # Bounded by the queues, not the depth: the chunk being read and the previous one, READ_AHEAD queued
+    # slices + one the reader holds + the slices of one tile batch (tile_batch 4), WRITE_AHEAD masks + 2.
+    assert max(a[0] for a in alive) <= 2
+    assert max(a[1] for a in alive) <= pipeline.READ_AHEAD + 1 + 4 + 1
+    assert max(a[2] for a in alive) <= pipeline.WRITE_AHEAD + 2
+    assert all(ref() is None for refs in [chunks, images, masks_made] for ref in refs)
     monkeypatch.undo()
 
     # What numpy allocates (the raw pages, scaled images, uint8 conversions) tracemalloc does see.
@@ -201,23 +213,43 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "w.tif"), masks)
 
 
-def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage, target", [("device", "unet.pipeline.predict_tiles"),
+                                           ("reader", "unet.pipeline.as_image"),
+                                           ("writer", "unet.inference._write_png_atomic")])
+def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch, stage, target):
+    """A failure in any of the three stages reaches the caller unchanged and removes every partial output."""
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((6, 32, 32), np.uint8))
     calls = {"n": 0}
-    real = predict_probabilities
+    module, name = target.rsplit(".", 1)
+    real = getattr(__import__(module, fromlist=[name]), name)
 
     def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise RuntimeError("device lost")
+            raise RuntimeError(f"{stage} lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("unet.inference.predict_probabilities", failing)
-    with pytest.raises(RuntimeError, match="device lost"):
+    monkeypatch.setattr(target, failing)
+    with pytest.raises(RuntimeError, match=f"{stage} lost"):
         _run(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", tmp_path / "m.tif",
-              "--probabilities", tmp_path / "p.tif", "--overlay", tmp_path / "ov", "--read-batch", 2])
+              "--probabilities", tmp_path / "p.tif", "--instances", tmp_path / "i.tif", "--overlay", tmp_path / "ov",
+              "--read-batch", 2, "--tile-batch", 1])
+    assert calls["n"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ov"]
     assert list((tmp_path / "ov").iterdir()) == []
+
+
+def test_user_error_in_the_reader_thread_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((6, 32, 32), np.uint8))
+    real = pipeline.as_image
+
+    def bad_page(raw, source, channels):  # as a page with an unsupported pixel type would fail
+        return real(raw.astype(np.int32), source, channels)
+
+    monkeypatch.setattr(pipeline, "as_image", bad_page)
+    _bad(["--ckpt", ckpt, "--input", tmp_path / "in.tif", "--output", tmp_path / "m.tif"], capsys,
+         "in.tif: pixel type int32 is not supported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -227,6 +259,7 @@ def _bad(argv, capsys, *must_contain) -> str:
         infer([*map(str, argv), "--device", "cpu", "--no-progress"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("predicting "))  # status line
     assert len(err.splitlines()) == 1, err
     for s in must_contain:
         assert s in err, err

@@ -212,6 +212,21 @@ class DeviceSetup:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
+    def free_memory_bytes(self) -> int:
+        """Memory free for new tensors now: the accelerator's ``mem_get_info`` free bytes, or on CPU the
+        kernel's MemAvailable (free RAM plus reclaimable cache; ``os.sysconf`` free pages where /proc is absent)."""
+        if self.type != "cpu":
+            free, _ = device_module(self.type).mem_get_info(self.device)
+            return int(free)
+        try:
+            with open("/proc/meminfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
     def name(self) -> str:
         """Human-readable device name, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model."""
         if self.type == "cpu":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import sys
 import time
@@ -40,8 +41,11 @@ from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_
 from unet.data.synthetic import make_synthetic_em
 from unet.device import setup_device
 from unet.errors import UserError
+from unet.ensemble import load_ensemble
 from unet.export import export_model
-from unet.predict import predict_probabilities
+from unet.instances import InstanceOptions, cell_instances, label_dtype
+from unet.pipeline import StackPredictor, mask_from_probabilities
+from unet.predict import free_memory_budget_mb, predict_probabilities
 from unet.tiling import TilingOptions
 
 PROB_DTYPES = ("float32", "uint8")
@@ -64,12 +68,14 @@ class Job:
         output: mask stack to write.
         probabilities: probability stack to write, or None.
         overlay_dir: folder for overlay PNGs, or None.
+        instances: cell instance label stack to write, or None.
     """
 
     stack: StackInfo
     output: Path
     probabilities: Path | None = None
     overlay_dir: Path | None = None
+    instances: Path | None = None
 
     def overlay_paths(self) -> list[Path]:
         """One PNG per slice: ``<stem>_<page>.png`` (page numbers from 0)."""
@@ -80,7 +86,8 @@ class Job:
 
     def outputs(self) -> list[Path]:
         """Every file this job writes."""
-        return [self.output] + ([self.probabilities] if self.probabilities else []) + self.overlay_paths()
+        return ([self.output] + ([self.probabilities] if self.probabilities else [])
+                + ([self.instances] if self.instances else []) + self.overlay_paths())
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -113,7 +120,7 @@ def read_info(path: Path) -> StackInfo:
 
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
               overlay_dir: str | Path | None = None, overwrite: bool = False,
-              in_channels: int = 1) -> list[Job]:
+              in_channels: int = 1, instances: str | Path | None = None) -> list[Job]:
     """Check the inputs and outputs before any work is done, and pair them.
 
     Args:
@@ -123,6 +130,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         overlay_dir: folder for overlay PNGs (created if its parent exists); None = not written.
         overwrite: allow replacing existing output files.
         in_channels: channels the model expects.
+        instances: like ``output``, for cell instance label stacks; None = not written.
 
     Returns:
         One :class:`Job` per input stack.
@@ -133,14 +141,15 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     output = Path(output)
     prob = Path(probabilities) if probabilities is not None else None
     ovl = Path(overlay_dir) if overlay_dir is not None else None
+    inst = Path(instances) if instances is not None else None
     stacks = _read_inputs(input_path, in_channels)
     if input_path is not None and Path(input_path).is_dir():
-        jobs = _folder_jobs(Path(input_path), stacks, output, prob, ovl)
+        jobs = _folder_jobs(Path(input_path), stacks, output, prob, ovl, inst)
     else:
-        _check_output_file(output, "--output")
-        if prob is not None:
-            _check_output_file(prob, "--probabilities")
-        jobs = [Job(stacks[0], output, prob, ovl)]
+        for path, flag in ((output, "--output"), (prob, "--probabilities"), (inst, "--instances")):
+            if path is not None:
+                _check_output_file(path, flag)
+        jobs = [Job(stacks[0], output, prob, ovl, inst)]
     if ovl is not None:
         if ovl.exists() and not ovl.is_dir():
             raise UserError(f"{ovl}: --overlay must be a folder, but a file has that name")
@@ -149,7 +158,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     _check_outputs(jobs, overwrite)
     # Folders are made only now, after every check passed, so a rejected run leaves nothing behind.
     for folder in {j.output.parent for j in jobs} | {j.probabilities.parent for j in jobs if j.probabilities} \
-            | ({ovl} if ovl is not None else set()):
+            | {j.instances.parent for j in jobs if j.instances} | ({ovl} if ovl is not None else set()):
         folder.mkdir(exist_ok=True)
     return jobs
 
@@ -168,7 +177,7 @@ def _read_inputs(input_path: str | Path | None, in_channels: int) -> list[StackI
 
 
 def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: Path | None,
-                 ovl: Path | None) -> list[Job]:
+                 ovl: Path | None, inst: Path | None = None) -> list[Job]:
     """One job per stack of an input folder, writing into the output folder(s)."""
     stems = [stack.name for stack in stacks]
     dup = sorted({s for s in stems if stems.count(s) > 1})
@@ -177,7 +186,9 @@ def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: P
                         f"outputs would collide, rename them")
     out_dir = _output_folder(output, "--output", input_dir)
     prob_dir = _output_folder(prob, "--probabilities", input_dir) if prob else None
-    return [Job(stack, out_dir / f"{stack.name}.tif", prob_dir / f"{stack.name}.tif" if prob_dir else None, ovl)
+    inst_dir = _output_folder(inst, "--instances", input_dir) if inst else None
+    return [Job(stack, out_dir / f"{stack.name}.tif", prob_dir / f"{stack.name}.tif" if prob_dir else None, ovl,
+                inst_dir / f"{stack.name}.tif" if inst_dir else None)
             for stack in stacks]
 
 
@@ -191,8 +202,8 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
             if res in inputs:
                 raise UserError(f"{out}: output would overwrite an input; choose another output name")
             if res in seen:
-                raise UserError(f"{out}: two outputs have this name; give --output and --probabilities "
-                                f"different paths")
+                raise UserError(f"{out}: two outputs have this name; give --output, --probabilities and "
+                                f"--instances different paths")
             seen.add(res)
             if out.exists() and not overwrite:
                 raise UserError(f"{out}: output exists; pass --overwrite to replace it or choose another name")
@@ -221,7 +232,20 @@ def _output_folder(path: Path, flag: str, input_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ writing
 
-class StackWriter:
+class _CommitOnExit:
+    """Context manager of the atomic writers: ``commit()`` on success, ``abort()`` on any exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with write_errors(self.path, cleanup=self.abort):  # disk full, size limit: one line, no temporary left
+            if exc is not None:
+                raise exc
+            self.commit()
+
+
+class StackWriter(_CommitOnExit):
     """Append 2D pages to a multi-page TIFF under a temporary name; rename into place on success.
 
     Each page is compressed and written as it arrives (no ImageJ header, see the module docstring), so
@@ -258,6 +282,10 @@ class StackWriter:
         publish(self.tmp, self.path)
         return self.path
 
+    def close(self) -> None:
+        """Close the temporary file without publishing it (:meth:`abort` deletes it later)."""
+        self._tif.close()
+
     def abort(self) -> None:
         """Close and delete the temporary file."""
         with contextlib.suppress(Exception):
@@ -265,14 +293,53 @@ class StackWriter:
         with contextlib.suppress(OSError):
             self.tmp.unlink()
 
-    def __enter__(self) -> "StackWriter":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        with write_errors(self.path, cleanup=self.abort):  # disk full, size limit: one line, no temporary left
-            if exc is not None:
-                raise exc
-            self.commit()
+
+class LabelStackWriter(_CommitOnExit):
+    """Instance label pages with ids running on through the stack, written as uint16 or uint32 as needed.
+
+    The largest id is known only after the last page, so pages go to a hidden uint32 TIFF as they come.
+    :meth:`commit` renames that file when an id passed 65535, else rewrites it page by page (one page in
+    memory) as uint16 under the final name: the dtype is always the one :func:`unet.instances.label_dtype`
+    gives for the stack's largest id, never a guess. Atomic like :class:`StackWriter`.
+
+    Args:
+        path: final file name; its folder must exist.
+        pixels: pixels of the whole stack (chooses BigTIFF).
+        compression: ``zlib`` or ``none``.
+    """
+
+    def __init__(self, path: str | Path, *, pixels: int = 0, compression: str = "zlib"):
+        self.path, self.pixels, self.compression = Path(path), pixels, compression
+        self.max_id = 0
+        self._wide = StackWriter(self.path, expected_bytes=pixels * 4, compression=compression)
+
+    def append(self, labels: np.ndarray) -> None:
+        """Add one slice's labels (0 = membrane, 1..n = cells); its ids are shifted past the earlier slices'."""
+        n = int(labels.max(initial=0))
+        try:
+            label_dtype(self.max_id + n)
+        except ValueError as e:
+            raise UserError(f"{self.path}: {e}; the stack has too many cells for one label stack") from None
+        self._wide.append(np.where(labels > 0, labels + self.max_id, 0).astype(np.uint32))
+        self.max_id += n
+
+    def commit(self) -> Path:
+        """Rename (uint32) or narrow to uint16 and rename; the hidden uint32 file is gone afterwards."""
+        if label_dtype(self.max_id) == np.uint32:
+            return self._wide.commit()
+        self._wide.close()
+        try:
+            with StackWriter(self.path, expected_bytes=self.pixels * 2, compression=self.compression) as narrow, \
+                    tifffile.TiffFile(self._wide.tmp) as wide:
+                for page in wide.pages:
+                    narrow.append(page.asarray().astype(np.uint16))
+        finally:
+            self._wide.abort()
+        return self.path
+
+    def abort(self) -> None:
+        self._wide.abort()
 
 
 def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
@@ -281,11 +348,6 @@ def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------ prediction
-
-def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
-    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else)."""
-    return (probs.argmax(0) == 1).to(torch.uint8) * 255
-
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """RGB picture of a slice with its predicted membranes (mask == 0) in semi-transparent red.
@@ -322,7 +384,10 @@ def iter_job_pages(stack: StackInfo, batch: int) -> Iterator[np.ndarray]:
 
 def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, source: str = "input",
                   options: TilingOptions | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Predict slice by slice, holding one chunk of raw pages at a time.
+    """Predict slice by slice, holding one chunk of raw pages at a time (the per-slice path).
+
+    One :func:`~unet.predict.predict_probabilities` per slice, so tiles are batched only within a slice;
+    ``infer.py`` runs :class:`unet.pipeline.StackPredictor` instead, whose masks equal these (tested).
 
     Args:
         model: a UNet on ``dev.device`` (eval mode is enforced by the predictor).
@@ -351,69 +416,110 @@ class RunResult:
         outputs: every file written.
         slices: slices predicted.
         seconds: wall time of the prediction and writing.
+        warmup_seconds: the untimed warm-up forward before it (0 when none ran).
+        startup_seconds: checkpoint loading and device set-up before that (set by :func:`main`).
     """
 
     outputs: list[Path] = field(default_factory=list)
     slices: int = 0
     seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    startup_seconds: float = 0.0
 
     @property
     def slices_per_s(self) -> float:
         return self.slices / self.seconds if self.seconds > 0 else float("nan")
 
 
+class _JobSink:
+    """The writer thread's end of one job: appends each predicted slice to the job's outputs.
+
+    Args:
+        job: the job.
+        writers: open writers by kind (``masks``, ``probabilities``, ``instances``).
+        prob_dtype: ``float32`` or ``uint8``.
+        instance_options: seeded-watershed settings when ``instances`` is written.
+        progress: tqdm bar or None.
+    """
+
+    def __init__(self, job: Job, writers: dict, prob_dtype: str, instance_options: InstanceOptions | None,
+                 progress):
+        self.job, self.writers, self.prob_dtype = job, writers, prob_dtype
+        self.instance_options, self.progress = instance_options, progress
+        self.overlay_paths = job.overlay_paths()
+        self.written: list[Path] = []
+        self.source = str(job.stack.path) if job.stack.path is not None else "synthetic"
+
+    def __call__(self, k: int, image: np.ndarray | None, mask: np.ndarray, prob: np.ndarray | None) -> None:
+        if k >= self.job.stack.num_slices:
+            raise self.changed()
+        self.writers["masks"].append(mask)
+        if "probabilities" in self.writers:
+            self.writers["probabilities"].append(
+                prob if self.prob_dtype == "float32" else np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
+        if "instances" in self.writers:
+            self.writers["instances"].append(cell_instances(prob, self.instance_options))
+        if self.overlay_paths:
+            _write_png_atomic(self.overlay_paths[k], overlay(image, mask))
+            self.written.append(self.overlay_paths[k])
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def changed(self) -> UserError:
+        return UserError(f"{self.source}: the number of slices changed during the run (its header said "
+                         f"{self.job.stack.num_slices}); keep inputs unchanged while infer.py runs")
+
+
+def _open_writers(job: Job, stack: contextlib.ExitStack, prob_dtype: str, compression: str) -> dict:
+    """The job's TIFF writers, entered on ``stack`` so that any failure deletes their temporary files."""
+    pixels = job.stack.num_slices * job.stack.height * job.stack.width
+    writers = {"masks": stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))}
+    if job.probabilities is not None:
+        writers["probabilities"] = stack.enter_context(StackWriter(
+            job.probabilities, expected_bytes=pixels * np.dtype(prob_dtype).itemsize, compression=compression))
+    if job.instances is not None:
+        writers["instances"] = stack.enter_context(LabelStackWriter(job.instances, pixels=pixels,
+                                                                    compression=compression))
+    return writers
+
+
 def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_dtype: str = "float32",
-            compression: str = "zlib", progress=None, options: TilingOptions | None = None) -> list[Path]:
+            compression: str = "zlib", progress=None, options: TilingOptions | None = None,
+            instance_options: InstanceOptions | None = None, predictor: StackPredictor | None = None) -> list[Path]:
     """Predict one input stack and write its outputs atomically.
 
     Args:
         job: from :func:`plan_jobs`.
-        model: a UNet on ``dev.device``.
+        model: a UNet (or Ensemble) on ``dev.device``.
         dev: the device setup.
         read_batch: input pages read per chunk (memory scales with it, not with the stack depth).
         prob_dtype: ``float32`` or ``uint8`` (probability x 255, rounded) for the probability stack.
         compression: ``zlib`` or ``none`` for the TIFF outputs.
         progress: a tqdm bar to advance by one per slice, or None.
-        options: whole-slice tiling options for :func:`predict_pages`.
+        options: whole-slice tiling options (tile batches span slices, see :mod:`unet.pipeline`).
+        instance_options: seeded-watershed settings for ``job.instances`` (None: the defaults).
+        predictor: a :class:`~unet.pipeline.StackPredictor` to reuse (None: one of ``model``, ``dev``, ``options``).
 
     Returns:
         The files written.
     """
     if prob_dtype not in PROB_DTYPES:
         raise ValueError(f"prob_dtype must be one of {PROB_DTYPES}, got {prob_dtype!r}")
-    stack = job.stack
-    pixels = stack.num_slices * stack.height * stack.width
-    overlay_paths = job.overlay_paths()
-    source = str(stack.path) if stack.path is not None else "synthetic"
-    written: list[Path] = []
+    predictor = predictor or StackPredictor(model, dev, options)
+    sink = None
     try:
         with contextlib.ExitStack() as writers:
-            masks = writers.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))
-            probs_out = None
-            if job.probabilities is not None:
-                nbytes = pixels * np.dtype(prob_dtype).itemsize
-                probs_out = writers.enter_context(StackWriter(job.probabilities, expected_bytes=nbytes,
-                                                              compression=compression))
-            pages = predict_pages(model, dev, iter_job_pages(stack, read_batch), source=source, options=options)
-            # zip_longest: one page more or fewer than planned shows up as a None on one side.
-            for k, page in itertools.zip_longest(range(stack.num_slices), pages):
-                if k is None or page is None:
-                    raise UserError(f"{source}: the number of slices changed during the run (its header said "
-                                    f"{stack.num_slices}); keep inputs unchanged while infer.py runs")
-                image, mask, prob = page
-                masks.append(mask)
-                if probs_out is not None:
-                    probs_out.append(prob if prob_dtype == "float32"
-                                     else np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
-                if overlay_paths:
-                    _write_png_atomic(overlay_paths[k], overlay(image, mask))
-                    written.append(overlay_paths[k])
-                if progress is not None:
-                    progress.update(1)
+            sink = _JobSink(job, _open_writers(job, writers, prob_dtype, compression), prob_dtype,
+                            instance_options or InstanceOptions(), progress)
+            count = predictor.run(iter_job_pages(job.stack, read_batch), sink, source=sink.source,
+                                  keep_images=bool(sink.overlay_paths),
+                                  keep_probabilities=job.probabilities is not None or job.instances is not None)
+            if count != job.stack.num_slices:
+                raise sink.changed()
     except BaseException:
         # The TIFF writers delete their temporary files; overlays of a failed stack go too, so that a
         # failed run leaves no partial output behind.
-        for png in written:
+        for png in sink.written if sink is not None else []:
             with contextlib.suppress(OSError):
                 png.unlink()
         raise
@@ -422,27 +528,36 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
 
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], *, read_batch: int = 8,
                   prob_dtype: str = "float32", compression: str = "zlib", show_progress: bool = True,
-                  options: TilingOptions | None = None) -> RunResult:
+                  options: TilingOptions | None = None, instance_options: InstanceOptions | None = None,
+                  forward=None, warm_up: bool | None = None) -> RunResult:
     """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
 
     Args:
-        model: a UNet on ``dev.device``.
+        model: a UNet (or Ensemble) on ``dev.device``.
         dev: the device setup.
         jobs: from :func:`plan_jobs`.
-        read_batch, prob_dtype, compression, options: as for :func:`run_job`.
+        read_batch, prob_dtype, compression, options, instance_options: as for :func:`run_job`.
         show_progress: draw the tqdm bar.
+        forward: called instead of ``model`` on the tiles (e.g. ``torch.compile(model)``).
+        warm_up: one untimed forward first (kernel choice, compilation); None = off CPU or with ``forward``.
 
     Returns:
-        A :class:`RunResult`.
+        A :class:`RunResult` (``seconds`` excludes the warm-up, which is ``warmup_seconds``).
     """
-    total = sum(j.stack.num_slices for j in jobs)
+    predictor = StackPredictor(model, dev, options, forward=forward)
     result = RunResult()
+    if jobs and (warm_up if warm_up is not None else (dev.type != "cpu" or forward is not None)):
+        start = time.perf_counter()
+        predictor.warm_up(jobs[0].stack.height, jobs[0].stack.width)
+        result.warmup_seconds = time.perf_counter() - start
+    total = sum(j.stack.num_slices for j in jobs)
     start = time.perf_counter()
     with tqdm(total=total, unit="slice", desc="infer", file=sys.stderr, disable=not show_progress,
               dynamic_ncols=True) as bar:
         for job in jobs:
             result.outputs += run_job(job, model, dev, read_batch=read_batch, prob_dtype=prob_dtype,
-                                      compression=compression, progress=bar, options=options)
+                                      compression=compression, progress=bar, instance_options=instance_options,
+                                      predictor=predictor)
             result.slices += job.stack.num_slices
     dev.synchronize()
     result.seconds = time.perf_counter() - start
@@ -458,9 +573,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Segment EM image stacks with a trained UNet checkpoint, or export it for deployment.\n\n"
                     "  python infer.py --ckpt model.pt --input stack.tif --output masks.tif\n"
                     "  python infer.py --ckpt model.pt --input folder/ --output masks/ --overlay overlays/\n"
+                    "  python infer.py --ckpt fold0.pt fold1.pt fold2.pt --input stack.tif --output masks.tif\n"
                     "  python infer.py --ckpt model.pt --export model.pt2\n\n"
                     "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--ckpt", required=True, nargs="+",
+                        help="checkpoint written by train.py; several = an ensemble averaging their probabilities")
     parser.add_argument("--input", default=None,
                         help="multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, or a folder of them; "
                              "None = the built-in synthetic stack of 4 slices of 256x256")
@@ -482,8 +599,58 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="export the model instead: .pt2 = torch.export program with a dynamic batch "
                              "dimension at --tile-size (default 572 'valid' / 512 'same'), .onnx = ONNX")
     add_tiling_args(parser)
+    g = parser.add_argument_group("speed")
+    g.add_argument("--memory-budget-mb", type=positive_float, default=None,
+                   help="activation memory per forward pass in float32 MB (default: half the device's free memory, "
+                        "doubled under 16-bit autocast)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for the tile shape (start-up cost; pays off on long stacks)")
+    add_instance_args(parser)
     add_device_args(parser)
     return parser
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
+    return value
+
+
+def add_instance_args(parser: argparse.ArgumentParser) -> None:
+    """--instances and the seeded-watershed flags (defaults: :class:`~unet.instances.InstanceOptions`)."""
+    d = InstanceOptions()
+    g = parser.add_argument_group("cell instances (seeded watershed of the cell probability, unet.instances)")
+    g.add_argument("--instances", default=None, metavar="OUT.tif",
+                   help="also write a label stack: one id per cell, unique over the stack, 0 = membrane; uint16, "
+                        "or uint32 above 65535 cells (a folder for folder input)")
+    g.add_argument("--instance-threshold", type=float, default=d.threshold,
+                   help="a pixel may belong to a cell iff its smoothed cell probability is above this, in [0, 1)")
+    g.add_argument("--instance-seeds", default=d.seeds, choices=("hminima", "distance"),
+                   help="seeds: h-minima of the membrane probability, or h-maxima of the distance transform")
+    g.add_argument("--instance-h", type=float, default=d.seed_h,
+                   help="h of the seeds' h-minima (probability) or h-maxima (pixels of distance), > 0")
+    g.add_argument("--instance-smooth", type=float, default=d.smooth,
+                   help="Gaussian sigma (px) applied to the probability first, >= 0")
+    g.add_argument("--no-instance-fill", action="store_true",
+                   help="keep every pixel at or below the threshold 0 instead of flooding up to one-pixel lines")
+
+
+def instance_options(args: argparse.Namespace) -> InstanceOptions:
+    """The :class:`InstanceOptions` of the flags.
+
+    Raises:
+        UserError: one line naming the flags when InstanceOptions rejects a value.
+    """
+    try:
+        return InstanceOptions(threshold=args.instance_threshold, seeds=args.instance_seeds,
+                               seed_h=args.instance_h, smooth=args.instance_smooth, fill=not args.no_instance_fill)
+    except ValueError as e:
+        raise UserError(f"--instance-threshold/--instance-h/--instance-smooth: {e}") from None
 
 
 def main(args: argparse.Namespace) -> RunResult | Path:
@@ -496,7 +663,11 @@ def main(args: argparse.Namespace) -> RunResult | Path:
         raise UserError("--export writes a model, not masks; run it without --input/--output")
     if args.export is None and args.output is None:
         raise UserError("--output is required (the mask TIFF to write), or pass --export PATH")
-    model, _ = load_model(args.ckpt)
+    if args.export is not None and len(args.ckpt) > 1:
+        raise UserError("--export takes one checkpoint; export the members of an ensemble one by one")
+    inst_options = instance_options(args)
+    start = time.perf_counter()
+    model = load_model(args.ckpt[0])[0] if len(args.ckpt) == 1 else load_ensemble(args.ckpt)[0]
 
     if args.export is not None:
         path = export_model(model, args.export, tile_size=args.tile_size, overwrite=args.overwrite)
@@ -504,18 +675,31 @@ def main(args: argparse.Namespace) -> RunResult | Path:
         return path
 
     jobs = plan_jobs(args.input, args.output, probabilities=args.probabilities, overlay_dir=args.overlay,
-                     overwrite=args.overwrite, in_channels=model.config.in_channels)
+                     overwrite=args.overwrite, in_channels=model.config.in_channels, instances=args.instances)
     dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
     model = dev.prepare_model(model)
+    options = dataclasses.replace(tiling_options(args), memory_budget_mb=args.memory_budget_mb
+                                  or free_memory_budget_mb(dev))
+    forward = torch.compile(model, dynamic=False) if args.compile else None
     what = "built-in synthetic stack" if args.input is None else args.input
+    members = f", ensemble of {len(args.ckpt)} checkpoints" if len(args.ckpt) > 1 else ""
     print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
-          f"({dev.type}, {dev.amp_name})", file=sys.stderr)
+          f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+    startup = time.perf_counter() - start
     result = run_inference(model, dev, jobs, read_batch=args.read_batch, prob_dtype=args.prob_dtype,
                            compression=args.compression, show_progress=not args.no_progress,
-                           options=tiling_options(args))
+                           options=options, instance_options=inst_options, forward=forward)
+    result.startup_seconds = startup
+    _report(jobs, args, result)
+    return result
+
+
+def _report(jobs: list[Job], args: argparse.Namespace, result: RunResult) -> None:
+    """What was written, and the timings (start-up and warm-up apart from the streaming run)."""
     for job in jobs:
-        print(f"wrote {job.output}" + (f" and {job.probabilities}" if job.probabilities else ""))
+        extra = [p for p in (job.probabilities, job.instances) if p is not None]
+        print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))
     if args.overlay:
         print(f"wrote {sum(len(j.overlay_paths()) for j in jobs)} overlays to {args.overlay}")
+    print(f"start-up {result.startup_seconds:.2f} s (checkpoint, device), warm-up {result.warmup_seconds:.2f} s")
     print(f"done: {result.slices} slices in {result.seconds:.2f} s ({result.slices_per_s:.2f} slices/s)")
-    return result

@@ -7,7 +7,8 @@ autocast, memory layout and softmax.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,6 +17,11 @@ from unet import tiling
 from unet.device import DeviceSetup
 from unet.errors import UserError
 from unet.tiling import TilingOptions
+
+
+# Share of the free device memory (host RAM on CPU) that whole-slice prediction lets its activations take;
+# the rest stays for the allocator's caching, cuDNN workspaces, the stitched slices and other processes.
+FREE_MEMORY_SHARE = 0.5
 
 
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tensor, dev: DeviceSetup,
@@ -39,30 +45,73 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
     x = torch.as_tensor(image)
     if x.dim() != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
-    in_channels = model.config.in_channels
-    if x.shape[0] != in_channels:
-        raise UserError(f"the model expects {in_channels}-channel images but got {x.shape[0]} channels; "
-                        f"use data with {in_channels} channel(s) or a checkpoint trained on such data")
+    check_channels(model, x)
     x = x.to(dev.device, dtype=torch.float32)
+    with eval_mode(model), torch.inference_mode():
+        probs = tiling.predict_slice(tile_predictor(model, dev), x, geometry=model, tile_size=opts.tile_size,
+                                     tile_batch=opts.tile_batch, overlap=opts.overlap, blend=opts.blend,
+                                     tta=opts.tta, memory_budget_mb=opts.memory_budget_mb,
+                                     num_outputs=model.config.num_classes)
+    return probs.float()
+
+
+def check_channels(model: torch.nn.Module, image: torch.Tensor) -> None:
+    """Raise a one-line UserError when a ``(C, H, W)`` image has not the model's channel count."""
+    in_channels = model.config.in_channels
+    if image.shape[0] != in_channels:
+        raise UserError(f"the model expects {in_channels}-channel images but got {image.shape[0]} channels; "
+                        f"use data with {in_channels} channel(s) or a checkpoint trained on such data")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, the model's previous train/eval mode restored after."""
+    was_training = model.training
+    model.eval()  # NVIDIA's Ascend port predicts with dropout on; never do that here
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def tile_predictor(model: torch.nn.Module, dev: DeviceSetup,
+                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What every tile batch goes through: the device's layout and autocast, the model, softmax in float32.
+
+    Args:
+        model: the network (called unless ``forward`` is given).
+        dev: the device setup.
+        forward: e.g. ``torch.compile(model)``, called instead of ``model``.
+    """
+    run = model if forward is None else forward
     layout = dev.memory_format
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         # Tiles arrive as NCHW slices of the padded slice; the model's fast layout is dev.memory_format.
         with dev.autocast():
-            logits = model(batch.contiguous(memory_format=layout))
+            logits = run(batch.contiguous(memory_format=layout))
         return logits.float().softmax(1)
 
-    was_training = model.training
-    model.eval()  # NVIDIA's Ascend port predicts with dropout on; never do that here
-    try:
-        with torch.inference_mode():
-            probs = tiling.predict_slice(predictor, x, geometry=model, tile_size=opts.tile_size,
-                                         tile_batch=opts.tile_batch, overlap=opts.overlap, blend=opts.blend,
-                                         tta=opts.tta, memory_budget_mb=opts.memory_budget_mb,
-                                         num_outputs=model.config.num_classes)
-    finally:
-        model.train(was_training)
-    return probs.float()
+    return predictor
+
+
+def free_memory_budget_mb(dev: DeviceSetup, share: float = FREE_MEMORY_SHARE) -> float:
+    """A tiling memory budget from the device's free memory now and the autocast dtype.
+
+    :func:`unet.tiling.estimate_bytes_per_pixel` counts float32 activations; under 16-bit autocast the
+    convolutions' activations take half of that, so the same free memory holds twice the estimated pixels.
+    The budget is therefore ``share * free * 4 / activation bytes``, in the tiler's (float32) megabytes.
+
+    Args:
+        dev: the device (free memory: ``mem_get_info`` on an accelerator, MemAvailable on CPU).
+        share: fraction of the free memory to give to activations.
+
+    Returns:
+        megabytes for :attr:`TilingOptions.memory_budget_mb`.
+    """
+    activation_bytes = torch.finfo(dev.amp_dtype).bits // 8 if dev.amp else 4
+    return share * dev.free_memory_bytes() * 4 / activation_bytes / 2 ** 20
 
 
 def tiling_plan(model: torch.nn.Module, height: int, width: int,

@@ -19,6 +19,7 @@ Tiling never applies an activation: pass e.g. ``lambda x: model(x).softmax(1)`` 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,8 +28,9 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["TilePlan", "TilingOptions", "check_overlap", "check_tile_size", "choose_tile_size", "plan_tiles", "slice_plan", "predict_slice",
-           "mirror_pad", "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
+__all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_tile_size", "choose_tile_size",
+           "plan_tiles", "slice_plan", "predict_slice", "predict_tiles", "tile_batch_size", "mirror_pad",
+           "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 BLENDS = ("gaussian", "constant")
@@ -293,17 +295,23 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
         top, bottom, left, right: non-negative pad widths.
 
     Returns:
-        tensor ``(..., H + top + bottom, W + left + right)``.
+        tensor ``(..., H + top + bottom, W + left + right)`` (``x`` itself when every width is 0).
     """
     if min(top, bottom, left, right) < 0:
         raise ValueError(f"pad widths must be non-negative, got {(top, bottom, left, right)}")
+    if top == bottom == left == right == 0:
+        return x  # nothing to pad ('same' tiles that fit the slice): skip two full-size gathers
     iy = _reflect_index(x.shape[-2], top, bottom, x.device)
     ix = _reflect_index(x.shape[-1], left, right, x.device)
     return x.index_select(-2, iy).index_select(-1, ix)
 
 
+@functools.lru_cache(maxsize=8)
 def _weight_map(size: int, blend: str, device) -> torch.Tensor:
-    """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI)."""
+    """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI).
+
+    Cached (read only): a stack's slices all use the same map, and building it is ~10 full-size operations.
+    """
     if blend == "constant":
         return torch.ones(size, size, device=device)
     centre = (size - 1) / 2
@@ -324,7 +332,8 @@ def _tree_sum(xs: list[torch.Tensor]) -> torch.Tensor:
     return xs[0]
 
 
-def _predict(predictor: Callable, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+def predict_tiles(predictor: Callable, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    """``predictor(batch)`` as float32, or with ``tta`` the mean over the 8 dihedral transforms, mapped back."""
     if not tta:
         return predictor(batch).float()
     outs = []
@@ -378,26 +387,95 @@ def predict_slice(predictor: Callable[[torch.Tensor], torch.Tensor], image: torc
         UserError: for an invalid ``tile_size``, ``overlap``, ``blend`` or ``tile_batch``.
     """
     geometry = _resolve_geometry(predictor, geometry)
-    if image.dim() != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
-    if blend not in BLENDS:
-        raise UserError(f"blend must be one of {BLENDS}, got {blend!r}")
+    _check_image(image, blend)
     if tile_batch < 1:
         raise UserError(f"tile batch must be at least 1, got {tile_batch}")
     _, height, width = image.shape
     plan = slice_plan(height, width, geometry, tile_size=tile_size, overlap=overlap,
                       memory_budget_mb=memory_budget_mb)
-    t = plan.tile_size
-    per_tile = t * t * estimate_bytes_per_pixel(geometry)
-    batch_size = max(1, min(tile_batch, int(_budget_bytes(memory_budget_mb) // per_tile)))
-    canvas = _canvas(image, plan)
-    stitcher = _Stitcher(plan, geometry, blend, image.device, num_outputs)
-    positions = [(y, x) for y in plan.starts_y for x in plan.starts_x]
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i:i + batch_size]
-        batch = torch.stack([canvas[:, y:y + t, x:x + t] for y, x in chunk])
-        stitcher.add(chunk, _predict(predictor, batch, tta), tuple(batch.shape))
-    return stitcher.result()[:, :height, :width]
+    batch_size = tile_batch_size(plan, geometry, tile_batch, memory_budget_mb)
+    tiles = SliceTiles(image, plan, geometry, blend=blend, num_outputs=num_outputs)
+    for i in range(0, tiles.num_tiles, batch_size):
+        batch = tiles.tiles(i, i + batch_size)
+        tiles.add(i, predict_tiles(predictor, batch, tta))
+    return tiles.result()
+
+
+def tile_batch_size(plan: TilePlan, geometry, tile_batch: int, memory_budget_mb: float | None) -> int:
+    """Tiles per predictor call: ``tile_batch``, lowered so that the batch fits the memory budget.
+
+    Raises:
+        UserError: when ``tile_batch`` < 1.
+    """
+    if tile_batch < 1:
+        raise UserError(f"tile batch must be at least 1, got {tile_batch}")
+    per_tile = plan.tile_size ** 2 * estimate_bytes_per_pixel(geometry)
+    return max(1, min(tile_batch, int(_budget_bytes(memory_budget_mb) // per_tile)))
+
+
+def _check_image(image: torch.Tensor, blend: str) -> None:
+    if image.dim() != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float (C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    if blend not in BLENDS:
+        raise UserError(f"blend must be one of {BLENDS}, got {blend!r}")
+
+
+class SliceTiles:
+    """One slice cut into the tiles of a plan, and the stitcher its predicted tiles go back into.
+
+    :func:`predict_slice` feeds it one batch at a time; a stack predictor (``unet.pipeline``) may fill
+    batches with tiles of several slices. Either way each slice's tiles are cut from the same mirror-padded
+    canvas and stitched in the same order, so a slice's result depends only on the tiles' predictions.
+
+    Args:
+        image: ``(C, H, W)`` float tensor on any device.
+        plan: the slice's :class:`TilePlan`.
+        geometry: the network's size arithmetic.
+        blend: weights for overlapping ``same`` windows.
+        num_outputs: expected channels of the predictions, or None.
+    """
+
+    def __init__(self, image: torch.Tensor, plan: TilePlan, geometry, *, blend: str = "gaussian",
+                 num_outputs: int | None = None):
+        _check_image(image, blend)
+        _, self.height, self.width = image.shape
+        self.plan = plan
+        self.canvas = _canvas(image, plan)
+        self.positions = [(y, x) for y in plan.starts_y for x in plan.starts_x]
+        self.stitcher = _Stitcher(plan, geometry, blend, image.device, num_outputs)
+        self.added = 0
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.positions)
+
+    @property
+    def done(self) -> bool:
+        return self.added == self.num_tiles
+
+    def tiles(self, start: int, stop: int) -> torch.Tensor:
+        """Input tiles ``start:stop`` (in plan order) as a ``(n, C, t, t)`` batch."""
+        return torch.stack(self.tile_views(start, stop))
+
+    def tile_views(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Tiles ``start:stop`` as ``(C, t, t)`` views of the canvas (stack them with other slices' into one batch)."""
+        t = self.plan.tile_size
+        return [self.canvas[:, y:y + t, x:x + t] for y, x in self.positions[start:stop]]
+
+    def add(self, start: int, pred: torch.Tensor) -> None:
+        """Stitch the predictions ``(n, K, o, o)`` of tiles ``start:start + n``; tiles must come in order."""
+        if start != self.added:
+            raise ValueError(f"tiles must be added in order: expected tile {self.added}, got {start}")
+        chunk = self.positions[start:start + pred.shape[0]]
+        self.stitcher.add(chunk, pred, (len(chunk), self.canvas.shape[0], self.plan.tile_size, self.plan.tile_size))
+        self.added += len(chunk)
+
+    def result(self) -> torch.Tensor:
+        """``(K, H, W)`` float32 on the image's device, once every tile was added."""
+        if not self.done:
+            raise ValueError(f"{self.num_tiles - self.added} of {self.num_tiles} tiles not predicted yet")
+        self.canvas = None  # the padded slice is no longer needed; free it before the caller goes on
+        return self.stitcher.result()[:, :self.height, :self.width]
 
 
 def _canvas(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
@@ -409,6 +487,17 @@ def _canvas(image: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     margin = (t - o) // 2
     extent_y, extent_x = plan.starts_y[-1] + o, plan.starts_x[-1] + o
     return mirror_pad(image, margin, extent_y - height + margin, margin, extent_x - width + margin)
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_sum(size: int, starts_y: tuple[int, ...], starts_x: tuple[int, ...], weights: torch.Tensor) -> torch.Tensor:
+    """Sum of the blending weights of every window of a plan (read only): the same for every slice of a stack,
+    so it is summed once, in the order :meth:`_Stitcher.add` visits the windows."""
+    norm = torch.zeros(starts_y[-1] + size, starts_x[-1] + size, device=weights.device, dtype=torch.float32)
+    for y in starts_y:
+        for x in starts_x:
+            norm[y:y + size, x:x + size] += weights
+    return norm
 
 
 class _Stitcher:
@@ -426,7 +515,7 @@ class _Stitcher:
         extent = (self.plan.starts_y[-1] + self.plan.output_size, self.plan.starts_x[-1] + self.plan.output_size)
         self.out = torch.zeros(k, *extent, device=self.device, dtype=torch.float32)
         if self.weights is not None:
-            self.norm = torch.zeros(*extent, device=self.device, dtype=torch.float32)
+            self.norm = _weight_sum(self.plan.output_size, self.plan.starts_y, self.plan.starts_x, self.weights)
 
     def add(self, chunk: list[tuple[int, int]], pred: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         """Place the predictions ``(len(chunk), K, o, o)`` of the tiles at offsets ``chunk``."""
@@ -445,7 +534,6 @@ class _Stitcher:
                 self.out[:, y:y + h, x:x + w] = p[:, :h, :w]
             else:
                 self.out[:, y:y + o, x:x + o] += p * self.weights
-                self.norm[y:y + o, x:x + o] += self.weights
 
     def result(self) -> torch.Tensor:
         return self.out if self.norm is None else self.out / self.norm
