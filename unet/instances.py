@@ -29,7 +29,7 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
-from unet.metrics import label_cells, rand_info_scores
+from unet.metrics import SummableState, label_cells, rand_info_scores
 
 __all__ = ["SEED_METHODS", "InstanceOptions", "InstanceScores", "cell_instances", "instance_stack", "label_dtype",
            "score_instances"]
@@ -153,7 +153,7 @@ def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, 
     return {k: float(np.mean(v)) if v else math.nan for k, v in sums.items()}
 
 
-class InstanceScores:
+class InstanceScores(SummableState):
     """V_Rand / V_Info of :func:`cell_instances` accumulated over slices; mergeable across ranks.
 
     The state is ``[v_rand sum, v_rand count, v_info sum, v_info count]`` (float64), so summing the states of
@@ -172,17 +172,6 @@ class InstanceScores:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self._state = np.zeros(4)
-
-    def state(self) -> np.ndarray:
-        """A copy of the float64 sums and counts."""
-        return self._state.copy()
-
-    def load_state(self, state) -> None:
-        """Replace the sums and counts, e.g. with all-reduced :meth:`state`."""
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != self._state.shape:
-            raise ValueError(f"state must have shape {self._state.shape}, got {state.shape}")
-        self._state = state.copy()
 
     def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
         """Add one slice: ``(H, W)`` cell probability and true cell mask."""
