@@ -164,10 +164,6 @@ def _old_output(path: Path):
     _stack(path, 2, 16)
 
 
-XFAIL_TILE = pytest.mark.xfail(strict=True, reason="--tile-size upper bound against the memory budget belongs to "
-                                                   "the tiling/CLI refactor (another session's files)")
-XFAIL_RANKS = pytest.mark.xfail(strict=True, reason="printing a UserError on rank 0 only belongs to cli.py "
-                                                    "(another session's files)")
 SHA_OK = "0" * 64
 
 # ------------------------------------------------------------------------------------------ the table
@@ -250,7 +246,7 @@ CASES = [
     Case("evaluate-tile-size-invalid", "evaluate", ["--ckpt", "{w}/good.pt", "--data-dir", "{w}/isbi",
                                                     "--tile-size", "7"], "tile size"),
     Case("evaluate-tile-size-huge", "evaluate", ["--ckpt", "{w}/good.pt", "--data-dir", "{w}/isbi",
-                                                 "--tile-size", "1000000"], "--tile-size", marks=(XFAIL_TILE,)),
+                                                 "--tile-size", "1000000"], "--tile-size"),
     # ---- infer.py
     Case("infer-input-truncated-volume", "infer", ["--ckpt", "{w}/good.pt", "--input", "{d}/test-volume.tif",
                                                    "--output", "{d}/masks.tif"], "test-volume.tif: page 1",
@@ -292,8 +288,7 @@ CASES = [
     Case("infer-export-size-limit", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size", "32"],
          "m.pt2", fsize=3_000),
     Case("infer-tile-size-huge", "infer", ["--ckpt", "{w}/good.pt", "--input", "{w}/stack.tif", "--output",
-                                           "{d}/masks.tif", "--tile-size", "1000000"], "--tile-size",
-         marks=(XFAIL_TILE,)),
+                                           "{d}/masks.tif", "--tile-size", "1000000"], "--tile-size"),
     # ---- datasets/isbi2012.py
     Case("download-mirror-missing", "download", ["--data-dir", "{d}/out", "--base-url", "file://{d}/nowhere"],
          "nowhere", standalone=True),
@@ -417,7 +412,6 @@ def test_bad_input(table, case):
     assert table["world_unchanged"], "a shared input was modified"
 
 
-@XFAIL_RANKS
 def test_torchrun_prints_a_bad_input_error_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "train.py"), "--device", "cpu", "--data-dir", str(tmp_path / "nowhere"),

@@ -190,3 +190,111 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, data_dir):
     assert r2["device"]["world_size"] == 2 and r1["device"]["world_size"] == 1
     assert r1["metrics"] == r2["metrics"] and r2["metrics"]["num_images"] == 6
     assert two.stdout.count("dice_nvidia") == 1  # only rank 0 prints
+
+
+def _direct_scores(ckpts, data_dir, val, options):
+    """The challenge and instance scores computed here, outside evaluate.py, from the same probabilities."""
+    from unet.data.io import load_dataset
+    from unet.device import setup_device
+    from unet.ensemble import load_ensemble
+    from unet.instances import instance_stack, score_instances
+    from unet.isbi_metrics import isbi_thinned_scores
+    from unet.predict import predict_probabilities
+    model, _ = load_ensemble(ckpts)
+    slices = load_dataset(str(data_dir)).subset(val)
+    dev = setup_device("cpu")
+    cell = np.stack([predict_probabilities(model, im, dev)[1].numpy() for im in slices.images])
+    truth = np.stack([np.asarray(lab) == 1 for lab in slices.labels])
+    return isbi_thinned_scores(cell, truth), score_instances(instance_stack(cell, options), truth)
+
+
+def test_challenge_and_instance_scores(tmp_path, data_dir, capsys):
+    from unet.instances import InstanceOptions
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=2, data_dir=str(data_dir))
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu", "--per-image",
+                              "--instance-h", "0.1", "--instance-smooth", "0.5"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    m = r["metrics"]
+    options = InstanceOptions(seed_h=0.1, smooth=0.5)
+    assert r["instance_options"] == {"threshold": 0.5, "seeds": "hminima", "seed_h": 0.1, "smooth": 0.5, "fill": True}
+    thinned, instances = _direct_scores([ckpt], data_dir, r["fold"]["val_indices"], options)
+    for k in ("v_rand_thinned", "v_rand_threshold", "v_info_thinned", "v_info_threshold"):
+        assert m[k] == pytest.approx(thinned[k], abs=1e-12), k
+    assert m["v_rand_instances"] == pytest.approx(instances["v_rand"], abs=1e-12)
+    assert m["v_info_instances"] == pytest.approx(instances["v_info"], abs=1e-12)
+    curves = r["thinned_curves"]
+    assert len(curves["thresholds"]) == 11 and curves["thresholds"][3] == 0.30000000000000004
+    assert curves["v_rand"] == pytest.approx(thinned["v_rand_curve"], abs=1e-12)
+    assert max(curves["v_rand"]) == pytest.approx(m["v_rand_thinned"], abs=1e-15)
+    assert all("v_rand_thinned" in row and "v_rand_instances" in row for row in r["per_image"])
+    for k in ("v_rand_thinned", "v_info_thinned", "v_rand_instances", "v_info_instances"):
+        assert any(line.split()[:1] == [k] for line in out.splitlines()), k
+
+
+def test_scores_can_be_skipped(tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=2, data_dir=str(data_dir))
+    code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu", "--no-thinned",
+                              "--no-instances"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r["metrics"]) == set(METRIC_KEYS) and "thinned_curves" not in r and "instance_options" not in r
+
+
+def test_cv_table_has_the_challenge_and_instance_columns(tmp_path, data_dir, capsys):
+    paths = [make_ckpt(tmp_path / f"f{k}.pt", seed=k, fold=k, folds=2, data_dir=str(data_dir)) for k in (0, 1)]
+    code, out, err = run_cli(["--ckpt", *paths, "--output", tmp_path / "cv.json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "cv.json").read_text())
+    header = r["cv"]["markdown"].splitlines()[0]
+    for title in ("V_Rand (thinned)", "V_Info (thinned)", "V_Rand (instances)", "V_Info (instances)"):
+        assert title in header
+    v = np.array([run["metrics"]["v_rand_thinned"] for run in r["runs"]])
+    assert r["cv"]["mean"]["v_rand_thinned"] == pytest.approx(v.mean(), rel=1e-12)
+
+
+def test_ensemble_scores_the_mean_probability(tmp_path, data_dir, capsys):
+    from unet.device import setup_device
+    from unet.ensemble import load_ensemble
+    from unet.evaluation import evaluate_slices
+    from unet.data.io import load_dataset
+    from unet.instances import InstanceOptions
+    paths = [make_ckpt(tmp_path / f"s{k}.pt", seed=k, fold=1, folds=3, data_dir=str(data_dir)) for k in (0, 1)]
+    code, out, err = run_cli(["--ckpt", *paths, "--ensemble", "--output", tmp_path / "e.json", "--device", "cpu"],
+                             capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["ensemble"] == [str(p) for p in paths] and "ensemble of 2 UNets" in out and "cv" not in r
+    model, _ = load_ensemble(paths)
+    expect = evaluate_slices(model, load_dataset(str(data_dir)).subset(r["fold"]["val_indices"]),
+                             setup_device("cpu"), thinned=True, instances=InstanceOptions())
+    expect.pop("thinned_curves")
+    assert r["metrics"] == pytest.approx(expect, abs=1e-12)
+    first = evaluate_slices(load_ensemble(paths[:1])[0], load_dataset(str(data_dir)).subset(r["fold"]["val_indices"]),
+                            setup_device("cpu"))
+    assert first["dice_nvidia"] != r["metrics"]["dice_nvidia"]  # the second model counted
+
+
+@pytest.mark.parametrize("case", ["folds", "padding"])
+def test_ensemble_refuses_members_that_differ_naming_both(case, tmp_path, data_dir, capsys):
+    a = make_ckpt(tmp_path / "a.pt", fold=0, folds=3, data_dir=str(data_dir))
+    if case == "folds":
+        b = make_ckpt(tmp_path / "b.pt", seed=1, fold=1, folds=3, data_dir=str(data_dir))
+        expect = "were trained on different data or folds"
+    else:
+        b = tmp_path / "b.pt"
+        save_checkpoint(b, UNet(base_filters=4, depth=3, padding="valid"), args={"fold": 0, "folds": 3,
+                                                                                 "data_dir": str(data_dir)})
+        expect = "padding same vs valid"
+    code, out, err = run_cli(["--ckpt", a, b, "--ensemble", "--device", "cpu"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and expect in lines[0], err
+    assert str(a) in lines[0] and str(b) in lines[0]
+
+
+def test_tile_size_over_budget_is_one_line(tmp_path, data_dir, capsys):
+    ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=3, data_dir=str(data_dir))
+    code, out, err = run_cli(["--ckpt", ckpt, "--device", "cpu", "--tile-size", "1000000"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("evaluate.py: error: --tile-size 1000000 needs")
+    assert "largest tile size allowed for this model is" in lines[0]

@@ -1,4 +1,5 @@
 """unet.predict and unet.evaluation library functions: whole-slice probabilities, sharded metrics, CV summary."""
+import json
 import math
 
 import numpy as np
@@ -161,3 +162,28 @@ def test_format_table_is_aligned():
     assert len(lines) == 3
     assert len({line.index(line.split()[1]) for line in lines}) == 1
     assert lines[0].endswith("0.9123") and lines[1].endswith("nan") and lines[2].endswith("6")
+
+
+def test_challenge_and_instance_scores_are_off_by_default_and_exact_across_ranks(dev, small_set, monkeypatch):
+    """Training's validation (the default) skips them; asked for, two ranks give the one-process numbers exactly."""
+    from unet.instances import InstanceOptions
+    model = tiny_model()
+    plain = evaluation.evaluate_slices(model, small_set, dev)
+    assert not any(k.endswith(("_thinned", "_instances")) for k in plain) and "thinned_curves" not in plain
+    asked = {"thinned": True, "instances": InstanceOptions()}
+    one, rows = evaluation.evaluate_slices(model, small_set, dev, per_image=True, **asked)
+    for k in ("v_rand_thinned", "v_rand_threshold", "v_info_thinned", "v_info_threshold", "v_rand_instances",
+              "v_info_instances"):
+        assert k in one and k in rows[0], k
+    assert {k: one[k] for k in plain} == plain  # the other metrics are unchanged
+    curves = one["thinned_curves"]
+    assert max(curves["v_rand"]) == one["v_rand_thinned"] and len(curves["thresholds"]) == 11
+    contributions = []
+    real_all_reduce = evaluation.all_reduce_sum
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, d: contributions.append(t.clone()) or real_all_reduce(t, d))
+    evaluation.evaluate_slices(model, small_set, dev, dist=DistInfo(rank=1, world_size=2), **asked)
+    rank1 = contributions[-1]
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, d: t + rank1)
+    two, rows2 = evaluation.evaluate_slices(model, small_set, dev, dist=DistInfo(rank=0, world_size=2),
+                                            per_image=True, **asked)
+    assert json.dumps(two) == json.dumps(one) and json.dumps(rows2) == json.dumps(rows)  # bit-identical, NaN too

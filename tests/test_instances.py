@@ -84,3 +84,29 @@ def test_bad_options():
         InstanceOptions(seeds="skeleton")
     with pytest.raises(ValueError, match="threshold"):
         InstanceOptions(threshold=1.0)
+
+
+def test_instance_scores_accumulator_equals_score_instances_and_merges():
+    from unet.instances import InstanceScores
+    rng = np.random.default_rng(0)
+    probs = np.ones((3, 20, 30))
+    probs[:, :, 14] = 0.0
+    probs[1, 9, :] = 0.0  # four cells in slice 1
+    probs[2] = np.clip(probs[2] - 0.3 * rng.random((20, 30)), 0, 1)
+    truth = np.ones((3, 20, 30), bool)
+    truth[:, :, 14] = False
+    truth[2] = False  # no true cell: left out, as score_instances leaves it out
+    expect = score_instances(instance_stack(probs, RAW), truth)
+    one = InstanceScores(RAW)
+    parts = [InstanceScores(RAW) for _ in range(2)]
+    for k in range(3):
+        one.update(probs[k], truth[k])
+        parts[k % 2].update(probs[k], truth[k])
+    got = one.compute()
+    assert got == {"v_rand_instances": pytest.approx(expect["v_rand"], abs=1e-15),
+                   "v_info_instances": pytest.approx(expect["v_info"], abs=1e-15)}
+    assert one.state()[[1, 3]].tolist() == [2.0, 2.0]  # slice 2 not counted
+    merged = InstanceScores(RAW)
+    merged.load_state(parts[0].state() + parts[1].state())
+    assert merged.compute() == got
+    assert InstanceScores().compute()["v_rand_instances"] != InstanceScores().compute()["v_rand_instances"]  # NaN

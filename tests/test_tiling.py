@@ -271,3 +271,23 @@ def test_tta_of_real_model_lies_between_single_predictions():
     assert not torch.allclose(singles[0], singles[1])  # the model is not equivariant: TTA does something
     assert (tta >= singles.min(0).values - 1e-6).all() and (tta <= singles.max(0).values + 1e-6).all()
     assert torch.allclose(tta, singles.mean(0), atol=1e-6)
+
+
+def test_tile_size_over_the_memory_budget_is_refused_up_front():
+    from unet.tiling import check_tile_budget, largest_tile_size, slice_plan
+    model = UNet()  # reference: valid padding, 64 filters -> 2048 bytes per input pixel
+    bpp = estimate_bytes_per_pixel(model)
+    largest = largest_tile_size(model)
+    assert largest == model.valid_input_size(largest) and largest ** 2 * bpp <= 2048 * 2 ** 20
+    assert model.valid_input_size(largest + 1) ** 2 * bpp > 2048 * 2 ** 20  # the next valid size is over
+    check_tile_budget(model, largest)
+    with pytest.raises(UserError) as e:
+        slice_plan(512, 512, model, tile_size=1000000)
+    message = str(e.value)
+    assert message.startswith("--tile-size 1000000 needs about 1,953,125,000 MB")
+    assert "memory budget of 2048 MB" in message and f"largest tile size allowed for this model is {largest}" in message
+    with pytest.raises(UserError, match=f"budget of 100 MB; the largest tile size allowed for this model is "
+                                        f"{largest_tile_size(model, 100)} "):
+        slice_plan(512, 512, model, tile_size=largest, memory_budget_mb=100)
+    with pytest.raises(UserError, match="not even the smallest tile"):
+        check_tile_budget(model, 188, memory_budget_mb=1)

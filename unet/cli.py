@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import Callable, Sequence
 
 from unet.device import AMP_DTYPES, DEVICE_CHOICES
+from unet.distributed import env_info
 from unet.errors import UserError
+from unet.instances import SEED_METHODS, InstanceOptions
 from unet.tiling import BLENDS, TilingOptions
 
 
@@ -47,6 +51,26 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0."""
+    return _bounded_float(text, lambda v: v > 0, "a number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type``: a finite number >= 0."""
+    return _bounded_float(text, lambda v: v >= 0, "a number >= 0")
+
+
+def _bounded_float(text: str, ok: Callable[[float], bool], what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not (ok(value) and value < float("inf")):  # NaN and inf fail too
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value:g}")
+    return value
+
+
 def add_tiling_args(parser: argparse.ArgumentParser) -> None:
     """--tile-size, --tile-batch, --overlap, --blend, --tta: whole-slice prediction options."""
     g = parser.add_argument_group("whole-slice prediction")
@@ -67,17 +91,63 @@ def tiling_options(args) -> TilingOptions:
                          blend=args.blend, tta=args.tta)
 
 
+def add_instance_args(parser: argparse.ArgumentParser) -> None:
+    """--instance-threshold, --instance-seeds, --instance-h, --instance-smooth, --no-instance-fill.
+
+    The seeded-watershed settings of :class:`~unet.instances.InstanceOptions` (its defaults are the flags'
+    defaults), spelled the same in ``evaluate.py`` (instance scores) and ``infer.py`` (``--instances``).
+    """
+    d = InstanceOptions()
+    g = parser.add_argument_group("cell instances (seeded watershed, unet.instances)")
+    g.add_argument("--instance-threshold", type=fraction, default=d.threshold,
+                   help="a pixel may belong to a cell iff its cell probability is above this")
+    g.add_argument("--instance-seeds", default=d.seeds, choices=SEED_METHODS,
+                   help="seeds: h-minima of the membrane probability, or h-maxima of the distance transform")
+    g.add_argument("--instance-h", type=positive_float, default=d.seed_h,
+                   help="h of the seeds' h-minima (probability) or h-maxima (pixels of distance)")
+    g.add_argument("--instance-smooth", type=non_negative_float, default=d.smooth,
+                   help="Gaussian sigma (px) applied to the probabilities first (0 = none)")
+    g.add_argument("--no-instance-fill", action="store_true",
+                   help="keep pixels at or below the threshold as membrane (default: flood the membranes too, "
+                        "leaving one-pixel lines between cells)")
+
+
+def instance_options(args) -> InstanceOptions:
+    """The :class:`~unet.instances.InstanceOptions` of parsed :func:`add_instance_args` flags."""
+    return InstanceOptions(threshold=args.instance_threshold, seeds=args.instance_seeds, seed_h=args.instance_h,
+                           smooth=args.instance_smooth, fill=not args.no_instance_fill)
+
+
+@contextlib.contextmanager
+def _muted(quiet: bool):
+    """Send stdout and stderr to the null device while ``quiet`` (argparse prints usage and errors itself)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and call ``main(args)``; a UserError becomes one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and call ``main(args)``; a UserError becomes one line on stderr and exit status 2.
+
+    Under torchrun every rank parses and fails alike, so only rank 0 prints the line (and argparse's usage
+    errors); the other ranks exit with the same status silently. A UserError raised on a rank other than 0
+    alone is therefore not printed: torchrun's failure summary names that rank and its exit status 2.
+    """
+    quiet = env_info().rank != 0
+    with _muted(quiet):
+        args = parser.parse_args(argv)
     try:
         main(args)
     except UserError as e:
         message = " ".join(str(e).split())  # always one line, whatever the message held
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        if not quiet:
+            print(f"{parser.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        if not quiet:
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     return 0

@@ -1,13 +1,15 @@
-"""Ensembles of checkpoints (e.g. the five fold models): one module whose softmax is the mean probability.
+"""Ensembles of checkpoints: several UNets that predict as one by averaging their class probabilities.
 
-``Ensemble(models)`` returns ``log(mean_m softmax(model_m(x)))`` per pixel, so the predictor's usual
-``softmax`` downstream gives exactly the mean of the members' probabilities (softmax of a log-probability
-vector that sums to one is that vector), and test-time augmentation composes with it as with one UNet.
-Everything the tiler and the predictor read from a UNet (``config``, ``padding``, ``edge_band`` and the size
-arithmetic) is the first member's; :func:`load_ensemble` refuses members that disagree on any of it.
+:class:`Ensemble` is a ``torch.nn.Module`` whose forward returns ``log(mean_m softmax(model_m(x)))``, so
+the softmax that every predictor applies downstream (:func:`unet.predict.predict_probabilities`) yields the
+mean probability of the members, and tiling, TTA (the mean over flips of the mean over models) and
+autocast work on it unchanged. Whatever prediction reads from a UNet (``config``, ``padding``,
+``edge_band``, ``output_size``, ...) is the first member's: :func:`load_ensemble` refuses members that
+disagree in the settings that make their outputs comparable tile by tile.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -16,78 +18,88 @@ import torch
 
 from unet.checkpoint import load_model
 from unet.errors import UserError
-from unet.model import UNet
 
-# The fields that must agree for the members' tiles and outputs to line up.
-MATCHING_FIELDS = ("padding", "depth", "in_channels", "num_classes")
+__all__ = ["Ensemble", "load_ensemble", "MUST_AGREE"]
+
+# Model settings every member must share: the same tiles in, the same classes out, pixel for pixel.
+MUST_AGREE = ("padding", "depth", "in_channels", "num_classes")
 
 
 class Ensemble(torch.nn.Module):
-    """Several UNets of one geometry as one network returning the log of their mean softmax.
+    """Several models as one: the log of their mean softmax.
 
     Args:
-        models: the members (at least one), same padding, depth, input channels and classes.
+        models: UNets sharing :data:`MUST_AGREE` (checked by :func:`load_ensemble`, not here).
     """
 
-    def __init__(self, models: Sequence[UNet]):
+    def __init__(self, models: Sequence[torch.nn.Module]):
         super().__init__()
         if not models:
             raise ValueError("an ensemble needs at least one model")
-        self.members = torch.nn.ModuleList(models)
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, K, h, w)`` float32 log of the mean class probability over the models."""
+        # float32 before the softmax: under autocast the members' logits may be bf16/fp16.
+        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.models])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.models))
 
     @property
     def config(self):
-        return self.members[0].config
+        """The first member's config, with the widest member's ``base_filters``.
+
+        The members run one after another, so the peak activation memory (which the tiler estimates from
+        ``base_filters``) is the widest member's.
+        """
+        first = self.models[0].config
+        widest = max(m.config.base_filters for m in self.models)
+        return dataclasses.replace(first, base_filters=widest)
 
     @property
     def padding(self) -> str:
-        return self.members[0].padding
+        return self.models[0].padding
 
     @property
     def edge_band(self) -> int:
-        return self.members[0].edge_band
+        return self.models[0].edge_band
 
     def output_size(self, input_size: int) -> int:
-        return self.members[0].output_size(input_size)
+        return self.models[0].output_size(input_size)
 
     def valid_input_size(self, min_size: int) -> int:
-        return self.members[0].valid_input_size(min_size)
+        return self.models[0].valid_input_size(min_size)
 
     def input_size_for_output(self, min_output: int) -> int:
-        return self.members[0].input_size_for_output(min_output)
+        return self.models[0].input_size_for_output(min_output)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, K, o, o)`` float32 log of the members' mean class probabilities."""
-        # log-softmax in float32 (autocast logits may be bf16) and logsumexp: no underflow for confident pixels.
-        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.members])
-        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+
+def _check_members(configs: list, paths: list[Path]) -> None:
+    for path, cfg in zip(paths[1:], configs[1:]):
+        for key in MUST_AGREE:
+            a, b = getattr(configs[0], key), getattr(cfg, key)
+            if a != b:
+                raise UserError(f"checkpoints {paths[0]} and {path} cannot form an ensemble: {key} {a} vs {b}; "
+                                f"ensemble only models with the same {', '.join(MUST_AGREE)}")
 
 
 def load_ensemble(paths: Sequence[str | Path]) -> tuple[torch.nn.Module, list[dict]]:
-    """Load checkpoints as one :class:`Ensemble` (in eval mode, on CPU).
+    """Load checkpoints as one model: the UNet itself for one path, an :class:`Ensemble` for several.
 
     Args:
-        paths: checkpoint files written by ``train.py``.
+        paths: checkpoint files written by train.py.
 
     Returns:
-        ``(ensemble, checkpoint dicts in the order of paths)``.
+        ``(model in eval mode on CPU, the checkpoint dicts in the order of paths)``.
 
     Raises:
-        UserError: one line for an unreadable checkpoint, or two that disagree on padding, depth,
-            input channels or classes (naming both files).
+        UserError: a checkpoint that cannot be loaded, or two that disagree in :data:`MUST_AGREE` (both named).
     """
+    paths = [Path(p) for p in paths]
     if not paths:
-        raise UserError("no checkpoint given")
-    models, ckpts = [], []
-    for path in paths:
-        model, ckpt = load_model(path)
-        if models:
-            first = models[0].config
-            for name in MATCHING_FIELDS:
-                a, b = getattr(first, name), getattr(model.config, name)
-                if a != b:
-                    raise UserError(f"{path}: {name} is {b!r} but {paths[0]} has {a!r}; an ensemble needs "
-                                    f"checkpoints of one geometry ({', '.join(MATCHING_FIELDS)})")
-        models.append(model)
-        ckpts.append(ckpt)
+        raise ValueError("load_ensemble needs at least one checkpoint path")
+    loaded = [load_model(p) for p in paths]
+    models, ckpts = [m for m, _ in loaded], [c for _, c in loaded]
+    _check_members([m.config for m in models], paths)
+    if len(models) == 1:
+        return models[0], ckpts
     return Ensemble(models).eval(), ckpts

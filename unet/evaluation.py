@@ -9,6 +9,7 @@ cross-validation summary (mean and sample standard deviation over folds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -20,13 +21,16 @@ import numpy as np
 import torch
 
 from unet.atomic import atomic_write
-from unet.checkpoint import load_model
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args, tiling_options
+from unet.cli import (HelpFormatter, add_device_args, add_instance_args, add_tiling_args, instance_options,
+                      tiling_options)
 from unet.data.folds import SCHEMES, fold_indices
 from unet.data.io import load_dataset
 from unet.device import DeviceSetup, setup_device
 from unet.distributed import DistInfo, all_reduce_sum, env_info, process_group, rank0_printer
+from unet.ensemble import load_ensemble
 from unet.errors import UserError
+from unet.instances import InstanceOptions, InstanceScores
+from unet.isbi_metrics import ThinnedScores
 from unet.metrics import SegmentationMetrics
 from unet.predict import predict_probabilities, tiling_plan
 from unet.run_log import jsonable
@@ -34,14 +38,76 @@ from unet.tiling import TilingOptions
 
 # Metrics summarised over cross-validation folds, with the column titles of the Markdown table.
 CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_mean": "IoU (mean)",
-              "pixel_error": "Pixel error", "v_rand": "V_Rand", "v_info": "V_Info"}
+              "pixel_error": "Pixel error", "v_rand": "V_Rand", "v_info": "V_Info",
+              "v_rand_thinned": "V_Rand (thinned)", "v_info_thinned": "V_Info (thinned)",
+              "v_rand_instances": "V_Rand (instances)", "v_info_instances": "V_Info (instances)"}
 STD_KIND = "sample standard deviation over folds (ddof=1)"
+THINNED_KEYS = ("v_rand_thinned", "v_rand_threshold", "v_info_thinned", "v_info_threshold")
 
 
 # ------------------------------------------------------------------------------------------ metrics
 
+class SliceScores:
+    """All metrics of whole slices as one accumulator whose state is one float64 vector (summable over ranks).
+
+    The state is :class:`~unet.metrics.SegmentationMetrics`'s, then (optionally) the challenge's thinned
+    scores' (:class:`~unet.isbi_metrics.ThinnedScores`) and the cell-instance scores'
+    (:class:`~unet.instances.InstanceScores`). Both optional parts score the cell class's probability.
+
+    Args:
+        config: the model's config (``num_classes``, ``class_names``).
+        thinned: also the ISBI challenge's V_Rand / V_Info after thinning, maximised over thresholds.
+        instances: also V_Rand / V_Info of the seeded-watershed instances made with these options.
+    """
+
+    def __init__(self, config, thinned: bool = False, instances: InstanceOptions | None = None):
+        self.segmentation = SegmentationMetrics(num_classes=config.num_classes, class_names=tuple(config.class_names))
+        self.cell = self.segmentation.foreground_class
+        self.thinned = ThinnedScores() if thinned else None
+        self.instances = InstanceScores(instances) if instances is not None else None
+        self._parts = [p for p in (self.thinned, self.instances) if p is not None]
+        self.size = self.segmentation.state().numel() + sum(p.state().size for p in self._parts)
+
+    def update(self, probs: torch.Tensor, labels: np.ndarray) -> None:
+        """Add one slice: ``(K, H, W)`` probabilities and ``(H, W)`` class indices."""
+        labels = np.asarray(labels)
+        self.segmentation.update(probs, torch.from_numpy(labels))
+        if self._parts:
+            cell_prob, true_cells = probs[self.cell].float().cpu().numpy(), labels == self.cell
+            for part in self._parts:
+                part.update(cell_prob, true_cells)
+
+    def state(self) -> torch.Tensor:
+        return torch.cat([self.segmentation.state()] + [torch.from_numpy(p.state()) for p in self._parts])
+
+    def load_state(self, state: torch.Tensor) -> None:
+        n = self.segmentation.state().numel()
+        self.segmentation.load_state(state[:n])
+        for part in self._parts:
+            k = part.state().size
+            part.load_state(state[n:n + k].numpy())
+            n += k
+
+    def compute(self) -> tuple[dict[str, float], dict | None]:
+        """``(metrics, curves)``: the scalar metrics (``num_images`` last) and, with ``thinned``, the
+        per-threshold curves ``{"thresholds", "v_rand", "v_info"}`` (else None)."""
+        metrics = self.segmentation.compute()
+        num_images = metrics.pop("num_images")
+        curves = None
+        if self.thinned is not None:
+            thin = self.thinned.compute()
+            metrics.update({k: thin[k] for k in THINNED_KEYS})
+            curves = {"thresholds": list(self.thinned.thresholds), "v_rand": thin["v_rand_curve"],
+                      "v_info": thin["v_info_curve"]}
+        if self.instances is not None:
+            metrics.update(self.instances.compute())
+        metrics["num_images"] = num_images
+        return metrics, curves
+
+
 def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist: DistInfo | None = None,
-                    per_image: bool = False, options: TilingOptions | None = None):
+                    per_image: bool = False, options: TilingOptions | None = None, thinned: bool = False,
+                    instances: InstanceOptions | None = None):
     """Metrics of a model over whole labelled slices, sharded over ranks, bit-identical to one process.
 
     Rank ``r`` of ``W`` predicts slices ``r, r + W, ...``. Each slice's metric state goes into its own row
@@ -49,49 +115,61 @@ def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist: D
     order, so every rank returns exactly the one-process totals whatever the world size. Under torchrun
     every rank must call this.
 
+    The challenge's thinned scores and the instance scores cost far more than the rest (docs/evaluation.md),
+    so they are off unless asked: ``evaluate.py`` asks for both, training's periodic validation for neither.
+
     Args:
-        model: the UNet (unwrapped from DDP) on ``dev.device``; its train/eval mode is kept.
+        model: the UNet (unwrapped from DDP) or :class:`~unet.ensemble.Ensemble` on ``dev.device``; its
+            train/eval mode is kept.
         slices: a :class:`~unet.data.io.SliceSet` with labels.
         dev: the device setup.
         dist: this process's rank and world size (None: a single process).
         per_image: also return one metrics dict per slice (on every rank, in slice order).
         options: whole-slice tiling options for :func:`~unet.predict.predict_probabilities`.
+        thinned: add ``v_rand_thinned``, ``v_info_thinned`` and their thresholds (:class:`SliceScores`), and
+            the per-threshold curves under ``"thinned_curves"``.
+        instances: add ``v_rand_instances``, ``v_info_instances`` of instances made with these options.
 
     Returns:
-        ``SegmentationMetrics.compute()`` over all slices; with ``per_image=True`` a tuple
-        ``(metrics, rows)`` where each row has ``index``, ``name`` and that slice's metrics.
+        the metrics dict (``SegmentationMetrics.compute()``'s keys, plus those asked for); with
+        ``per_image=True`` a tuple ``(metrics, rows)`` where each row has ``index``, ``name`` and that
+        slice's scalar metrics.
     """
     dist = dist or DistInfo()
     if slices.labels is None:
         raise UserError(f"{slices.source}: the data has no labels; evaluation needs labels")
-    cfg = model.config
 
-    def accumulator() -> SegmentationMetrics:
-        return SegmentationMetrics(num_classes=cfg.num_classes, class_names=tuple(cfg.class_names))
+    def accumulator() -> SliceScores:
+        return SliceScores(model.config, thinned=thinned, instances=instances)
 
-    size = accumulator().state().numel()
+    size = accumulator().size
     table = torch.zeros(len(slices), size, dtype=torch.float64)
     for i in range(dist.rank, len(slices), dist.world_size):
-        probs = predict_probabilities(model, slices.images[i], dev, options)
         one = accumulator()
-        one.update(probs, torch.from_numpy(np.asarray(slices.labels[i])))
+        one.update(predict_probabilities(model, slices.images[i], dev, options), slices.labels[i])
         table[i] = one.state()
     table = all_reduce_sum(table, dev.device)
     total = accumulator()
-    # A fixed summation order (slice 0, 1, ...) makes the float64 sums independent of the sharding.
-    state = torch.zeros(size, dtype=torch.float64)
-    for row in table:
-        state += row
-    total.load_state(state)
-    metrics = total.compute()
+    total.load_state(_sum_rows(table))
+    metrics, curves = total.compute()
+    if curves is not None:
+        metrics["thinned_curves"] = curves
     if not per_image:
         return metrics
     rows = []
     for i, row in enumerate(table):
         one = accumulator()
         one.load_state(row)
-        rows.append({"index": i, "name": slices.names[i], **one.compute()})
+        rows.append({"index": i, "name": slices.names[i], **one.compute()[0]})
     return metrics, rows
+
+
+def _sum_rows(table: torch.Tensor) -> torch.Tensor:
+    """The rows' sum in a fixed order (slice 0, 1, ...): float64 sums independent of the sharding."""
+    state = torch.zeros(table.shape[1], dtype=torch.float64)
+    for row in table:
+        state += row
+    return state
 
 
 def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] = tuple(CV_METRICS)) -> dict:
@@ -102,11 +180,12 @@ def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] = tuple
         keys: the metrics to summarise.
 
     Returns:
-        ``{"mean": {key: float}, "std": {key: float}, "std_kind": str, "num_folds": int}``; NaN folds
-        are left out of a metric's mean/std, and the std is NaN with fewer than two folds.
+        ``{"mean": {key: float}, "std": {key: float}, "std_kind": str, "num_folds": int}`` for the keys
+        that every fold has; NaN folds are left out of a metric's mean/std, and the std is NaN with fewer
+        than two folds.
     """
     mean, std = {}, {}
-    for key in keys:
+    for key in [k for k in keys if all(k in f for f in per_fold)]:  # metrics every fold has
         values = np.array([f[key] for f in per_fold], dtype=np.float64)
         values = values[~np.isnan(values)]
         mean[key] = float(values.mean()) if values.size else math.nan
@@ -162,16 +241,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Evaluate UNet checkpoints on whole slices at native resolution.\n\n"
                     "One checkpoint: metrics on its validation fold (fold, folds, scheme, seed and data\n"
                     "directory come from the checkpoint unless given here). Several checkpoints (--ckpt a b c\n"
-                    "or --cv-dir): each on its own fold, plus mean ± sample std (ddof=1) over folds.\n"
+                    "or --cv-dir): each on its own fold, plus mean ± sample std (ddof=1) over folds; with\n"
+                    "--ensemble: their mean probability, scored once (they must share data and fold).\n"
+                    "Metrics include the ISBI challenge's thinned V_Rand / V_Info and the cell-instance scores.\n"
                     "Runs under torchrun: slices are sharded over ranks and the metrics summed exactly.",
         epilog="examples:\n"
                "  python evaluate.py --ckpt results/fold0/best.pt --output fold0.json\n"
                "  python evaluate.py --cv-dir results/ --output cv.json\n"
+               "  python evaluate.py --ckpt seed0/best.pt seed1/best.pt --ensemble --tta\n"
                "  torchrun --nproc_per_node=8 evaluate.py --ckpt best.pt --data-dir data/isbi2012")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", nargs="+", metavar="PATH", help="checkpoint(s) written by train.py")
     src.add_argument("--cv-dir", metavar="DIR",
                      help="folder of training runs: evaluates every DIR/*/best.pt (else last.pt), sorted")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average the probabilities of all --ckpt files and score that once (TTA applies to "
+                             "each); they must have been trained on the same data and fold")
     g = parser.add_argument_group("data (default: what the checkpoint was trained with)")
     g.add_argument("--data-dir", "--data_dir", default=None,
                    help="data directory (ISBI layout or images/ + labels/); None: the checkpoint's, "
@@ -188,8 +273,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--output", "-o", default=None, metavar="JSON",
                    help="write metrics, checkpoint, data, fold, device, tile plan and timing here (atomically)")
     o.add_argument("--per-image", action="store_true", help="also print and store metrics of every slice")
+    m = parser.add_argument_group("metrics")
+    m.add_argument("--no-thinned", action="store_true",
+                   help="skip the ISBI challenge's V_Rand / V_Info after thinning, maximised over 11 thresholds "
+                        "(about 0.5 s per 512x512 slice on a CPU core)")
+    m.add_argument("--no-instances", action="store_true",
+                   help="skip V_Rand / V_Info of the seeded-watershed cell instances (about 0.5 s per slice)")
     add_device_args(parser)
     add_tiling_args(parser)
+    add_instance_args(parser)
     return parser
 
 
@@ -292,33 +384,69 @@ def _tiling_record(options: TilingOptions) -> dict[str, Any]:
             "blend": options.blend, "tta": options.tta}
 
 
-def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, dist: DistInfo,
+def _check_same_fold(paths: list[Path], ckpts: list[dict], num_slices: int) -> None:
+    """Members of an ensemble must have held out the same slices of the same data (as trained, not overridden)."""
+    as_trained = argparse.Namespace(data_dir=None, fold=None, folds=None, fold_scheme=None, seed=None,
+                                    all_images=False)
+
+    def held_out(ckpt: dict) -> tuple:
+        run = _resolve_run(as_trained, ckpt)
+        data = None if run["data_dir"] is None else str(Path(run["data_dir"]).resolve())
+        _, val = fold_indices(num_slices, run["fold"], run["folds"], run["fold_scheme"], run["seed"])
+        return data or "built-in synthetic data", val
+
+    first = held_out(ckpts[0])
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        other = held_out(ckpt)
+        if other != first:
+            raise UserError(f"--ensemble: checkpoints {paths[0]} and {path} were trained on different data or folds "
+                            f"({first[0]}, validation slices {first[1]} vs {other[0]}, {other[1]}); an ensemble "
+                            f"is scored on slices all its members held out: pass checkpoints of one fold")
+
+
+def _say_header(say, paths: list[Path], model, run: dict, slices, n_val: int, plans: dict, tta: bool) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    what = (f"UNet, {params:,} parameters" if len(paths) == 1
+            else f"ensemble of {len(paths)} UNets (mean probability), {params:,} parameters in all")
+    say(f"checkpoint: {', '.join(map(str, paths))} ({what}, {model.config.padding} padding, "
+        f"{model.config.in_channels} channel(s))")
+    say(f"data:       {_data_description(run, slices)}")
+    say(f"evaluating: {_fold_description(run, n_val)}")
+    say("tiles:      " + "; ".join(f"{size} slices: {p['description']}" for size, p in plans.items())
+        + (", 8x test-time augmentation" if tta else ""))
+
+
+def evaluate_checkpoint(paths: Path | Sequence[Path], args: argparse.Namespace, dev: DeviceSetup, dist: DistInfo,
                         cache: dict | None = None, say=print) -> dict[str, Any]:
-    """Evaluate one checkpoint on its fold; returns the JSON-able result record."""
+    """Evaluate one checkpoint (or an ensemble of several, their mean probability) on its fold.
+
+    Returns:
+        the JSON-able result record.
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     cache = {} if cache is None else cache
     start = time.perf_counter()
-    model, ckpt = load_model(path)
-    run = _resolve_run(args, ckpt)
-    slices = _load_data(run, path, args.split, cache)
-    _check_channels(model, slices, path)
-    val = _validation_indices(run, len(slices), path)
+    model, ckpts = load_ensemble(paths)
+    run = _resolve_run(args, ckpts[0])
+    slices = _load_data(run, paths[0], args.split, cache)
+    if len(paths) > 1:
+        _check_same_fold(paths, ckpts, len(slices))
+    _check_channels(model, slices, paths[0])
+    val = _validation_indices(run, len(slices), paths[0])
     subset = slices.subset(val)
     model = dev.prepare_model(model)
     options = tiling_options(args)
     sizes = sorted({tuple(int(s) for s in im.shape[1:]) for im in subset.images})
-    plans = {f"{w}x{h}": tiling_plan(model, h, w, options) for h, w in sizes}
-    params = sum(p.numel() for p in model.parameters())
-    say(f"checkpoint: {path} (UNet, {params:,} parameters, {model.config.padding} padding, "
-        f"{model.config.in_channels} channel(s))")
-    say(f"data:       {_data_description(run, slices)}")
-    say(f"evaluating: {_fold_description(run, len(val))}")
-    say("tiles:      " + "; ".join(f"{size} slices: {p['description']}" for size, p in plans.items())
-        + (", 8x test-time augmentation" if options.tta else ""))
-    result = evaluate_slices(model, subset, dev, dist=dist, per_image=args.per_image, options=options)
+    plans = {f"{w}x{h}": tiling_plan(model, h, w, options) for h, w in sizes}  # also checks --tile-size
+    _say_header(say, paths, model, run, slices, len(val), plans, options.tta)
+    inst = None if args.no_instances else instance_options(args)
+    result = evaluate_slices(model, subset, dev, dist=dist, per_image=args.per_image, options=options,
+                             thinned=not args.no_thinned, instances=inst)
     metrics, rows = result if args.per_image else (result, None)
+    curves = metrics.pop("thinned_curves", None)
     dev.synchronize()
     record = {
-        "checkpoint": str(path),
+        "checkpoint": " + ".join(map(str, paths)),
         "data": {"source": "synthetic" if run["data_dir"] is None else run["data_dir"],
                  "from": run["data_from"], "split": args.split, "num_slices": len(slices),
                  "description": _data_description(run, slices)},
@@ -328,6 +456,12 @@ def evaluate_checkpoint(path: Path, args: argparse.Namespace, dev: DeviceSetup, 
         "metrics": metrics,
         "seconds": time.perf_counter() - start,
     }
+    if len(paths) > 1:
+        record["ensemble"] = [str(p) for p in paths]
+    if curves is not None:
+        record["thinned_curves"] = curves
+    if inst is not None:
+        record["instance_options"] = dataclasses.asdict(inst)
     if rows is not None:
         record["per_image"] = rows
     return record
@@ -338,9 +472,9 @@ def _checkpoint_paths(args: argparse.Namespace) -> list[Path]:
     if args.output is not None and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
     paths = find_checkpoints(args.cv_dir) if args.cv_dir else [Path(p) for p in args.ckpt]
-    if len(paths) > 1 and args.fold is not None:
+    if len(paths) > 1 and args.fold is not None and not args.ensemble:
         raise UserError("--fold cannot be combined with several checkpoints: each one is evaluated on its own "
-                        "fold; drop --fold (or pass a single --ckpt)")
+                        "fold; drop --fold (or pass a single --ckpt, or --ensemble)")
     for p in paths:  # fail before any slow work if one file is missing
         if not p.is_file():
             raise UserError(f"checkpoint {p} does not exist; check --ckpt")
@@ -382,12 +516,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"{torch.get_num_threads()} CPU thread(s) per process")
         cache: dict = {}
         runs = []
-        for path in paths:
-            record = evaluate_checkpoint(path, args, dev, dist, cache, say)
+        for group in ([paths] if args.ensemble else [[p] for p in paths]):
+            record = evaluate_checkpoint(group, args, dev, dist, cache, say)
             runs.append(record)
             if args.per_image and record.get("per_image"):
                 for row in record["per_image"]:
-                    say(f"  {row['name']}: " + "  ".join(f"{k} {fmt(row[k])}" for k in CV_METRICS))
+                    say(f"  {row['name']}: " + "  ".join(f"{k} {fmt(row[k])}" for k in CV_METRICS if k in row))
             say(format_table(record["metrics"]))
             say(f"({record['seconds']:.1f} s)")
             say("")

@@ -29,11 +29,12 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
-from unet.metrics import label_cells, rand_info_scores
+from unet.metrics import SummableState, label_cells, rand_info_scores
 
-__all__ = ["InstanceOptions", "cell_instances", "instance_stack", "label_dtype", "score_instances"]
+__all__ = ["SEED_METHODS", "InstanceOptions", "InstanceScores", "cell_instances", "instance_stack", "label_dtype",
+           "score_instances"]
 
-_METHODS = ("distance", "hminima")
+SEED_METHODS = ("distance", "hminima")
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class InstanceOptions:
     fill: bool = True
 
     def __post_init__(self):
-        if self.seeds not in _METHODS:
-            raise ValueError(f"seeds must be one of {_METHODS}, got {self.seeds!r}")
+        if self.seeds not in SEED_METHODS:
+            raise ValueError(f"seeds must be one of {SEED_METHODS}, got {self.seeds!r}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.seed_h <= 0 or self.smooth < 0:
@@ -150,3 +151,37 @@ def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, 
             if not math.isnan(scores[key]):
                 sums[key].append(scores[key])
     return {k: float(np.mean(v)) if v else math.nan for k, v in sums.items()}
+
+
+class InstanceScores(SummableState):
+    """V_Rand / V_Info of :func:`cell_instances` accumulated over slices; mergeable across ranks.
+
+    The state is ``[v_rand sum, v_rand count, v_info sum, v_info count]`` (float64), so summing the states of
+    several accumulators (an all-reduce) gives exactly the scores of one pass. Each slice is scored as
+    :func:`score_instances` scores it (slices with no true cell are left out), and ``compute()`` equals
+    ``score_instances(instance_stack(probs, options), truth)``.
+
+    Args:
+        options: the seeded-watershed settings.
+    """
+
+    def __init__(self, options: InstanceOptions = InstanceOptions()):
+        self.options = options
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._state = np.zeros(4)
+
+    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
+        """Add one slice: ``(H, W)`` cell probability and true cell mask."""
+        scores = rand_info_scores(label_cells(np.asarray(true_cells) > 0), cell_instances(cell_prob, self.options))
+        for k, key in enumerate(("v_rand", "v_info")):
+            if not math.isnan(scores[key]):
+                self._state[2 * k:2 * k + 2] += (scores[key], 1.0)
+
+    def compute(self) -> dict[str, float]:
+        """``v_rand_instances`` and ``v_info_instances``: slice means (NaN when no slice had true cells)."""
+        s = self._state
+        return {"v_rand_instances": float(s[0] / s[1]) if s[1] else math.nan,
+                "v_info_instances": float(s[2] / s[3]) if s[3] else math.nan}

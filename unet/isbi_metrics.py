@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from unet.fiji_watershed import thin_boundaries
-from unet.metrics import label_cells
+from unet.metrics import SummableState, label_cells
 
 __all__ = ["fiji_thresholds", "FIJI_THRESHOLDS", "fiji_slice_scores", "thinned_slice_scores",
            "ThinnedScores", "isbi_thinned_scores"]
@@ -148,7 +148,7 @@ def thinned_slice_scores(cell_prob: np.ndarray, true_cells: np.ndarray,
     return np.array(scores)
 
 
-class ThinnedScores:
+class ThinnedScores(SummableState):
     """Accumulates per-threshold sums of the thinned scores over slices; mergeable across ranks.
 
     Example:
@@ -166,17 +166,6 @@ class ThinnedScores:
         """Forget everything accumulated."""
         # Layout: [num_slices | v_rand sum per threshold | v_info sum per threshold]
         self._state = np.zeros(1 + 2 * len(self.thresholds))
-
-    def state(self) -> np.ndarray:
-        """A copy of the float64 sums (summable across ranks, e.g. as a torch tensor with all_reduce)."""
-        return self._state.copy()
-
-    def load_state(self, state) -> None:
-        """Replace the sums, e.g. with an all-reduced :meth:`state`."""
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != self._state.shape:
-            raise ValueError(f"state must have shape {self._state.shape}, got {state.shape}")
-        self._state = state.copy()
 
     def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
         """Add one slice (see :func:`thinned_slice_scores` for the arguments)."""

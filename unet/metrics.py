@@ -28,7 +28,25 @@ from skimage.measure import label as label_components
 from unet.errors import UserError
 from unet.losses import soft_dice
 
-__all__ = ["SegmentationMetrics", "rand_info_scores", "label_cells"]
+__all__ = ["SegmentationMetrics", "SummableState", "rand_info_scores", "label_cells"]
+
+
+class SummableState:
+    """Base of the numpy accumulators: sums and counts in one float64 vector ``self._state``, so that the
+    states of several accumulators (ranks, slices) add up, e.g. with an all-reduce, to one pass's."""
+
+    _state: np.ndarray
+
+    def state(self) -> np.ndarray:
+        """A copy of the float64 sums and counts."""
+        return self._state.copy()
+
+    def load_state(self, state) -> None:
+        """Replace the sums and counts, e.g. with summed :meth:`state` vectors."""
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != self._state.shape:
+            raise ValueError(f"state must have shape {self._state.shape}, got {state.shape}")
+        self._state = state.copy()
 
 
 def label_cells(mask: np.ndarray) -> np.ndarray:

@@ -28,9 +28,9 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_tile_size", "choose_tile_size",
-           "plan_tiles", "slice_plan", "predict_slice", "predict_tiles", "tile_batch_size", "mirror_pad",
-           "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
+__all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_tile_size", "check_tile_budget",
+           "largest_tile_size", "choose_tile_size", "plan_tiles", "slice_plan", "predict_slice", "predict_tiles",
+           "tile_batch_size", "mirror_pad", "estimate_bytes_per_pixel", "DEFAULT_MEMORY_BUDGET_MB"]
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 BLENDS = ("gaussian", "constant")
@@ -170,6 +170,42 @@ def check_tile_size(geometry, tile_size: int) -> int:
     return tile_size
 
 
+def largest_tile_size(geometry, memory_budget_mb: float | None = None) -> int | None:
+    """The largest valid input size whose tile fits the memory budget (None if not even the smallest fits).
+
+    Args:
+        geometry: the network's size arithmetic (and ``config.base_filters`` for the memory estimate).
+        memory_budget_mb: activation memory per forward pass (None: :data:`DEFAULT_MEMORY_BUDGET_MB`).
+    """
+    limit = math.isqrt(int(_budget_bytes(memory_budget_mb) // estimate_bytes_per_pixel(geometry)))
+    size = geometry.input_size_for_output(1) if geometry.padding == "valid" else geometry.valid_input_size(1)
+    best = None
+    while size <= limit:
+        best, size = size, geometry.valid_input_size(size + 1)
+    return best
+
+
+def check_tile_budget(geometry, tile_size: int, memory_budget_mb: float | None = None) -> None:
+    """Refuse a tile whose one forward pass would exceed the memory budget (before any memory is allocated).
+
+    The same estimate (:func:`estimate_bytes_per_pixel`) that :func:`choose_tile_size` and the tile batch
+    obey; a tile over it would die in the allocator, or silently use more memory than the budget allows.
+
+    Raises:
+        UserError: naming --tile-size, the budget and the largest allowed tile size.
+    """
+    bpp = estimate_bytes_per_pixel(geometry)
+    need = int(tile_size) ** 2 * bpp
+    budget = _budget_bytes(memory_budget_mb)
+    if need <= budget:
+        return
+    largest = largest_tile_size(geometry, memory_budget_mb)
+    allowed = (f"the largest tile size allowed for this model is {largest}" if largest is not None
+               else "not even the smallest tile of this model fits")
+    raise UserError(f"--tile-size {tile_size} needs about {need / 2 ** 20:,.0f} MB of activation memory per tile, "
+                    f"over the memory budget of {budget / 2 ** 20:g} MB; {allowed} (or leave --tile-size out)")
+
+
 def plan_tiles(height: int, width: int, geometry, tile_size: int, *, overlap: float = 0.25) -> TilePlan:
     """Tile offsets for one slice and a given tile size.
 
@@ -263,9 +299,14 @@ def choose_tile_size(height: int, width: int, geometry, *, memory_budget_mb: flo
 
 def slice_plan(height: int, width: int, geometry, *, tile_size: int | None = None, overlap: float = 0.25,
                memory_budget_mb: float | None = None) -> TilePlan:
-    """The tiling :func:`predict_slice` uses: ``tile_size`` when given, else :func:`choose_tile_size`'s."""
+    """The tiling :func:`predict_slice` uses: ``tile_size`` when given, else :func:`choose_tile_size`'s.
+
+    Raises:
+        UserError: for a given ``tile_size`` over the memory budget (:func:`check_tile_budget`) or invalid.
+    """
     if tile_size is None:
         return choose_tile_size(height, width, geometry, memory_budget_mb=memory_budget_mb, overlap=overlap)
+    check_tile_budget(geometry, tile_size, memory_budget_mb)
     return plan_tiles(height, width, geometry, tile_size, overlap=overlap)
 
 
