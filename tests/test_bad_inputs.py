@@ -287,6 +287,8 @@ CASES = [
          setup=lambda d, w: _folder(d / "out")),
     Case("infer-export-size-limit", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size", "32"],
          "m.pt2", fsize=3_000),
+    Case("infer-export-tile-size-huge", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size",
+                                                  "1000000"], "--tile-size"),
     Case("infer-tile-size-huge", "infer", ["--ckpt", "{w}/good.pt", "--input", "{w}/stack.tif", "--output",
                                            "{d}/masks.tif", "--tile-size", "1000000"], "--tile-size"),
     # ---- datasets/isbi2012.py

@@ -9,6 +9,7 @@ extra_files={"unet.json": ""})``). Files are written atomically (temporary file,
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from unet.atomic import atomic_path, atomic_write
 from unet.errors import UserError
-from unet.tiling import check_tile_size
+from unet.tiling import check_tile_budget, check_tile_size
 
 EXPORT_SUFFIXES = (".pt2", ".onnx")
 METADATA_NAME = "unet.json"
@@ -55,10 +56,12 @@ def export_program(model: torch.nn.Module, tile_size: int | None = None) -> torc
 
 def _prepare(model: torch.nn.Module, tile_size: int | None) -> tuple[torch.nn.Module, int]:
     """A CPU float32 eval-mode copy of ``model`` and a checked tile size (the default when None)."""
-    import copy
     # A copy, so that exporting never moves or switches the caller's model.
     model = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
-    return model, default_tile_size(model) if tile_size is None else check_tile_size(model, tile_size)
+    if tile_size is None:
+        return model, default_tile_size(model)
+    check_tile_budget(model, tile_size)  # a huge --tile-size would die in the allocator while tracing
+    return model, check_tile_size(model, tile_size)
 
 
 def _trace(model: torch.nn.Module, tile_size: int, *, onnx: bool = False):
