@@ -66,10 +66,15 @@ PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "wo
                       "tta", "world_size")
 
 
+# Flags added since, stored after world_size (checkpoints without them resume with their defaults).
+NEW_ARGS = ("loss", "compile_mode")
+
+
 def test_run_config_holds_every_flag_and_is_frozen():
     args = training.get_args_parser().parse_args(["--padding", "valid"])
     config = training.RunConfig.from_args(args, world_size=2, amp_dtype=None)
-    assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS == (*vars(args), "world_size")
+    assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS + NEW_ARGS
+    assert set(config.as_dict()) == {*vars(args), "world_size"}
     assert config.input_size == 572 and config.world_size == 2 and args.input_size is None  # args left alone
     with pytest.raises(AttributeError):
         config.max_steps = 1
@@ -84,8 +89,9 @@ def test_checkpoint_written_before_run_config_resumes_bit_identically(tmp_path):
     # Rewrite last.pt the way the old trainer stored it: the edited Namespace as a dict, the best score as best_dice.
     path = tmp_path / "old" / "last.pt"
     ckpt = load_checkpoint(path)
-    old_args = {**vars(args), "world_size": 1, "amp_dtype": None}
-    assert tuple(old_args) == PRE_RUNCONFIG_ARGS
+    old_args = {k: v for k, v in {**vars(args), "world_size": 1, "amp_dtype": None}.items() if k not in NEW_ARGS}
+    old_args["compile"] = False  # a store_true flag then
+    assert tuple(old_args) == PRE_RUNCONFIG_ARGS  # and no "loss": it resumes as the ce_dice run it was
     ckpt["args"], ckpt["best_dice"] = old_args, ckpt.pop("best_dice_nvidia")
     torch.save(ckpt, path)
     resumed = run(tmp_path, *common, "--resume", name="old")
