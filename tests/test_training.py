@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -245,7 +246,7 @@ def test_compile_switch_auto_is_eager_on_cpu_and_flags_override():
         assert config.compile is expected, (flags, device_default)
 
 
-def test_auto_compile_compiles_model_and_loss_as_one_function_when_the_device_says_so(tmp_path, monkeypatch):
+def test_auto_compile_compiles_model_and_loss_as_one_function_when_the_device_says_so(tmp_path, monkeypatch, capsys):
     summary = run(tmp_path, "--max-steps", "1", name="cpu")
     assert summary["compile"] is False and summary["first_step_s"] > 0  # auto on CPU: eager
     # A device that compiles by default (CUDA), mocked: torch.compile is recorded, not run.
@@ -257,6 +258,11 @@ def test_auto_compile_compiles_model_and_loss_as_one_function_when_the_device_sa
     assert len(compiled) == 1 and compiled[0][1] == {"mode": "default"}
     assert compiled[0][0].__name__ == "forward_loss"  # the whole forward + loss, not the model alone
     assert load_checkpoint(tmp_path / "cuda_like" / "last.pt")["args"]["compile"] is True
+    # the compile time and the cache folder are reported
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    run(tmp_path, "--max-steps", "1", "--overwrite", name="cuda_like")
+    assert re.search(r"compile: first step [\d.]+ s \(torch.compile, mode default; kernels cached across runs in "
+                     + re.escape(str(tmp_path / "inductor")), capsys.readouterr().out)
 
 
 def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -36,6 +35,11 @@ from unet.losses import ce_dice_loss, weighted_cross_entropy
 from unet.model import PADDINGS, ModelConfig, UNet
 from unet.run_log import MetricsLog, plot_curves, write_json
 from unet.weight_map import unet_weight_map
+
+try:  # a private torch module, used only to name inductor's cache folder in a message
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+except ImportError:  # another torch layout: the message says "torch's default" instead
+    default_cache_dir = None
 
 # Arguments that define a run: resuming with any of them changed would silently mix two experiments.
 RUN_IDENTITY = ("data_dir", "fold", "folds", "fold_scheme", "seed", "batch_size", "learning_rate",
@@ -642,7 +646,8 @@ class Trainer:
 def inductor_cache_dir() -> str:
     """Where torch.compile keeps compiled kernels between runs: ``$TORCHINDUCTOR_CACHE_DIR``, else torch's
     default (``/tmp/torchinductor_<user>``), so a second run of the same model and shapes compiles little."""
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or (default_cache_dir() if default_cache_dir
+                                                         else "torch's default inductor cache folder")
 
 
 def run_benchmark(trainer: Trainer) -> dict:
