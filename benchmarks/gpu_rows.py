@@ -3,11 +3,13 @@
     python benchmarks/gpu_rows.py ROW [--device auto] [--quick] [--json OUT] [--profile]
 
 Rows (reference model, bf16 autocast, synthetic inputs already on the device unless said otherwise):
-  train_eager            training step, batch 8: autocast forward, CE+Dice, backward, Adam (foreach, today's)
-  train_eager_fused      the same with Adam(fused=True)
-  train_compile_model    torch.compile(model) (today's --compile), Adam foreach
+  train_eager            training step, batch 8: autocast forward, CE+Dice, backward, Adam (foreach: the
+                         default before the compiled step)
+  train_eager_fused      the same with Adam(fused=True) (train.py --no-compile on CUDA)
+  train_compile_model    torch.compile(model) (the earlier --compile), Adam foreach
   train_compile_step:M   model + loss compiled as one function in mode M (default,
-                         max-autotune-no-cudagraphs, reduce-overhead), Adam(fused=True)
+                         max-autotune-no-cudagraphs, reduce-overhead), Adam(fused=True): train.py's default
+                         step on CUDA with --compile-mode M (unet.training.forward_loss_fn, uint8 labels)
   forward_eager          eval forward, batch 16, 572x572, inference_mode
   forward_compile        torch.compile(model) forward (default mode)
   forward_cuda_graph     the eager forward captured once in a CUDA graph and replayed (CUDA only)
@@ -38,7 +40,7 @@ from common import MODELS, QUICK_MODEL, REPO, device_for, machine_record, write_
 
 from unet.benchmarking import model_flops  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.losses import ce_dice_loss  # noqa: E402
+from unet.training import forward_loss_fn  # noqa: E402
 
 TRAIN_ROWS = ("train_eager", "train_eager_fused", "train_compile_model", "train_compile_step")
 FORWARD_ROWS = ("forward_eager", "forward_compile", "forward_cuda_graph")
@@ -95,10 +97,7 @@ def train_step_fn(row: str, mode: str | None, model, dev, images, labels, quick_
                                  **({"fused": True} if fused else {"foreach": True}))
     net = torch.compile(model, **compile_kwargs("default", quick_cpu)) if row == "train_compile_model" else model
 
-    def forward_loss(x, y):
-        with dev.autocast():
-            logits = net(x)
-        return ce_dice_loss(logits, y)
+    forward_loss = forward_loss_fn(net, dev)  # the trainer's own function: autocast forward + fp32 CE+Dice
     loss_fn = torch.compile(forward_loss, **compile_kwargs(mode, quick_cpu)) if row == "train_compile_step" \
         else forward_loss
     mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
@@ -137,7 +136,7 @@ def train_row(row: str, mode: str | None, spec, dev, args) -> dict:
     model = dev.prepare_model(spec.build()).train()
     size, out, batch = spec.input_size, model.output_size(spec.input_size), args.train_batch
     images = dev.to_device(torch.rand(batch, 1, size, size))
-    labels = torch.randint(0, 2, (batch, out, out), device=dev.device)
+    labels = torch.randint(0, 2, (batch, out, out), device=dev.device, dtype=torch.uint8)  # as train.py's loader
     step = train_step_fn(row, mode, model, dev, images, labels, args.quick and dev.type == "cpu")
     result = timed(step, dev, args.warmup, args.steps)
     flops = model_flops(spec.build(), (1, 1, size, size)) * batch / result["step_s"]

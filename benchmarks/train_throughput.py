@@ -26,7 +26,7 @@ from common import (LAYOUTS, MODELS, QUICK_MODEL, MfuPeaks, ModelSpec, add_peak_
 
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.training import train_step  # noqa: E402
+from unet.training import forward_loss_fn, optimizer_step  # noqa: E402
 
 COLUMNS = [("model", "model"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"),
            ("layout", "layout"), ("images_per_s", "images/s"), ("step_ms", "step ms"),
@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU; all three elsewhere; "
                         "fp16 is skipped on CPU)")
     p.add_argument("--compile", default="off", choices=("off", "on", "both"),
-                   help="torch.compile the model: off = eager rows, on = compiled rows, both = one of each")
+                   help="torch.compile forward + loss as one function (train.py's --compile): off = eager rows, "
+                        "on = compiled rows, both = one of each")
     p.add_argument("--layouts", default="device", choices=("device", "both") + tuple(LAYOUTS),
                    help="memory format: device = the device layer's choice (channels_last on CPU/CUDA, "
                         "contiguous on NPU); both = channels_last and contiguous rows")
@@ -66,13 +67,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_step_fn(model: torch.nn.Module, net, dev, images: torch.Tensor, labels: torch.Tensor):
-    """One training step as train.py does it: autocast forward, fp32 CE+Dice, scaled backward, Adam."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+def train_step_fn(model: torch.nn.Module, compiled: bool, dev, images: torch.Tensor, labels: torch.Tensor):
+    """One training step as train.py takes it: autocast forward + fp32 CE+Dice (compiled as one function with
+    ``compiled``, as train.py's --compile does), scaled backward, Adam (fused on CUDA: dev.optimizer_kwargs)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4, **dev.optimizer_kwargs())
     scaler = dev.grad_scaler()
+    forward_loss = forward_loss_fn(model, dev)
+    if compiled:
+        forward_loss = torch.compile(forward_loss)
 
     def step():
-        train_step(net, images, labels, optimizer, scaler, dev)
+        optimizer_step(forward_loss, (images, labels), optimizer, scaler)
     return step
 
 
@@ -82,12 +87,12 @@ def bench_row(spec: ModelSpec, batch: int, precision: str, compiled: bool, layou
     dev = dataclasses.replace(device_for(args.device, precision), memory_format=LAYOUTS[layout])
     torch.manual_seed(0)
     model = dev.prepare_model(spec.build()).train()
-    net = torch.compile(model) if compiled else model
     size = spec.input_size
     out = model.output_size(size)
     images = dev.to_device(torch.rand(batch, model.config.in_channels, size, size))
-    labels = torch.randint(0, model.config.num_classes, (batch, out, out), device=dev.device)
-    warmup_s, step_s = time_steps(train_step_fn(model, net, dev, images, labels), args.warmup, args.steps, dev)
+    # uint8 class indices, as train.py's loader sends them
+    labels = torch.randint(0, model.config.num_classes, (batch, out, out), device=dev.device, dtype=torch.uint8)
+    warmup_s, step_s = time_steps(train_step_fn(model, compiled, dev, images, labels), args.warmup, args.steps, dev)
     ips = batch / step_s
     return {"model": spec.name, "input_size": size, "output_size": out, "batch": batch, "precision": precision,
             "compile": "on" if compiled else "off", "layout": layout, "images_per_s": ips,

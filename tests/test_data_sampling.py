@@ -43,7 +43,7 @@ def test_plain_crop_is_mirror_padded_slice(small_set):
         lab = np.pad(small_set.labels[k], pad, mode="reflect")
         x, y = tiles.sample(i)
         assert x.shape == (1, IN, IN) and x.dtype == torch.float32
-        assert y.shape == (OUT, OUT) and y.dtype == torch.int64
+        assert y.shape == (OUT, OUT) and y.dtype == torch.uint8  # 8x fewer bytes to the device than int64
         np.testing.assert_array_equal(x.numpy(), img[:, pad + top - m:pad + top - m + IN, pad + left - m:pad + left - m + IN])
         np.testing.assert_array_equal(y.numpy(), lab[pad + top:pad + top + OUT, pad + left:pad + left + OUT])
 
@@ -76,6 +76,65 @@ def test_augmented_label_stays_aligned_with_image():
     assert min(agree) > 0.96, agree
     assert wrong_far == 0
     assert shifted_wrong_far > 12 * OUT * OUT * 0.02, shifted_wrong_far
+
+
+def _dihedral(t: torch.Tensor):
+    """The 8 flips/quarter turns of the last two dimensions, by name."""
+    for k in range(4):
+        r = torch.rot90(t, k, dims=(-2, -1))
+        yield f"rot{k}", r
+        yield f"rot{k}+flip", torch.flip(r, dims=(-1,))
+
+
+def test_weight_map_travels_with_the_label_through_flips_and_quarter_turns(small_set):
+    # A random weight map (no structure, so only the true transform matches) and a plain-crop twin with the
+    # same seed: same slice and window, drawn before the augmentation.
+    rng = np.random.default_rng(5)
+    maps = [rng.random(lab.shape).astype(np.float32) for lab in small_set.labels]
+    plain = TrainTiles(small_set, IN, OUT, augment=False, seed=3, weights=maps)
+    turns = TrainTiles(small_set, IN, OUT, seed=3, weights=maps,
+                       augment=AugmentConfig.geometric_only(rotate_deg=0, elastic_std=0))
+    seen = set()
+    for i in range(16):
+        (x, y, w), (ax, ay, aw) = plain.sample(i), turns.sample(i)
+        assert w.dtype == torch.float32 and w.shape == y.shape == (OUT, OUT)
+        # 1e-4: grid_sample's normalised coordinates land within ~1e-5 px of the integer pixel positions.
+        matches = [name for name, tw in _dihedral(w) if (tw - aw).abs().max() < 1e-4]
+        assert len(matches) == 1, (i, matches)
+        name = matches[0]
+        seen.add(name)
+        assert torch.equal(dict(_dihedral(y))[name], ay)  # the label took the same turn
+        assert (dict(_dihedral(x))[name] - ax).abs().max() < 1e-4  # and the image
+    assert len(seen) >= 4, seen  # the test saw several different transforms
+
+
+def test_plain_crop_weights_are_the_mirror_padded_map(small_set):
+    maps = [np.arange(lab.size, dtype=np.float32).reshape(lab.shape) for lab in small_set.labels]
+    tiles = TrainTiles(small_set, IN, OUT, augment=False, seed=4, weights=maps)
+    for i in range(4):
+        rng = np.random.default_rng([4, 0, i])
+        k = int(rng.integers(len(small_set)))
+        top, left = int(rng.integers(96)) - OUT // 2, int(rng.integers(96)) - OUT // 2
+        padded = np.pad(maps[k], IN, mode="reflect")
+        _, _, w = tiles.sample(i)
+        np.testing.assert_array_equal(w.numpy(), padded[IN + top:IN + top + OUT, IN + left:IN + left + OUT])
+    images, labels, weights = tiles.batch(0, 3)
+    assert weights.shape == labels.shape == (3, OUT, OUT)
+
+
+def test_augmented_weights_are_bilinear_between_label_weights(small_set):
+    # Weights that are a function of the label (1 on membrane, 5 on cells): under rotation and elastic warps the
+    # bilinear weight lies between the two values and equals the label's own weight away from borders.
+    maps = [np.where(lab == 1, 5.0, 1.0).astype(np.float32) for lab in small_set.labels]
+    tiles = TrainTiles(small_set, IN, OUT, augment=AugmentConfig.geometric_only(), seed=6, weights=maps)
+    agree, shifted = [], []
+    for i in range(6):
+        _, y, w = tiles.sample(i)
+        assert w.min() >= 1.0 - 1e-5 and w.max() <= 5.0 + 1e-5
+        agree.append(((w - torch.where(y == 1, 5.0, 1.0)).abs() < 0.5).float().mean().item())
+        # Misaligned by 3 px the same comparison fails on the thin membranes: the check can tell.
+        shifted.append(((torch.roll(w, 3, 1) - torch.where(y == 1, 5.0, 1.0)).abs() < 0.5).float().mean().item())
+    assert min(agree) > 0.85 and np.mean(shifted) < np.mean(agree) - 0.05, (agree, shifted)
 
 
 def test_augmentation_changes_geometry_and_grey_values(small_set):

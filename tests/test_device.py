@@ -92,3 +92,49 @@ def test_cuda_setup_for_real():
 def test_npu_setup_for_real():
     dev = setup_device("npu", amp=True, amp_dtype="fp16")
     assert dev.memory_format == torch.contiguous_format and dev.grad_scaler().is_enabled()
+
+
+class FakeDevice:
+    """A device of a given type (torch.device("npu") needs torch_npu loaded)."""
+
+    def __init__(self, type):
+        self.type = type
+
+
+def test_compile_by_default_on_cuda_only():
+    # Device types are mocked: no CUDA or NPU is needed to build the setup objects.
+    assert DeviceSetup(torch.device("cuda", 0)).compile_by_default is True
+    assert DeviceSetup(torch.device("cpu")).compile_by_default is False  # measured slower on CPU
+    assert DeviceSetup(FakeDevice("npu")).compile_by_default is False  # not measured on an NPU
+
+
+def test_fused_adam_on_cuda_only():
+    assert DeviceSetup(torch.device("cuda", 0)).optimizer_kwargs() == {"fused": True}
+    assert DeviceSetup(torch.device("cpu")).optimizer_kwargs() == {}  # torch's default: CPU results unchanged
+    assert DeviceSetup(FakeDevice("npu")).optimizer_kwargs() == {}
+
+
+def test_prefetcher_on_cpu_yields_the_plain_iterators_batches_bit_for_bit():
+    from unet.data.io import synthetic_dataset
+    from unet.data.sampling import TrainTiles, build_train_loader
+    from unet.device import Prefetcher
+    tiles = TrainTiles(synthetic_dataset(count=3, size=64, seed=2), 44, 4, seed=1)
+    dev = DeviceSetup(torch.device("cpu"), memory_format=torch.channels_last)
+    plain = iter(build_train_loader(tiles, 3, 0, pin_memory=False))
+    fetched = Prefetcher(iter(build_train_loader(tiles, 3, 0, pin_memory=False)), dev)
+    assert fetched.stream is None  # CPU: a pass-through
+    for _ in range(4):
+        (x, y), (fx, fy) = next(plain), next(fetched)
+        assert torch.equal(x, fx) and torch.equal(y, fy) and fy.dtype == torch.uint8
+        assert fx.is_contiguous(memory_format=torch.channels_last)  # moved as DeviceSetup.to_device moves it
+    assert list(Prefetcher(iter([(torch.ones(1),)]), dev)) == [(torch.ones(1),)]  # a finite stream ends
+
+
+def test_cudnn_benchmark_limit_raised_in_cuda_speed_settings(monkeypatch):
+    from unet import device
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    device.apply_speed_settings("cuda")  # flags only: needs no GPU
+    assert torch.backends.cudnn.benchmark_limit == 0 and torch.backends.cudnn.benchmark is True

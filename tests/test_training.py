@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -66,10 +67,15 @@ PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "wo
                       "tta", "world_size")
 
 
+# Flags added since, stored after world_size (checkpoints without them resume with their defaults).
+NEW_ARGS = ("loss", "compile_mode")
+
+
 def test_run_config_holds_every_flag_and_is_frozen():
     args = training.get_args_parser().parse_args(["--padding", "valid"])
     config = training.RunConfig.from_args(args, world_size=2, amp_dtype=None)
-    assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS == (*vars(args), "world_size")
+    assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS + NEW_ARGS
+    assert set(config.as_dict()) == {*vars(args), "world_size"}
     assert config.input_size == 572 and config.world_size == 2 and args.input_size is None  # args left alone
     with pytest.raises(AttributeError):
         config.max_steps = 1
@@ -84,8 +90,9 @@ def test_checkpoint_written_before_run_config_resumes_bit_identically(tmp_path):
     # Rewrite last.pt the way the old trainer stored it: the edited Namespace as a dict, the best score as best_dice.
     path = tmp_path / "old" / "last.pt"
     ckpt = load_checkpoint(path)
-    old_args = {**vars(args), "world_size": 1, "amp_dtype": None}
-    assert tuple(old_args) == PRE_RUNCONFIG_ARGS
+    old_args = {k: v for k, v in {**vars(args), "world_size": 1, "amp_dtype": None}.items() if k not in NEW_ARGS}
+    old_args["compile"] = False  # a store_true flag then
+    assert tuple(old_args) == PRE_RUNCONFIG_ARGS  # and no "loss": it resumes as the ce_dice run it was
     ckpt["args"], ckpt["best_dice"] = old_args, ckpt.pop("best_dice_nvidia")
     torch.save(ckpt, path)
     resumed = run(tmp_path, *common, "--resume", name="old")
@@ -227,3 +234,61 @@ def test_compile_flag_trains(tmp_path):
     summary = run(tmp_path, "--max-steps", "2", "--compile")
     assert summary["steps"] == 2 and torch.isfinite(
         torch.tensor(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]))
+
+
+def test_compile_switch_auto_is_eager_on_cpu_and_flags_override():
+    parse = training.get_args_parser().parse_args
+    assert parse([]).compile is None  # auto: the device decides
+    for flags, device_default, expected in [([], False, False), ([], True, True), (["--no-compile"], True, False),
+                                            (["--compile"], False, True)]:
+        config = training.RunConfig.from_args(parse(flags), world_size=1, amp_dtype=None,
+                                              compile_default=device_default)
+        assert config.compile is expected, (flags, device_default)
+
+
+def test_auto_compile_compiles_model_and_loss_as_one_function_when_the_device_says_so(tmp_path, monkeypatch, capsys):
+    summary = run(tmp_path, "--max-steps", "1", name="cpu")
+    assert summary["compile"] is False and summary["first_step_s"] > 0  # auto on CPU: eager
+    # A device that compiles by default (CUDA), mocked: torch.compile is recorded, not run.
+    compiled = []
+    monkeypatch.setattr(training.DeviceSetup, "compile_by_default", property(lambda self: True))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append((fn, kw)), fn)[1])
+    summary = run(tmp_path, "--max-steps", "1", name="cuda_like")
+    assert summary["compile"] is True and summary["compile_mode"] == "default"
+    assert len(compiled) == 1 and compiled[0][1] == {"mode": "default"}
+    assert compiled[0][0].__name__ == "forward_loss"  # the whole forward + loss, not the model alone
+    assert load_checkpoint(tmp_path / "cuda_like" / "last.pt")["args"]["compile"] is True
+    # the compile time and the cache folder are reported
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    run(tmp_path, "--max-steps", "1", "--overwrite", name="cuda_like")
+    assert re.search(r"compile: first step [\d.]+ s \(torch.compile, mode default; kernels cached across runs in "
+                     + re.escape(str(tmp_path / "inductor")), capsys.readouterr().out)
+
+
+def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_path, monkeypatch):
+    common = ("--max-steps", "4", "--save-every", "2", "--loss", "weighted_ce")
+    seen = []
+    real = training.weighted_cross_entropy
+
+    def recording(logits, target, weights):
+        seen.append((weights.shape, target.dtype, float(weights.min()), float(weights.max())))
+        return real(logits, target, weights)
+    monkeypatch.setattr(training, "weighted_cross_entropy", recording)
+    straight = run(tmp_path, *common, name="straight")
+    assert straight["loss"] == "weighted_ce" and len(seen) == 4
+    # 4 crops of 64x64 ('same'); uint8 labels; weights: class balance (> 0) plus border terms up to ~w0.
+    assert all(shape == (4, 64, 64) and dtype == torch.uint8 and lo > 0 and 1 < hi < 13
+               for shape, dtype, lo, hi in seen), seen
+    monkeypatch.setattr(training, "weighted_cross_entropy", real)
+    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
+    args.max_steps = 2
+    training.main(args)
+    with pytest.raises(UserError, match=r"--loss 'weighted_ce' there vs 'ce_dice' now"):
+        run(tmp_path, "--max-steps", "4", "--save-every", "2", name="split")
+    run(tmp_path, *common, name="split")
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and it is a different training from ce_dice's
+    run(tmp_path, "--max-steps", "4", "--save-every", "2", name="ce_dice")
+    c = weights(tmp_path / "ce_dice" / "last.pt")
+    assert any(not torch.equal(a[k], c[k]) for k in a)

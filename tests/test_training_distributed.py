@@ -85,6 +85,45 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_corrupt_last_pt(tmp_pat
 
 
 @pytest.mark.slow
+def test_sigkill_during_a_background_checkpoint_write_leaves_a_last_pt_that_loads_and_resumes(tmp_path):
+    # train.py writes last.pt on rank 0's background thread; saving every step keeps a write in flight almost
+    # always. The kill is sent the moment a write's hidden temporary file appears (the write is under way).
+    model_dir = tmp_path / "run"
+    last = model_dir / "last.pt"
+    base = [sys.executable, str(REPO / "train.py"), *TINY, "--base-filters", "16", "--save-every", "1",
+            "--log-every", "1000", "--model-dir", str(model_dir)]
+    step, mid_write = 0, 0
+    for attempt in range(3):
+        before = _file_id(last)
+        stale = set(model_dir.glob(".last.pt.*.tmp.pt")) if model_dir.exists() else set()
+        err = tmp_path / f"attempt{attempt}.err"
+        with open(err, "w") as f:
+            proc = subprocess.Popen([*base, "--max-steps", "100000"], env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            deadline, writing = time.time() + 120, set()
+            while proc.poll() is None and time.time() < deadline and not writing:
+                if _file_id(last) != before:  # this attempt's own first write landed: now catch a later one
+                    writing = set(model_dir.glob(".last.pt.*.tmp.pt")) - stale
+                time.sleep(0.001)
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert writing, f"attempt {attempt}: no background write seen in 120 s"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        mid_write += any(p.exists() for p in writing)  # the temporary outlived the process: killed mid-write
+        ckpt = load_checkpoint(last)  # whole: the killed write never touched last.pt
+        assert ckpt["step"] > step and all(v.isfinite().all() for v in ckpt["model"].values())
+        step = ckpt["step"]
+    assert mid_write >= 1, "no kill landed inside a write"
+    done = subprocess.run([*base, "--max-steps", str(step + 3)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {last} at step {step}" in done.stdout
+    assert load_checkpoint(last)["step"] == step + 3
+    assert not list(model_dir.glob(".last.pt.*.tmp.pt"))  # the next writes removed the killed ones' temporaries
+
+
+@pytest.mark.slow
 def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
     model_dir = tmp_path / "run"
     cmd = torchrun("--max-steps", "40", "--save-every", "5", "--log-every", "5", "--model-dir", str(model_dir),

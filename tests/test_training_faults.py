@@ -23,7 +23,7 @@ def test_nan_in_training_data_stops_before_step_1_naming_the_file(tmp_path, monk
     tifffile.imwrite(tmp_path / "train-volume.tif", images, photometric="minisblack")
     tifffile.imwrite(tmp_path / "train-labels.tif", np.full((5, 32, 32), 255, np.uint8), photometric="minisblack")
     steps = []
-    monkeypatch.setattr(training, "train_step", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(training, "optimizer_step", lambda *a, **k: steps.append(1))
     with pytest.raises(UserError, match=r"train-volume.tif: slice 2 has 20 non-finite pixel\(s\) \(NaN or Inf\)"):
         run(tmp_path / "model", "--data-dir", str(tmp_path), "--max-steps", "3")
     assert steps == [] and not (tmp_path / "model").exists()

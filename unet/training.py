@@ -6,8 +6,10 @@ Rank 0 alone prints, logs and writes; validation metrics are summed over ranks b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,31 +19,65 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unet.atomic import make_folder
+from unet.background_save import BackgroundCheckpointer
 from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
 from unet.data.folds import SCHEMES, fold_indices
 from unet.data.io import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
-from unet.device import DeviceSetup, setup_device
+from unet.device import DeviceSetup, Prefetcher, setup_device
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, env_info,
                               process_group, rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
 from unet.evaluation import evaluate_slices
-from unet.losses import ce_dice_loss
+from unet.losses import ce_dice_loss, weighted_cross_entropy
 from unet.model import PADDINGS, ModelConfig, UNet
 from unet.run_log import MetricsLog, plot_curves, write_json
+from unet.weight_map import unet_weight_map
+
+try:  # a private torch module, used only to name inductor's cache folder in a message
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+except ImportError:  # another torch layout: the message says "torch's default" instead
+    default_cache_dir = None
 
 # Arguments that define a run: resuming with any of them changed would silently mix two experiments.
 RUN_IDENTITY = ("data_dir", "fold", "folds", "fold_scheme", "seed", "batch_size", "learning_rate",
                 "weight_decay", "base_filters", "depth", "padding", "batch_norm", "dropout", "input_size",
-                "augment", "amp", "amp_dtype", "world_size", "clip_grad")
+                "augment", "amp", "amp_dtype", "world_size", "clip_grad", "loss")
+# What a checkpoint written before a RUN_IDENTITY flag existed ran with (the flag's default then and now).
+IDENTITY_DEFAULTS = {"loss": "ce_dice"}
+# --loss: NVIDIA UNet_Medical's CE + soft Dice, or the UNet paper's weighted cross-entropy (eq. 1-2).
+LOSSES = ("ce_dice", "weighted_ce")
+# The UNet paper's border weight and width (Ronneberger et al. 2015, eq. 2).
+WEIGHT_MAP_W0, WEIGHT_MAP_SIGMA = 10.0, 5.0
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Under fp16 the scaler skips overflowing steps itself; only this many non-finite losses in a row are fatal.
 MAX_NONFINITE_STREAK_FP16 = 20
 
 
 class TrainingDiverged(UserError):
     """The loss became non-finite; the last good checkpoint is kept."""
+
+
+def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="crops per step per device")
+    g.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--weight-decay", "--weight_decay", type=float, default=5e-4,
+                   help="L2 weight decay, applied (UNet_Medical's TF1 code never applied its own)")
+    g.add_argument("--max-steps", "--max_steps", type=positive_int, default=6400, help="optimizer steps in total")
+    g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, data stream and dropout")
+    g.add_argument("--loss", default="ce_dice", choices=LOSSES,
+                   help="ce_dice: cross-entropy + (1 - soft Dice) as UNet_Medical; weighted_ce: the UNet paper's "
+                        f"pixel-weighted cross-entropy (class balance + border term, w0={WEIGHT_MAP_W0:g}, "
+                        f"sigma={WEIGHT_MAP_SIGMA:g} px)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile forward + loss as one function; default (None): on for CUDA, off on CPU "
+                        "(measured slower there) and NPU (not measured there)")
+    g.add_argument("--compile-mode", "--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode when compiling (torch's default; the GPU check measures the others)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -70,15 +106,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.5, help="dropout after the bottleneck (training only)")
     g.add_argument("--input-size", "--input_size", type=int, default=None,
                    help="training crop size fed to the model (default: 572 for valid, 256 for same)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="crops per step per device")
-    g.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
-    g.add_argument("--weight-decay", "--weight_decay", type=float, default=5e-4,
-                   help="L2 weight decay, applied (UNet_Medical's TF1 code never applied its own)")
-    g.add_argument("--max-steps", "--max_steps", type=positive_int, default=6400, help="optimizer steps in total")
-    g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="clip the gradient norm to this")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, data stream and dropout")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    _add_optimisation_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--model-dir", "--model_dir", default="results", help="checkpoints, logs and curves go here")
     g.add_argument("--evaluate-every", "--evaluate_every", type=int, default=0,
@@ -147,13 +175,19 @@ class RunConfig:
     blend: str
     tta: bool
     world_size: int = 1
+    loss: str = "ce_dice"
+    compile_mode: str = "default"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, *, world_size: int, amp_dtype: str | None) -> "RunConfig":
-        """The run's config from :func:`get_args_parser` arguments (the default crop size filled in)."""
+    def from_args(cls, args: argparse.Namespace, *, world_size: int, amp_dtype: str | None,
+                  compile_default: bool = False) -> "RunConfig":
+        """The run's config from :func:`get_args_parser` arguments (the default crop size filled in, and
+        ``compile`` resolved: ``--compile`` / ``--no-compile``, else ``compile_default``, the device's choice)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "world_size"}
         if values["input_size"] is None:
             values["input_size"] = 572 if args.padding == "valid" else 256
+        if values["compile"] is None:
+            values["compile"] = compile_default
         return cls(**{**values, "amp_dtype": amp_dtype, "world_size": world_size})
 
     def as_dict(self) -> dict:
@@ -174,17 +208,46 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--resume and --overwrite contradict each other; pass one")
 
 
+def forward_loss_fn(net: torch.nn.Module, dev: DeviceSetup, loss: str = "ce_dice"):
+    """Autocast forward + float32 loss as one function of a device batch: what ``--compile`` compiles whole.
+
+    Args:
+        net: the model (or its DDP / compiled wrapper).
+        dev: the device setup (autocast).
+        loss: one of :data:`LOSSES`; ``weighted_ce`` takes the batch's weight maps as a third argument.
+
+    Returns:
+        ``forward_loss(images, labels, weights=None) -> scalar float32 loss``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def forward_loss(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None):
+        with dev.autocast():
+            logits = net(images)
+        if loss == "weighted_ce":
+            return weighted_cross_entropy(logits, labels, weights)
+        return ce_dice_loss(logits, labels)
+    return forward_loss
+
+
 def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler, dev: DeviceSetup, clip_grad: float | None = None) -> torch.Tensor:
-    """One optimizer step; returns the (detached) loss, left on the device.
+    """One eager CE + soft Dice optimizer step on a host or device batch (the benchmarks' step); returns the
+    detached loss, left on the device. The trainer runs :func:`optimizer_step` on prefetched batches."""
+    return optimizer_step(forward_loss_fn(net, dev), (dev.to_device(images), dev.to_device(labels)), optimizer,
+                          scaler, clip_grad)
 
-    Autocast forward, float32 CE + soft Dice, then scale -> backward -> unscale -> optional clip -> step ->
-    update (the scaler is a no-op unless fp16). A step whose gradients overflowed is skipped by the scaler.
+
+def optimizer_step(forward_loss, batch: tuple[torch.Tensor, ...], optimizer: torch.optim.Optimizer, scaler,
+                   clip_grad: float | None = None) -> torch.Tensor:
+    """One optimizer step on a batch already on the device; returns the (detached) loss, left on the device.
+
+    ``forward_loss(*batch)`` (autocast forward + float32 loss, compiled or not), then scale -> backward ->
+    unscale -> optional clip -> step -> update (the scaler is a no-op unless fp16). A step whose gradients
+    overflowed is skipped by the scaler. Nothing here reads a value back to the host.
     """
-    images, labels = dev.to_device(images), dev.to_device(labels)
-    with dev.autocast():
-        logits = net(images)
-    loss = ce_dice_loss(logits, labels)
+    loss = forward_loss(*batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -213,7 +276,7 @@ def find_run(config: RunConfig, model_dir: Path) -> dict | None:
             raise UserError(f"--resume: there is no {last} to resume from; drop --resume to start a new run")
         return None
     ckpt = load_checkpoint(last)
-    saved = {k: ckpt.get("args", {}).get(k) for k in RUN_IDENTITY}
+    saved = {k: ckpt.get("args", {}).get(k, IDENTITY_DEFAULTS.get(k)) for k in RUN_IDENTITY}
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} there vs {v!r} now" for k, v in config.identity().items()
             if saved[k] != v]
     if diff:
@@ -274,7 +337,8 @@ def main(args: argparse.Namespace) -> dict:
     _check_args(args)
     dist = env_info()
     dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype, local_rank=dist.local_rank)
-    config = RunConfig.from_args(args, world_size=dist.world_size, amp_dtype=dev.amp_name if args.amp else None)
+    config = RunConfig.from_args(args, world_size=dist.world_size, amp_dtype=dev.amp_name if args.amp else None,
+                                 compile_default=dev.compile_by_default)
     with process_group(dist, dev.backend, dev.device):
         return Trainer(config, dist, dev).fit()
 
@@ -300,9 +364,12 @@ class Trainer:
         self.best_dice_nvidia, self.best_step = -math.inf, None
         self.last_metrics: dict | None = None
         self.log: MetricsLog | None = None
+        self.saver: BackgroundCheckpointer | None = None  # rank 0's checkpoint writer, while training
+        self.train_weights: list | None = None  # --loss weighted_ce: one weight map per training slice
+        self.first_step_s: float | None = None
 
     def fit(self) -> dict:
-        """restore -> loop of train_step -> validate -> save; returns the summary (or the benchmark result)."""
+        """restore -> loop of train steps -> validate -> save; returns the summary (or the benchmark result)."""
         self.load_data()
         model = self.new_model()
         resume = self.restore()
@@ -312,23 +379,62 @@ class Trainer:
         self.announce(resumed=resume is not None)
         if self.config.benchmark:
             return run_benchmark(self)
+        with self.background_saves():
+            self.train(resumed=resume is not None)
+            return self.finish()
+
+    def train(self, resumed: bool) -> None:
+        """The loop: a step, then the log / validation / checkpoint due after it, until ``max_steps``."""
         if self.dist.is_main:
-            self.log = MetricsLog(self.model_dir / "metrics.jsonl",
-                                  resume_step=self.step if resume is not None else None)
+            self.log = MetricsLog(self.model_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         losses = LossTracker(self.dev.device, fp16=self.scaler.is_enabled())
         bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main or self.config.no_progress, smoothing=0.1)
         self.model.train()
-        self.last_good_step = self.step if resume is not None else None
+        self.last_good_step = self.step if resumed else None
+        first_step = self.step + 1
+        started = time.perf_counter()
         while self.step < self.config.max_steps:
-            loss = train_step(self.net, *next(self.batches), self.optimizer, self.scaler, self.dev,
-                              clip_grad=self.config.clip_grad)
+            loss = self.train_one()
             self.step += 1
+            if self.step == first_step:
+                self.report_first_step(started)
             losses.add(loss, self.step)
             bar.update(1)
             self.after_step(losses, bar)
         bar.close()
-        return self.finish()
+
+    def train_one(self) -> torch.Tensor:
+        """One optimizer step on the next prefetched batch; the loss stays on the device."""
+        if self.config.compile and self.config.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs may be reused
+        return optimizer_step(self.forward_loss, next(self.batches), self.optimizer, self.scaler,
+                              self.config.clip_grad)
+
+    def report_first_step(self, started: float) -> None:
+        """The first step's time (it holds torch.compile's compilation): one device sync, printed by rank 0."""
+        self.dev.synchronize()
+        self.first_step_s = time.perf_counter() - started
+        if self.config.compile:
+            self.say(f"compile: first step {self.first_step_s:.1f} s (torch.compile, mode {self.config.compile_mode}; "
+                     f"kernels cached across runs in {inductor_cache_dir()})")
+
+    @contextlib.contextmanager
+    def background_saves(self):
+        """Rank 0 writes checkpoints on a background thread while this block runs.
+
+        Leaving the block, normally or by an exception (divergence, Ctrl-C), waits for the last write, so the
+        checkpoint the messages name is on disk; a failed write is raised (or noted on the exception already
+        propagating). A SIGKILL mid-write leaves the previous file (the writes are atomic).
+        """
+        if not self.dist.is_main:
+            yield
+            return
+        try:
+            with BackgroundCheckpointer() as self.saver:
+                yield
+        finally:
+            self.saver = None
 
     # -------------------------------------------------------------------------------------- set-up
 
@@ -337,6 +443,17 @@ class Trainer:
         slices = load_dataset(c.data_dir)
         train_idx, val_idx = fold_indices(len(slices), c.fold, c.folds, c.fold_scheme, c.seed)
         self.train_set, self.val_set = slices.subset(train_idx), slices.subset(val_idx)
+        if c.loss == "weighted_ce":
+            self.train_weights = self.weight_maps()
+
+    def weight_maps(self) -> list:
+        """The UNet paper's weight map of every training label, computed once (every rank computes its own:
+        ~0.12 s a 512x512 ISBI slice, cheaper than shipping them; slices may differ in size, hence per slice)."""
+        t0 = time.perf_counter()
+        maps = [unet_weight_map(lab, WEIGHT_MAP_W0, WEIGHT_MAP_SIGMA) for lab in self.train_set.labels]
+        self.say(f"loss weighted_ce: weight maps of {len(maps)} training slices (w0 {WEIGHT_MAP_W0:g}, sigma "
+                 f"{WEIGHT_MAP_SIGMA:g} px) in {time.perf_counter() - t0:.1f} s")
+        return maps
 
     def new_model(self) -> UNet:
         """Freshly initialised weights, the same on every rank (DDP also broadcasts them)."""
@@ -373,25 +490,41 @@ class Trainer:
         if resume is not None:
             model = model_from_checkpoint(resume, self.model_dir / "last.pt")
         self.model = self.dev.prepare_model(model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
+                                          **self.dev.optimizer_kwargs())
         self.scaler = self.dev.grad_scaler()
         if resume is not None:
             self.load_state(resume)
-        self.net = self.model
-        if self.dist.distributed:
-            self.net = DistributedDataParallel(self.model, **self.dev.ddp_kwargs())
-        if c.compile:
-            self.net = torch.compile(self.net)
+        self.forward_loss = self.compiled_step()
         self.workers = default_workers() if c.workers is None else c.workers
         stream = TrainTiles(self.train_set, c.input_size, self.output_size, augment=c.augment, seed=c.seed,
                             rank=self.dist.rank, world_size=self.dist.world_size,
-                            start_index=self.step * c.batch_size)
+                            start_index=self.step * c.batch_size, weights=self.train_weights)
         # Starting the loader draws from torch's generator, so the dropout stream is set after it.
-        self.batches = iter(build_train_loader(stream, c.batch_size, self.workers, self.dev.pin_memory))
+        loader = build_train_loader(stream, c.batch_size, self.workers, self.dev.pin_memory)
+        self.batches = Prefetcher(iter(loader), self.dev)
         if resume is not None:
             self.dev.set_rng_state(resume["rng"])
         else:
             torch.manual_seed(c.seed + 1)  # dropout stream, independent of how many weights were drawn
+
+    def compiled_step(self):
+        """``forward_loss`` of the (DDP-wrapped) model; with ``--compile``, compiled as one function.
+
+        One process: model + loss are one compiled graph (as ``benchmarks/gpu_rows.py``'s compiled step).
+        Under DDP the wrapped model is compiled (torch's documented DDP path, whose graph breaks at the gradient
+        buckets) and the loss stays eager: compiling a function around a DDP module is not tested here.
+        """
+        c = self.config
+        self.net = self.model
+        if self.dist.distributed:
+            self.net = DistributedDataParallel(self.model, **self.dev.ddp_kwargs())
+            if c.compile:
+                self.net = torch.compile(self.net, mode=c.compile_mode)
+        forward_loss = forward_loss_fn(self.net, self.dev, c.loss)
+        if c.compile and not self.dist.distributed:
+            forward_loss = torch.compile(forward_loss, mode=c.compile_mode)
+        return forward_loss
 
     def load_state(self, resume: dict) -> None:
         """Optimizer, scaler, step and best score of a checkpoint (``best_dice`` in older ones)."""
@@ -410,7 +543,9 @@ class Trainer:
                  f"slices (fold {c.fold} of {c.folds}, {c.fold_scheme}); crops {c.input_size} -> "
                  f"{self.output_size}, augment {'on' if c.augment else 'off'}, {self.workers} loader worker(s)")
         self.say(f"model: {sum(p.numel() for p in self.model.parameters()):,} parameters, {cfg.padding} padding, "
-                 f"base {cfg.base_filters} filters, depth {cfg.depth}")
+                 f"base {cfg.base_filters} filters, depth {cfg.depth}; loss {c.loss}; step "
+                 + (f"compiled (mode {c.compile_mode})" if c.compile else "eager")
+                 + f"; Adam {'fused' if self.dev.optimizer_kwargs().get('fused') else 'default'}")
         if resumed:
             self.say(f"resuming {self.model_dir / 'last.pt'} at step {self.step}")
 
@@ -474,12 +609,15 @@ class Trainer:
         return metrics
 
     def save(self, name: str, metrics: dict | None = None, summary: dict | None = None) -> None:
-        """Rank 0 writes ``model_dir/name``; every rank waits for it."""
+        """Rank 0 writes ``model_dir/name`` (in the background while training); every rank waits for the request."""
         if self.dist.is_main:
-            save_checkpoint(self.model_dir / name, self.model, step=self.step, optimizer=self.optimizer.state_dict(),
-                            scaler=self.scaler.state_dict(), rng=self.dev.rng_state(), args=self.config.as_dict(),
-                            metrics=metrics or {}, best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step,
-                            summary=summary)
+            state = dict(step=self.step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                         rng=self.dev.rng_state(), args=self.config.as_dict(), metrics=metrics or {},
+                         best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step, summary=summary)
+            if self.saver is not None:  # a host snapshot now, the file written on the saver's thread
+                self.saver.save(self.model_dir / name, self.model, **state)
+            else:
+                save_checkpoint(self.model_dir / name, self.model, **state)
         barrier()
 
     def finish(self) -> dict:
@@ -490,8 +628,12 @@ class Trainer:
                    "device": self.dev.name(), "amp": self.dev.amp_name,
                    "best_dice_nvidia": best if best > -math.inf else None, "best_step": self.best_step,
                    "final_validation": self.last_metrics, "model_dir": str(self.model_dir), "fold": c.fold,
-                   "fold_scheme": c.fold_scheme, "data": str(self.data_name)}
+                   "fold_scheme": c.fold_scheme, "data": str(self.data_name), "loss": c.loss,
+                   "compile": c.compile, "compile_mode": c.compile_mode if c.compile else None,
+                   "first_step_s": self.first_step_s}
         self.save("last.pt", self.last_metrics, summary=summary)
+        if self.saver is not None:
+            self.saver.flush()  # last.pt is on disk before summary.json says the run is done
         if self.dist.is_main:
             write_json(self.model_dir / "summary.json", summary)
             plot_curves(self.log.read(), self.model_dir / "curves.png",
@@ -501,17 +643,26 @@ class Trainer:
         return summary
 
 
+def inductor_cache_dir() -> str:
+    """Where torch.compile keeps compiled kernels between runs: ``$TORCHINDUCTOR_CACHE_DIR``, else torch's
+    default (``/tmp/torchinductor_<user>``), so a second run of the same model and shapes compiles little."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or (default_cache_dir() if default_cache_dir
+                                                         else "torch's default inductor cache folder")
+
+
 def run_benchmark(trainer: Trainer) -> dict:
-    """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised; writes benchmark.json."""
+    """Time ``max_steps`` training steps after ``warmup_steps``, device synchronised; writes benchmark.json.
+
+    The first step is timed on its own (``first_step_s``: torch.compile's compilation when compiling) and
+    counts as the first warm-up step.
+    """
     c, dev, model = trainer.config, trainer.dev, trainer.model
     flops_per_image = model_flops(model, (1, model.config.in_channels, c.input_size, c.input_size))
-
-    def one_step():
-        train_step(trainer.net, *next(trainer.batches), trainer.optimizer, trainer.scaler, dev,
-                   clip_grad=c.clip_grad)
-
     model.train()
-    _, step_time = time_steps(one_step, c.warmup_steps, c.max_steps, dev, barrier=barrier)
+    started = time.perf_counter()
+    trainer.train_one()
+    trainer.report_first_step(started)
+    _, step_time = time_steps(trainer.train_one, max(c.warmup_steps - 1, 0), c.max_steps, dev, barrier=barrier)
     peak_memory = dev.peak_memory_bytes()  # read before the CPU peak measurement adds its own buffers
     achieved = flops_per_image * c.batch_size / step_time  # per device
     precision = dev.amp_name
@@ -521,7 +672,8 @@ def run_benchmark(trainer: Trainer) -> dict:
     result = {"images_per_s": trainer.global_batch / step_time, "step_time_ms": step_time * 1e3,
               "global_batch": trainer.global_batch, "world_size": trainer.dist.world_size,
               "batch_per_device": c.batch_size, "input_size": c.input_size, "amp": dev.amp_name,
-              "compile": c.compile, "device": dev.name(), "peak_memory_mb": peak_memory / 2 ** 20,
+              "compile": c.compile, "compile_mode": c.compile_mode if c.compile else None,
+              "first_step_s": trainer.first_step_s, "loss": c.loss, "device": dev.name(), "peak_memory_mb": peak_memory / 2 ** 20,
               "gflop_per_image": flops_per_image / 1e9, "achieved_tflops_per_device": achieved / 1e12,
               "peak_tflops": peak / 1e12 if peak else None, "peak_source": source,
               "mfu": achieved / peak if peak else None, "steps": c.max_steps, "warmup_steps": c.warmup_steps}
@@ -531,3 +683,4 @@ def run_benchmark(trainer: Trainer) -> dict:
         make_folder(trainer.model_dir, "--model-dir")
         write_json(trainer.model_dir / "benchmark.json", result)
     return result
+

@@ -31,7 +31,12 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 class TrainTiles(IterableDataset):
-    """Endless stream of training tiles ``(image (C, in, in) float32, label (out, out) int64)``.
+    """Endless stream of training tiles ``(image (C, in, in) float32, label (out, out) uint8)``, plus
+    ``weight (out, out) float32`` when per-pixel weight maps are given.
+
+    Labels travel as uint8 (class indices 0/1; the losses widen them on the device): 8x fewer host-to-device
+    bytes than int64. A weight map is cropped with the label's window and mirror padding and warped with the
+    label's grid (bilinear, the label nearest), so weight and label stay aligned pixel for pixel.
 
     Iterating it directly (or through a ``DataLoader(batch_size=None)``) gives samples ``start_index,
     start_index + 1, ...``; loader worker ``w`` of ``k`` takes every k-th sample starting at ``w``.
@@ -46,10 +51,12 @@ class TrainTiles(IterableDataset):
         rank: distributed rank; each rank draws a different stream.
         world_size: number of ranks (checked against ``rank``).
         start_index: first sample index (``step * batch_size`` when resuming).
+        weights: optional ``(H, W)`` float weight map per slice (e.g. :func:`unet.weight_map.weight_map_stack`).
     """
 
     def __init__(self, slices: SliceSet, input_size: int, output_size: int, *, augment: bool | AugmentConfig = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, start_index: int = 0):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, start_index: int = 0,
+                 weights: list[np.ndarray] | np.ndarray | None = None):
         super().__init__()
         if slices.labels is None:
             raise UserError(f"{slices.source}: training needs labels, and this data set has none")
@@ -71,8 +78,13 @@ class TrainTiles(IterableDataset):
         self._timages = [torch.from_numpy(im) for im in self._images]
         self._tlabels = ([torch.from_numpy(lab.astype(np.float32))[None] for lab in self._labels]
                          if self.config is not None else [])
+        self._weights = None if weights is None else [np.ascontiguousarray(w, dtype=np.float32) for w in weights]
+        if self._weights is not None and [w.shape for w in self._weights] != [lab.shape for lab in self._labels]:
+            raise ValueError("weights: one map per label slice, of the label's shape")
+        self._tweights = ([torch.from_numpy(w)[None] for w in self._weights]
+                          if self._weights is not None and self.config is not None else [])
 
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, index: int) -> tuple[torch.Tensor, ...]:
         """Sample ``index`` of this rank's stream (a pure function of seed, rank and index)."""
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         k = int(rng.integers(len(self._images)))
@@ -87,20 +99,25 @@ class TrainTiles(IterableDataset):
         grid = sampling_grid(rng, self.config, size, centre, (h, w))
         image = warp(self._timages[k], grid, self.config.interpolation)
         label_grid = grid[:, m:m + self.output_size, m:m + self.output_size]
-        label = warp(self._tlabels[k], label_grid, "nearest")[0].to(torch.int64)
-        return intensity(image, rng, self.config), label
+        label = warp(self._tlabels[k], label_grid, "nearest")[0].to(torch.uint8)
+        tile = (intensity(image, rng, self.config), label)
+        if self._weights is None:
+            return tile
+        return (*tile, warp(self._tweights[k], label_grid, "bilinear")[0])
 
-    def _crop(self, k: int, top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crop(self, k: int, top: int, left: int) -> tuple[torch.Tensor, ...]:
         image, label = self._images[k], self._labels[k]
         m, size, out = self.margin, self.input_size, self.output_size
         iy = _mirror(np.arange(top - m, top - m + size), image.shape[1])
         ix = _mirror(np.arange(left - m, left - m + size), image.shape[2])
-        ly = _mirror(np.arange(top, top + out), label.shape[0])
-        lx = _mirror(np.arange(left, left + out), label.shape[1])
-        return (torch.from_numpy(image[:, iy[:, None], ix[None, :]]),
-                torch.from_numpy(label[ly[:, None], lx[None, :]].astype(np.int64)))
+        ly = _mirror(np.arange(top, top + out), label.shape[0])[:, None]
+        lx = _mirror(np.arange(left, left + out), label.shape[1])[None, :]
+        tile = (torch.from_numpy(image[:, iy[:, None], ix[None, :]]), torch.from_numpy(label[ly, lx]))
+        if self._weights is None:
+            return tile
+        return (*tile, torch.from_numpy(self._weights[k][ly, lx]))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         i = self.start_index + wid
@@ -108,11 +125,11 @@ class TrainTiles(IterableDataset):
             yield self.sample(i)
             i += nw
 
-    def batch(self, number: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``number`` of the stream: samples ``start_index + number * batch_size`` onwards, stacked."""
+    def batch(self, number: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``number`` of the stream: samples ``start_index + number * batch_size`` onwards, stacked
+        (images, labels and, with weight maps, weights)."""
         first = self.start_index + number * batch_size
-        images, labels = zip(*(self.sample(first + j) for j in range(batch_size)))
-        return torch.stack(images), torch.stack(labels)
+        return tuple(torch.stack(parts) for parts in zip(*(self.sample(first + j) for j in range(batch_size))))
 
     def batches(self, batch_size: int) -> "TileBatches":
         """The stream grouped into batches, for loaders whose workers each build whole batches."""
@@ -132,7 +149,7 @@ class TileBatches(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tiles, self.batch_size = tiles, int(batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         b = wid
@@ -148,7 +165,7 @@ def default_workers() -> int:
 
 def build_train_loader(dataset: TrainTiles, batch_size: int, workers: int, pin_memory: bool,
                        multiprocessing_context: str | None = None) -> DataLoader:
-    """An endless DataLoader of ``(images (B, C, in, in), labels (B, out, out))`` batches.
+    """An endless DataLoader of ``(images (B, C, in, in), labels (B, out, out) uint8[, weights])`` batches.
 
     Args:
         dataset: the tile stream (its ``start_index`` says where to resume).
