@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, write_json  # noqa: E402
 
+# In order of what the issue asks first: train.py --benchmark with default flags (now a compiled step on CUDA,
+# so its first step includes the compile) is the acceptance row and runs right after the eager baseline.
 ROWS = [  # (name, seconds allowed on a GPU): cold compiles of the reference model take 30-90 s
-    ("train_eager", 90), ("train_compile_step:default", 150), ("forward_eager", 60), ("forward_cuda_graph", 60),
-    ("infer_end_to_end", 120), ("train_compile_step:reduce-overhead", 150), ("forward_compile", 120),
-    ("train_py_benchmark", 90), ("train_py_real_run", 120), ("train_eager_fused", 60), ("checkpoint_stall", 60),
+    ("train_eager", 90), ("train_py_benchmark", 150), ("train_compile_step:default", 150), ("forward_eager", 60),
+    ("forward_cuda_graph", 60), ("infer_end_to_end", 120), ("train_compile_step:reduce-overhead", 150),
+    ("forward_compile", 120), ("train_py_real_run", 180), ("train_eager_fused", 60), ("checkpoint_stall", 60),
     ("train_compile_model", 120), ("train_compile_step:max-autotune-no-cudagraphs", 150),
 ]
 MIN_LEFT_S = 20

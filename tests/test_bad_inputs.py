@@ -202,6 +202,8 @@ CASES = [
     Case("train-images-folder-empty", "train", ["--data-dir", "{d}/data", "--model-dir", "{d}/m"], "images",
          setup=lambda d, w: (_folder(d / "data" / "images"), _folder(d / "data" / "labels"))),
     # ---- train.py: flags and the model folder
+    Case("train-tile-size-huge", "train", TINY_TRAIN + ["--tile-size", "1000000", "--model-dir", "{d}/m"],
+         "--tile-size"),
     Case("train-max-steps-zero", "train", ["--max-steps", "0", "--model-dir", "{d}/m"], "--max-steps"),
     Case("train-batch-size-negative", "train", ["--batch-size", "-1", "--model-dir", "{d}/m"], "--batch-size"),
     Case("train-padding-unknown", "train", ["--padding", "mirror", "--model-dir", "{d}/m"], "--padding"),

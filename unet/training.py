@@ -34,6 +34,7 @@ from unet.evaluation import evaluate_slices
 from unet.losses import ce_dice_loss, weighted_cross_entropy
 from unet.model import PADDINGS, ModelConfig, UNet
 from unet.run_log import MetricsLog, plot_curves, write_json
+from unet.tiling import check_tile_budget
 from unet.weight_map import unet_weight_map
 
 try:  # a private torch module, used only to name inductor's cache folder in a message
@@ -466,6 +467,8 @@ class Trainer:
             self.output_size = model.output_size(c.input_size)
         except ValueError as e:
             raise UserError(f"--input-size: {e}") from None
+        if c.tile_size is not None:  # refused now, not at the first validation after minutes of training
+            check_tile_budget(model, c.tile_size, self.tiling.memory_budget_mb)
         return model
 
     def restore(self) -> dict | None:
