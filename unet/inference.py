@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from unet.atomic import atomic_path, publish, temporary_path, write_errors
 from unet.checkpoint import load_model
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
+from unet.cli import (HelpFormatter, add_device_args, add_instance_args, add_tiling_args, instance_options,
+                      positive_float, positive_int, tiling_options)
 from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
                           stack_info)
 from unet.data.synthetic import make_synthetic_em
@@ -605,52 +606,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "doubled under 16-bit autocast)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the tile shape (start-up cost; pays off on long stacks)")
+    parser.add_argument("--instances", default=None, metavar="OUT.tif",
+                        help="also write a label stack: one id per cell, unique over the stack, 0 = membrane; "
+                             "uint16, or uint32 above 65535 cells (a folder for folder input); settings below")
     add_instance_args(parser)
     add_device_args(parser)
     return parser
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type``: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
-    return value
-
-
-def add_instance_args(parser: argparse.ArgumentParser) -> None:
-    """--instances and the seeded-watershed flags (defaults: :class:`~unet.instances.InstanceOptions`)."""
-    d = InstanceOptions()
-    g = parser.add_argument_group("cell instances (seeded watershed of the cell probability, unet.instances)")
-    g.add_argument("--instances", default=None, metavar="OUT.tif",
-                   help="also write a label stack: one id per cell, unique over the stack, 0 = membrane; uint16, "
-                        "or uint32 above 65535 cells (a folder for folder input)")
-    g.add_argument("--instance-threshold", type=float, default=d.threshold,
-                   help="a pixel may belong to a cell iff its smoothed cell probability is above this, in [0, 1)")
-    g.add_argument("--instance-seeds", default=d.seeds, choices=("hminima", "distance"),
-                   help="seeds: h-minima of the membrane probability, or h-maxima of the distance transform")
-    g.add_argument("--instance-h", type=float, default=d.seed_h,
-                   help="h of the seeds' h-minima (probability) or h-maxima (pixels of distance), > 0")
-    g.add_argument("--instance-smooth", type=float, default=d.smooth,
-                   help="Gaussian sigma (px) applied to the probability first, >= 0")
-    g.add_argument("--no-instance-fill", action="store_true",
-                   help="keep every pixel at or below the threshold 0 instead of flooding up to one-pixel lines")
-
-
-def instance_options(args: argparse.Namespace) -> InstanceOptions:
-    """The :class:`InstanceOptions` of the flags.
-
-    Raises:
-        UserError: one line naming the flags when InstanceOptions rejects a value.
-    """
-    try:
-        return InstanceOptions(threshold=args.instance_threshold, seeds=args.instance_seeds,
-                               seed_h=args.instance_h, smooth=args.instance_smooth, fill=not args.no_instance_fill)
-    except ValueError as e:
-        raise UserError(f"--instance-threshold/--instance-h/--instance-smooth: {e}") from None
 
 
 def main(args: argparse.Namespace) -> RunResult | Path:
