@@ -103,13 +103,21 @@ def rand_info_scores(true_labels: np.ndarray, pred_labels: np.ndarray, *,
     keys = ("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge")
     fg = t > 0
     t, s = t[fg].astype(np.int64), s[fg].astype(np.int64)
-    n = t.size
-    if n == 0:
+    if t.size == 0:
         return dict.fromkeys(keys, math.nan)
+    counts = _contingency(t, s, singletons=pred_background == "singletons")
+    values = _rand_scores(counts, exclude_self_pairs) + _info_scores(counts)
+    return {k: float(v) for k, v in zip(keys, values)}
+
+
+def _contingency(t: np.ndarray, s: np.ndarray, singletons: bool) -> tuple:
+    """``(n, n_bg, a, b, n_ij)`` of foreground-restricted labels: pixels, predicted-background pixels (when they
+    are singletons, else 0), true and predicted segment sizes, and the non-zero contingency entries."""
+    n = t.size
     # True segment sizes include the pixels predicted as background.
     a = np.bincount(t).astype(np.float64)
     n_bg = 0
-    if pred_background == "singletons":
+    if singletons:
         n_bg = int(np.count_nonzero(s == 0))
         t, s = t[s > 0], s[s > 0]
     # Contingency table (true x predicted); coo -> csr sums the duplicate entries.
@@ -118,21 +126,27 @@ def rand_info_scores(true_labels: np.ndarray, pred_labels: np.ndarray, *,
     table.sum_duplicates()
     n_ij = table.data[table.data > 0]
     b = np.bincount(s).astype(np.float64)
-    a, b = a[a > 0], b[b > 0]
+    return n, n_bg, a[a > 0], b[b > 0], n_ij
 
-    # Rand: every predicted-background pixel is its own segment, adding 1 to sum b^2 and to sum n_ij^2.
+
+def _rand_scores(counts: tuple, exclude_self_pairs: bool) -> tuple[float, float, float]:
+    """V_Rand, split, merge; every predicted-background pixel is its own segment, adding 1 to sum b^2 and to
+    sum n_ij^2."""
+    n, n_bg, a, b, n_ij = counts
     sum_ab2 = n_ij @ n_ij + n_bg
     sum_a2 = a @ a
     sum_b2 = b @ b + n_bg
     if exclude_self_pairs:  # each of the three sums has total mass n
         sum_ab2, sum_a2, sum_b2 = sum_ab2 - n, sum_a2 - n, sum_b2 - n
-    v_rand_split = _ratio(sum_ab2, sum_a2)
-    v_rand_merge = _ratio(sum_ab2, sum_b2)
-    v_rand = _ratio(2 * sum_ab2, sum_a2 + sum_b2)
+    return _ratio(2 * sum_ab2, sum_a2 + sum_b2), _ratio(sum_ab2, sum_a2), _ratio(sum_ab2, sum_b2)
 
-    # Information: a singleton has probability 1/n and contributes (1/n) log n to H(S) and to H(S,T).
-    def entropy(counts: np.ndarray) -> float:
-        p = counts / n
+
+def _info_scores(counts: tuple) -> tuple[float, float, float]:
+    """V_Info, split, merge; a singleton has probability 1/n and adds (1/n) log n to H(S) and to H(S,T)."""
+    n, n_bg, a, b, n_ij = counts
+
+    def entropy(c: np.ndarray) -> float:
+        p = c / n
         return float(-(p * np.log(p)).sum())
 
     h_bg = n_bg / n * math.log(n)
@@ -141,13 +155,8 @@ def rand_info_scores(true_labels: np.ndarray, pred_labels: np.ndarray, *,
     h_st = entropy(n_ij) + h_bg
     mutual = h_s + h_t - h_st
     if h_s == 0 and h_t == 0:
-        v_info_split = v_info_merge = v_info = 1.0
-    else:
-        v_info_split = _ratio(mutual, h_s)
-        v_info_merge = _ratio(mutual, h_t)
-        v_info = 2 * mutual / (h_s + h_t)
-    values = (v_rand, v_rand_split, v_rand_merge, v_info, v_info_split, v_info_merge)
-    return {k: float(v) for k, v in zip(keys, values)}
+        return 1.0, 1.0, 1.0
+    return 2 * mutual / (h_s + h_t), _ratio(mutual, h_s), _ratio(mutual, h_t)
 
 
 def _ratio(num: float, den: float) -> float:
