@@ -220,13 +220,9 @@ class DeviceSetup:
         """Peak device memory allocated since the last reset (CPU: peak RSS, VmHWM; else lifetime ru_maxrss)."""
         if self.type != "cpu":
             return int(device_module(self.type).max_memory_allocated(self.device))
-        try:
-            with open("/proc/self/status", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        hwm = _proc_kib("/proc/self/status", "VmHWM:")
+        if hwm is not None:
+            return hwm
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -236,13 +232,9 @@ class DeviceSetup:
         if self.type != "cpu":
             free, _ = device_module(self.type).mem_get_info(self.device)
             return int(free)
-        try:
-            with open("/proc/meminfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        available = _proc_kib("/proc/meminfo", "MemAvailable:")
+        if available is not None:
+            return available
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def name(self) -> str:
@@ -310,6 +302,18 @@ class Prefetcher:
             return
         with torch.cuda.stream(self.stream):
             self.ahead = self._move(host)
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key`` line's kB figure of a /proc file, in bytes; None where the file or the line is absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def usable_cpus() -> int:
