@@ -144,13 +144,11 @@ def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, 
         raise ValueError(f"instances {instances.shape} and truth {true_cells.shape} differ in shape")
     if instances.ndim == 2:
         instances, true_cells = instances[None], true_cells[None]
-    sums = {"v_rand": [], "v_info": []}
+    acc = InstanceScores()
     for lab, truth in zip(instances, true_cells):
-        scores = rand_info_scores(label_cells(truth > 0), lab)
-        for key in sums:
-            if not math.isnan(scores[key]):
-                sums[key].append(scores[key])
-    return {k: float(np.mean(v)) if v else math.nan for k, v in sums.items()}
+        acc.add(lab, truth)
+    scores = acc.compute()
+    return {"v_rand": scores["v_rand_instances"], "v_info": scores["v_info_instances"]}
 
 
 class InstanceScores(SummableState):
@@ -175,7 +173,11 @@ class InstanceScores(SummableState):
 
     def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
         """Add one slice: ``(H, W)`` cell probability and true cell mask."""
-        scores = rand_info_scores(label_cells(np.asarray(true_cells) > 0), cell_instances(cell_prob, self.options))
+        self.add(cell_instances(cell_prob, self.options), true_cells)
+
+    def add(self, instances: np.ndarray, true_cells: np.ndarray) -> None:
+        """Add one slice's ready-made ``(H, W)`` instance labels (0 = membrane) and true cell mask."""
+        scores = rand_info_scores(label_cells(np.asarray(true_cells) > 0), instances)
         for k, key in enumerate(("v_rand", "v_info")):
             if not math.isnan(scores[key]):
                 self._state[2 * k:2 * k + 2] += (scores[key], 1.0)
