@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from unet.device import DeviceSetup, usable_cpus
+from unet.device import DeviceSetup, cpuinfo, usable_cpus
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,21 +138,6 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, dev: DeviceS
     return warmup_s, (time.perf_counter() - t0) / steps
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
 def cpu_theoretical_peak(cores: int | None = None, info: dict[str, str] | None = None) -> dict:
     """This CPU's datasheet-style dense peak: cores x GHz x FLOP per cycle of its widest ISA, fp32 and bf16.
 
@@ -171,7 +156,7 @@ def cpu_theoretical_peak(cores: int | None = None, info: dict[str, str] | None =
         ``{"fp32": FLOP/s, "bf16": FLOP/s, "ghz", "cores", "isa", "description"}``; FLOP/s None where the
         clock is unknown.
     """
-    info = _cpuinfo() if info is None else info
+    info = cpuinfo() if info is None else info
     cores = cores or usable_cpus()
     flags = set(info.get("flags", "").split())
     width = 512 if "avx512f" in flags else 256 if "avx2" in flags and "fma" in flags else 128
