@@ -50,9 +50,9 @@ def thin_boundaries(cell_mask: np.ndarray) -> np.ndarray:
     if cell_mask.ndim != 2:
         raise ValueError(f"cell_mask must be 2-D, got shape {cell_mask.shape}")
     h, w = cell_mask.shape
-    basins = label_components(cell_mask, connectivity=1).astype(np.int32)
     if not cell_mask.any():
         return np.ones((h, w), np.int32)  # the membrane level is one new minimum
+    basins = label_components(cell_mask, connectivity=1).astype(np.int32)
     # One pixel of padding (value -1: neither label nor dam) removes all bounds checks.
     labels = np.full((h + 2, w + 2), -1, np.int32)
     labels[1:-1, 1:-1] = np.where(cell_mask, basins, _UNSET)

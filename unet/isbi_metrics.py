@@ -186,10 +186,11 @@ class ThinnedScores(SummableState):
         num, k = self._state[0], len(self.thresholds)
         out: dict = {}
         for name, sums in (("v_rand", self._state[1:1 + k]), ("v_info", self._state[1 + k:])):
-            curve = sums / num if num else np.full(k, math.nan)
-            best, best_th = _fiji_max(curve, self.thresholds)
-            if not num:
-                best, best_th = math.nan, math.nan
+            if num:
+                curve = sums / num
+                best, best_th = _fiji_max(curve, self.thresholds)
+            else:
+                curve, best, best_th = np.full(k, math.nan), math.nan, math.nan
             out[f"{name}_thinned"], out[f"{name}_threshold"] = best, best_th
             out[f"{name}_curve"] = [float(v) for v in curve]
         return out
