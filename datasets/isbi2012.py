@@ -36,11 +36,12 @@ CHUNK_BYTES = 2 ** 20
 def check_stack(path: Path, shown: str | None = None) -> None:
     """Raise UserError (naming ``shown``, default ``path``) unless ``path`` is a 30 x 512 x 512 grayscale stack."""
     try:
-        n, h, w, c, _ = stack_info(path)
+        info = stack_info(path)
     except UserError as exc:
         if shown is None:
             raise
         raise UserError(str(exc).replace(str(path), shown)) from exc
+    n, h, w, c = info.num_slices, info.height, info.width, info.channels
     if (n, h, w) != EXPECTED or c != 1:
         raise UserError(f"{shown or path}: has {n} slices of {w}x{h} with {c} channel(s), expected "
                         f"{EXPECTED[0]} slices of {EXPECTED[2]}x{EXPECTED[1]} grayscale; check the mirror or download again")

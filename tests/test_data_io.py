@@ -48,7 +48,6 @@ def test_read_multipage_single_png_and_16bit(tmp_path):
     got = read_stack(tmp_path / "d.png")
     assert got.dtype == np.uint16 and np.array_equal(got[0], deep[2])
     assert stack_info(tmp_path / "d.png") == StackInfo(tmp_path / "d.png", 1, 20, 24, 1, np.dtype(np.uint16))
-    assert tuple(stack_info(tmp_path / "d.png")) == (1, 20, 24, 1, np.dtype(np.uint16))  # the former tuple
     assert stack_info(tmp_path / "d.png").name == "d"
 
 

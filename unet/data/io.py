@@ -115,11 +115,6 @@ class StackInfo:
         """The file's stem (``a.ome.tif`` -> ``a``), or ``synthetic``."""
         return "synthetic" if self.path is None else self.path.name.split(".")[0]
 
-    def __iter__(self):
-        # Unpacks as stack_info's former tuple (num_slices, height, width, channels, dtype):
-        # datasets/isbi2012.py still reads it that way.
-        return iter((self.num_slices, self.height, self.width, self.channels, self.dtype))
-
 
 # ----------------------------------------------------------------------------------------------- reading
 
