@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from common import MODELS, QUICK_MODEL, REPO, device_for, machine_record, write_json  # noqa: E402
 
-from unet.benchmarking import model_flops  # noqa: E402
+from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
 from unet.training import forward_loss_fn  # noqa: E402
 
@@ -63,26 +63,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sync(dev) -> None:
-    dev.synchronize()
-
-
 def timed(step, dev, warmup: int, steps: int) -> dict:
-    """First call (compile), the rest of the warm-up, then ``steps`` calls between two synchronisations."""
+    """First call (compile) timed alone, the rest of the warm-up, then ``steps`` calls (unet's time_steps)."""
     t0 = time.perf_counter()
     step()
-    _sync(dev)
+    dev.synchronize()
     first_s = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    _sync(dev)
-    dev.reset_peak_memory()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    return {"first_call_s": first_s, "step_s": (time.perf_counter() - t0) / steps,
-            "peak_memory_mb": dev.peak_memory_bytes() / 2 ** 20}
+    _, step_s = time_steps(step, max(warmup - 1, 0), steps, dev)
+    return {"first_call_s": first_s, "step_s": step_s, "peak_memory_mb": dev.peak_memory_bytes() / 2 ** 20}
 
 
 def compile_kwargs(mode: str, quick_cpu: bool) -> dict:
@@ -119,7 +107,7 @@ def kernel_table(step, dev, steps: int = 5, rows: int = 15) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(dev)
+        dev.synchronize()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
@@ -248,11 +236,11 @@ def _forward_only(model, dev, plan: dict, args) -> float:
     x = dev.to_device(torch.rand(args.tile_batch, 1, plan["tile_size"], plan["tile_size"]))
     with torch.inference_mode(), dev.autocast():
         model(x)  # warm-up: cuDNN's algorithm choice for this shape
-        _sync(dev)
+        dev.synchronize()
         t0 = time.perf_counter()
         for _ in range(0, tiles, args.tile_batch):
             model(x)
-        _sync(dev)
+        dev.synchronize()
     return time.perf_counter() - t0
 
 
