@@ -34,7 +34,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from unet.atomic import atomic_path, publish, temporary_path, write_errors
-from unet.checkpoint import load_model
 from unet.cli import (HelpFormatter, add_device_args, add_instance_args, add_tiling_args, instance_options,
                       positive_float, positive_int, tiling_options)
 from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
@@ -628,7 +627,7 @@ def main(args: argparse.Namespace) -> RunResult | Path:
         raise UserError("--export takes one checkpoint; export the members of an ensemble one by one")
     inst_options = instance_options(args)
     start = time.perf_counter()
-    model = load_model(args.ckpt[0])[0] if len(args.ckpt) == 1 else load_ensemble(args.ckpt)[0]
+    model = load_ensemble(args.ckpt)[0]  # the UNet itself for one checkpoint
 
     if args.export is not None:
         path = export_model(model, args.export, tile_size=args.tile_size, overwrite=args.overwrite)

@@ -429,8 +429,6 @@ def predict_slice(predictor: Callable[[torch.Tensor], torch.Tensor], image: torc
     """
     geometry = _resolve_geometry(predictor, geometry)
     _check_image(image, blend)
-    if tile_batch < 1:
-        raise UserError(f"tile batch must be at least 1, got {tile_batch}")
     _, height, width = image.shape
     plan = slice_plan(height, width, geometry, tile_size=tile_size, overlap=overlap,
                       memory_budget_mb=memory_budget_mb)
