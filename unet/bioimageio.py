@@ -322,7 +322,7 @@ def sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ files
 
 def write_weights(net: BioimageioUNet, formats: tuple[str, ...], folder: Path, example_size: int) -> dict[str, Path]:
-    """Write each requested weight format into ``folder``; returns format -> file.
+    """Write each requested weight format into ``folder``; returns format (and "architecture") -> file.
 
     TorchScript is ``torch.jit.trace`` and ONNX the TorchScript-based exporter (``dynamo=False``) with
     dynamic batch, height and width: the torch.export-based exporter specialises the spatial sizes because
@@ -333,7 +333,8 @@ def write_weights(net: BioimageioUNet, formats: tuple[str, ...], folder: Path, e
     if "pytorch_state_dict" in formats:
         files["pytorch_state_dict"] = folder / "weights.pt"
         torch.save(net.state_dict(), files["pytorch_state_dict"])
-        (folder / "unet_em_model.py").write_text(architecture_source(), encoding="utf-8")
+        files["architecture"] = folder / "unet_em_model.py"
+        files["architecture"].write_text(architecture_source(), encoding="utf-8")
     with warnings.catch_warnings():
         # The size check in UNet.forward is a Python int under tracing (TracerWarning); the traced graph
         # keeps the size arithmetic of center_crop and slicing symbolic (tested at other sizes).
@@ -472,8 +473,7 @@ def _weights(model: UNet, geom: PackageGeometry, files: dict[str, Path]):
     """WeightsDescr: the state dict (with its architecture file) is the parent of the converted formats."""
     from bioimageio.spec.model import v0_5 as s
     torch_version = s.Version(torch.__version__.split("+")[0])
-    first = next(f for f in WEIGHT_FORMATS if f in files)
-    parent = {} if first != "pytorch_state_dict" else {"parent": "pytorch_state_dict"}
+    first = next(f for f in WEIGHT_FORMATS if f in files)  # the others name it as their parent
     entries = {}
     if "pytorch_state_dict" in files:
         arch = files["architecture"]
@@ -486,7 +486,7 @@ def _weights(model: UNet, geom: PackageGeometry, files: dict[str, Path]):
     if "torchscript" in files:
         entries["torchscript"] = s.TorchscriptWeightsDescr(
             source=files["torchscript"], sha256=sha256(files["torchscript"]), pytorch_version=torch_version,
-            **(parent if first != "torchscript" else {}))
+            **({"parent": first} if first != "torchscript" else {}))
     if "onnx" in files:
         entries["onnx"] = s.OnnxWeightsDescr(
             source=files["onnx"], sha256=sha256(files["onnx"]), opset_version=ONNX_OPSET,
@@ -531,8 +531,6 @@ def write_files(net: BioimageioUNet, model: UNet, ckpt: dict, options: PackageOp
     geom = package_geometry(model)
     crop = sample_crop(sample, geom.step)
     files = write_weights(net, options.weight_formats, folder, geom.block_size(crop.shape[-1]))
-    if "pytorch_state_dict" in files:
-        files["architecture"] = folder / "unet_em_model.py"
     files["test_input"], files["test_output"] = folder / "test_input.npy", folder / "test_output.npy"
     test_input, test_output = make_test_tensors(net, crop, geom.halo)
     np.save(files["test_input"], test_input)
