@@ -542,8 +542,9 @@ def write_files(net: BioimageioUNet, model: UNet, ckpt: dict, options: PackageOp
     return files
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:400]
+def _one_line(what: object) -> str:
+    """``str(what)`` on one line (whitespace runs become one space), at most 400 characters."""
+    return " ".join(str(what).split())[:400]
 
 
 def build_package(ckpt_path: str | Path, output: str | Path, options: PackageOptions) -> Path:
@@ -592,7 +593,7 @@ def _validated_description(model, ckpt, options, sample, files):
             if loc and loc[0] == "license":
                 raise UserError(f"--license {options.license!r} is not an SPDX licence identifier known to "
                                 f"bioimageio.spec (e.g. MIT, CC-BY-4.0, Apache-2.0, BSD-3-Clause)") from None
-            raise UserError(f"{flag}: rejected by bioimageio.spec: {_one_line(Exception(first['msg']))[:200]}") from None
+            raise UserError(f"{flag}: rejected by bioimageio.spec: {_one_line(first['msg'])[:200]}") from None
 
 
 def _save_package(descr, path: Path) -> None:
@@ -624,7 +625,7 @@ def check_package(path: Path, *, test: bool = True) -> None:
             result = test_model(path, weight_format=fmt, devices=["cpu"])
         if result.status != "passed":
             failed = [d for d in result.details if d.status == "failed"]
-            reason = "; ".join(f"{d.name}: {_one_line(Exception(d.errors))}" for d in failed[:2])
+            reason = "; ".join(f"{d.name}: {_one_line(d.errors)}" for d in failed[:2])
             raise RuntimeError(f"bioimageio.core test_model failed for {fmt} weights: {reason}")
 
 
