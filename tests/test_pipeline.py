@@ -8,6 +8,7 @@ from unet import inference
 from unet.checkpoint import save_checkpoint
 from unet.commands import infer
 from unet.device import DeviceSetup, setup_device
+from unet.errors import UserError
 from unet.model import UNet
 from unet.pipeline import StackPredictor, mask_from_probabilities
 from unet.predict import FREE_MEMORY_SHARE, free_memory_budget_mb
@@ -157,3 +158,12 @@ def test_two_class_mask_is_argmax_at_ties_and_nan():
     assert got.dtype == torch.uint8 and got.tolist() == expected.tolist() == [[255, 0, 0, 0, 255]]
     three = torch.rand(3, 4, 6)
     assert torch.equal(mask_from_probabilities(three), (three.argmax(0) == 1).to(torch.uint8) * 255)
+
+
+def test_slices_of_another_size_are_refused_naming_the_source():
+    model = _model("same")
+    chunks = [np.zeros((2, 40, 40), np.uint8), np.zeros((1, 40, 48), np.uint8)]
+    with pytest.raises(UserError) as e:
+        StackPredictor(model, setup_device("cpu"), TilingOptions()).run(chunks, lambda *a: None, source="in.tif")
+    assert str(e.value) == ("in.tif: slice 2 is 48x40 but the stack's first slice is 40x40; "
+                            "all slices of a stack must have the same size")

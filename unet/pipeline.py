@@ -182,7 +182,7 @@ class StackPredictor:
         count = 0
         try:
             with eval_mode(self.model), torch.inference_mode():
-                count = self._predict(pipe, inbox, outbox, keep_probabilities)
+                count = self._predict(pipe, inbox, outbox, keep_probabilities, source)
             pipe.put(outbox, _END)
             threads[1].join()
         except _Stopped:
@@ -197,10 +197,11 @@ class StackPredictor:
             raise pipe.error
         return count
 
-    def _predict(self, pipe: _Pipe, inbox: queue.Queue, outbox: queue.Queue, keep_probabilities: bool) -> int:
+    def _predict(self, pipe: _Pipe, inbox: queue.Queue, outbox: queue.Queue, keep_probabilities: bool,
+                 source: str) -> int:
         """The device loop: fill a batch from the open slices, predict, stitch, send finished slices on."""
         pending: deque[_Slice] = deque()
-        state = {"plan": None, "batch": 0, "count": 0, "ended": False}
+        state = {"plan": None, "batch": 0, "count": 0, "ended": False, "source": source}
         while True:
             pieces = self._next_batch(pipe, inbox, pending, state)
             if not pieces:
@@ -251,8 +252,9 @@ class StackPredictor:
         if state["plan"] is None:
             state["plan"], state["batch"] = self.plan(height, width)
         elif (height, width) != state["size"]:
-            raise UserError(f"slice {state['count']} is {width}x{height} but the stack's first slice is "
-                            f"{state['size'][1]}x{state['size'][0]}; all slices of a stack must have the same size")
+            raise UserError(f"{state['source']}: slice {state['count']} is {width}x{height} but the stack's first "
+                            f"slice is {state['size'][1]}x{state['size'][0]}; all slices of a stack must have the "
+                            f"same size")
         state["size"] = (height, width)
         s = _Slice(state["count"], image, host, SliceTiles(x, state["plan"], self.model, blend=self.options.blend,
                                                            num_outputs=self.model.config.num_classes))
