@@ -346,6 +346,18 @@ def test_small_slices_and_unrelated_names_warn_once(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_warnings_only_from_rank_0(tmp_path, capsys, monkeypatch):
+    img, lab = _stack(n=1, h=8, w=8)
+    tifffile.imwrite(tmp_path / "train-volume.tif", img)
+    tifffile.imwrite(tmp_path / "train-labels.tif", lab)
+    monkeypatch.setenv("RANK", "1")
+    load_dataset(tmp_path)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    load_dataset(tmp_path)
+    assert "smaller than 16 pixels on a side" in capsys.readouterr().err
+
+
 def test_huge_finite_pixels_are_not_mistaken_for_inf(tmp_path):
     img = np.full((2, 16, 16), 3e38, np.float32)  # every slice's sum overflows to inf
     tifffile.imwrite(tmp_path / "h.tif", img, photometric="minisblack")

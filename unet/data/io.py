@@ -9,7 +9,6 @@ pixels have several samples (RGB) or an ImageJ/OME hyperstack has a channel axis
 from __future__ import annotations
 
 import math
-import os
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ import tifffile
 from PIL import Image
 
 from unet.data.synthetic import make_synthetic_em
+from unet.distributed import env_info
 from unet.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -594,7 +594,7 @@ def synthetic_dataset(count: int = 30, size: int = 256, seed: int = 0) -> SliceS
 
 def _warn(message: str) -> None:
     """One line on stderr, from rank 0 only (every rank loads the data set)."""
-    if os.environ.get("RANK", "0") == "0":
+    if env_info().is_main:
         print(f"warning: {message}", file=sys.stderr)
 
 
