@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unet.atomic import _host_tag, atomic_path, atomic_write, make_folder, remove_stale_temporaries
+from unet.atomic import _UMASK, _host_tag, atomic_path, atomic_write, make_folder, remove_stale_temporaries
 from unet.errors import UserError
 from unet.inference import StackWriter
 from unet.run_log import MetricsLog, write_json
@@ -187,3 +187,14 @@ def test_metrics_log_torn_last_line_dropped_on_resume_with_a_note(tmp_path, caps
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not valid JSON"):
         MetricsLog(path, resume_step=2)
+
+
+def test_published_file_gets_the_umask_mode_and_leaves_the_umask_alone(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "summary.json", {"a": 1})
+        assert os.umask(0o027) == 0o027  # publishing leaves the process umask as it was
+    finally:
+        os.umask(old)
+    # The mode follows the umask read at import (the process's own), not mkstemp's owner-only 0600.
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~_UMASK

@@ -24,6 +24,11 @@ from unet.errors import UserError
 # A temporary whose owner cannot be checked (another host) counts as stale after this long.
 STALE_AFTER_S = 24 * 3600
 
+# The umask can only be read by setting it: do that once, at import, not in publish(), where a writer thread
+# (background checkpoint saves, the inference pipeline) would briefly give every other thread a umask of 0.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 _HINTS = {
     errno.ENOSPC: "the disk is full; free space or write elsewhere",
     errno.EDQUOT: "the disk quota is used up; free space or write elsewhere",
@@ -142,10 +147,8 @@ def publish(tmp: Path, path: Path) -> None:
         UserError: the flush or rename failed; ``tmp`` is deleted, ``path`` keeps its old content.
     """
     # mkstemp creates files readable by the owner only; outputs should get what the umask gives.
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
