@@ -23,8 +23,9 @@ setup(
         "test": ["pytest"],
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
-        # BioImage Model Zoo packages (export.py); the versions tested with spec 0.5.12.
-        "bioimageio": ["bioimageio.core==0.11.0", "bioimageio.spec==0.5.12.0", "onnx", "onnxruntime"],
+        # BioImage Model Zoo packages (export.py); the versions tested with spec 0.5.12 (pydantic 2.14 breaks
+        # bioimageio.spec 0.5.12's serializer: 'index_key' TypeError on a fresh install, 2026-11-26).
+        "bioimageio": ["bioimageio.core==0.11.0", "bioimageio.spec==0.5.12.0", "pydantic<2.14", "onnx", "onnxruntime"],
     },
     entry_points={
         "console_scripts": [

@@ -135,6 +135,11 @@ def test_cudnn_benchmark_limit_raised_in_cuda_speed_settings(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
-    device.apply_speed_settings("cuda")  # flags only: needs no GPU
+    # Restored by hand: cuda.matmul's flags live in torch's C++ state behind __getattr__, which pytest >= 9.2's
+    # monkeypatch takes for a missing attribute and then fails to delete on teardown.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        device.apply_speed_settings("cuda")  # flags only: needs no GPU
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     assert torch.backends.cudnn.benchmark_limit == 0 and torch.backends.cudnn.benchmark is True
