@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from unet.data.augment import AugmentConfig
+from unet.data.augment import AUGMENT_LEVELS, AugmentConfig
 from unet.data.io import SliceSet, load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.data.io import synthetic_dataset
@@ -223,3 +223,15 @@ def test_bad_arguments(small_set):
 def test_default_workers(monkeypatch, cpus, workers):
     monkeypatch.setattr("unet.data.sampling.usable_cpus", lambda: cpus)
     assert default_workers() == workers
+
+
+def test_augment_levels_name_the_configs_the_tests_above_check():
+    assert AUGMENT_LEVELS == ("full", "geometric", "flips")
+    assert AugmentConfig.level("full") == AugmentConfig()
+    assert AugmentConfig.level("geometric") == AugmentConfig.geometric_only()
+    # flips: exactly the flips-and-quarter-turns config whose lossless transforms are checked above
+    flips = AugmentConfig.level("flips")
+    assert flips == AugmentConfig.geometric_only(rotate_deg=0, elastic_std=0)
+    assert flips.flip and flips.rot90 and not (flips.rotate_deg or flips.elastic_std or flips.gamma or flips.noise_prob)
+    with pytest.raises(ValueError, match="augment level must be one of"):
+        AugmentConfig.level("strong")

@@ -68,7 +68,7 @@ PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "wo
 
 
 # Flags added since, stored after world_size (checkpoints without them resume with their defaults).
-NEW_ARGS = ("loss", "compile_mode")
+NEW_ARGS = ("loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level")
 
 
 def test_run_config_holds_every_flag_and_is_frozen():
@@ -292,3 +292,45 @@ def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_pat
     run(tmp_path, "--max-steps", "4", "--save-every", "2", name="ce_dice")
     c = weights(tmp_path / "ce_dice" / "last.pt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cosine_schedule_with_warm_up_is_logged_and_resumes_bit_identically(tmp_path, monkeypatch):
+    common = ("--max-steps", "6", "--save-every", "3", "--log-every", "1", "--learning-rate", "1e-3",
+              "--lr-schedule", "cosine", "--lr-warmup-steps", "2")
+    run(tmp_path, *common, name="straight")
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    # warm-up 5e-4, 1e-3; then half a cosine over the 4 remaining steps, starting at the peak
+    expected = [5e-4, 1e-3, 1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2]
+    assert [r["lr"] for r in logged if r["kind"] == "train"] == pytest.approx(expected, rel=1e-12)
+    # The same run killed after step 4 (last.pt at step 3), resumed with the same flags.
+    real, calls = training.Trainer.train_one, {"n": 0}
+
+    def dies_at_step_5(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(training.Trainer, "train_one", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *common, name="split")
+    monkeypatch.setattr(training.Trainer, "train_one", real)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 3
+    with pytest.raises(UserError, match=r"--lr-schedule 'cosine' there vs 'poly' now"):
+        run(tmp_path, *common[:-3], "poly", "--lr-warmup-steps", "2", "--resume", name="split")
+    run(tmp_path, *common, "--resume", name="split")
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the schedule changed the training: a constant-rate run ends elsewhere
+    run(tmp_path, "--max-steps", "6", "--learning-rate", "1e-3", name="constant")
+    c = weights(tmp_path / "constant" / "last.pt")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr-warmup-steps", "-1", "--lr-warmup-steps must be 0 or more and below --max-steps 4, got -1"),
+    ("--lr-warmup-steps", "4", "--lr-warmup-steps must be 0 or more and below --max-steps 4, got 4"),
+])
+def test_bad_warm_up_is_refused_before_anything_is_written(tmp_path, flag, value, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(tmp_path, "--max-steps", "4", flag, value)
+    assert not (tmp_path / "run").exists()

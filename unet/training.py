@@ -23,6 +23,7 @@ from unet.background_save import BackgroundCheckpointer
 from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
+from unet.data.augment import AUGMENT_LEVELS, AugmentConfig
 from unet.data.folds import SCHEMES, fold_indices
 from unet.data.io import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
@@ -32,6 +33,7 @@ from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier,
 from unet.errors import UserError
 from unet.evaluation import evaluate_slices
 from unet.losses import ce_dice_loss, weighted_cross_entropy
+from unet.lr_schedule import LR_SCHEDULES, learning_rate_at
 from unet.model import PADDINGS, ModelConfig, UNet
 from unet.run_log import MetricsLog, plot_curves, write_json
 from unet.tiling import check_tile_budget
@@ -45,9 +47,10 @@ except ImportError:  # another torch layout: the message says "torch's default" 
 # Arguments that define a run: resuming with any of them changed would silently mix two experiments.
 RUN_IDENTITY = ("data_dir", "fold", "folds", "fold_scheme", "seed", "batch_size", "learning_rate",
                 "weight_decay", "base_filters", "depth", "padding", "batch_norm", "dropout", "input_size",
-                "augment", "amp", "amp_dtype", "world_size", "clip_grad", "loss")
+                "augment", "amp", "amp_dtype", "world_size", "clip_grad", "loss", "lr_schedule", "lr_warmup_steps",
+                "augment_level")
 # What a checkpoint written before a RUN_IDENTITY flag existed ran with (the flag's default then and now).
-IDENTITY_DEFAULTS = {"loss": "ce_dice"}
+IDENTITY_DEFAULTS = {"loss": "ce_dice", "lr_schedule": "constant", "lr_warmup_steps": 0, "augment_level": "full"}
 # --loss: NVIDIA UNet_Medical's CE + soft Dice, or the UNet paper's weighted cross-entropy (eq. 1-2).
 LOSSES = ("ce_dice", "weighted_ce")
 # The UNet paper's border weight and width (Ronneberger et al. 2015, eq. 2).
@@ -64,7 +67,12 @@ class TrainingDiverged(UserError):
 def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="crops per step per device")
-    g.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-4,
+                   help="Adam learning rate (the peak, with a warm-up or a decaying --lr-schedule)")
+    g.add_argument("--lr-schedule", "--lr_schedule", default="constant", choices=LR_SCHEDULES,
+                   help="constant (UNet_Medical); cosine or poly (nnU-Net's (1 - t)^0.9) decay to 0 at --max-steps")
+    g.add_argument("--lr-warmup-steps", "--lr_warmup_steps", type=int, default=0,
+                   help="linear learning-rate warm-up over the first N steps")
     g.add_argument("--weight-decay", "--weight_decay", type=float, default=5e-4,
                    help="L2 weight decay, applied (UNet_Medical's TF1 code never applied its own)")
     g.add_argument("--max-steps", "--max_steps", type=positive_int, default=6400, help="optimizer steps in total")
@@ -97,6 +105,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="disjoint: every image validated exactly once; nvidia: UNet_Medical's overlapping folds")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="flips, rotations, elastic deformation, intensity changes")
+    g.add_argument("--augment-level", "--augment_level", default="full", choices=AUGMENT_LEVELS,
+                   help="with --augment: full (flips, free rotation, elastic, grey values), geometric (no grey-value "
+                        "changes) or flips (flips and quarter turns only)")
     g.add_argument("--workers", type=int, default=None, help="data loader processes per rank (default: from CPUs)")
     g = p.add_argument_group("model")
     g.add_argument("--base-filters", "--base_filters", type=int, default=64, help="filters of the first level")
@@ -178,6 +189,9 @@ class RunConfig:
     world_size: int = 1
     loss: str = "ce_dice"
     compile_mode: str = "default"
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    augment_level: str = "full"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, world_size: int, amp_dtype: str | None,
@@ -205,6 +219,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--evaluate-every must be 0 or more, got {args.evaluate_every}")
     if args.benchmark and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    if not 0 <= args.lr_warmup_steps < args.max_steps:
+        raise UserError(f"--lr-warmup-steps must be 0 or more and below --max-steps {args.max_steps}, "
+                        f"got {args.lr_warmup_steps}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
 
@@ -407,10 +424,19 @@ class Trainer:
 
     def train_one(self) -> torch.Tensor:
         """One optimizer step on the next prefetched batch; the loss stays on the device."""
+        self.set_learning_rate(self.step + 1)
         if self.config.compile and self.config.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs may be reused
         return optimizer_step(self.forward_loss, next(self.batches), self.optimizer, self.scaler,
                               self.config.clip_grad)
+
+    def set_learning_rate(self, step: int) -> None:
+        """The schedule's rate for ``step`` into every param group (a function of the step alone: resumable)."""
+        c = self.config
+        self.lr = learning_rate_at(step, peak=c.learning_rate, max_steps=c.max_steps, schedule=c.lr_schedule,
+                                   warmup_steps=c.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
 
     def report_first_step(self, started: float) -> None:
         """The first step's time (it holds torch.compile's compilation): one device sync, printed by rank 0."""
@@ -500,7 +526,8 @@ class Trainer:
             self.load_state(resume)
         self.forward_loss = self.compiled_step()
         self.workers = default_workers() if c.workers is None else c.workers
-        stream = TrainTiles(self.train_set, c.input_size, self.output_size, augment=c.augment, seed=c.seed,
+        augment = AugmentConfig.level(c.augment_level) if c.augment else False
+        stream = TrainTiles(self.train_set, c.input_size, self.output_size, augment=augment, seed=c.seed,
                             rank=self.dist.rank, world_size=self.dist.world_size,
                             start_index=self.step * c.batch_size, weights=self.train_weights)
         # Starting the loader draws from torch's generator, so the dropout stream is set after it.
@@ -544,11 +571,13 @@ class Trainer:
                  f"global batch {self.global_batch} = {c.batch_size} per device x {ws}")
         self.say(f"data: {self.data_name}: {len(self.train_set)} training / {len(self.val_set)} validation "
                  f"slices (fold {c.fold} of {c.folds}, {c.fold_scheme}); crops {c.input_size} -> "
-                 f"{self.output_size}, augment {'on' if c.augment else 'off'}, {self.workers} loader worker(s)")
+                 f"{self.output_size}, augment {c.augment_level if c.augment else 'off'}, {self.workers} loader worker(s)")
         self.say(f"model: {sum(p.numel() for p in self.model.parameters()):,} parameters, {cfg.padding} padding, "
                  f"base {cfg.base_filters} filters, depth {cfg.depth}; loss {c.loss}; step "
                  + (f"compiled (mode {c.compile_mode})" if c.compile else "eager")
-                 + f"; Adam {'fused' if self.dev.optimizer_kwargs().get('fused') else 'default'}")
+                 + f"; Adam {'fused' if self.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate "
+                 + f"{c.learning_rate:g} {c.lr_schedule}"
+                 + (f" after {c.lr_warmup_steps} warm-up steps" if c.lr_warmup_steps else ""))
         if resumed:
             self.say(f"resuming {self.model_dir / 'last.pt'} at step {self.step}")
 
@@ -591,7 +620,7 @@ class Trainer:
         mean_loss, steps, seconds = losses.mean_and_reset()  # NaN (logged as null) if the scaler skipped all
         ips = steps * self.global_batch / seconds
         if self.log:
-            self.log.write({"kind": "train", "step": self.step, "loss": mean_loss, "lr": self.config.learning_rate,
+            self.log.write({"kind": "train", "step": self.step, "loss": mean_loss, "lr": self.lr,
                             "images_per_s": ips, "loss_scale": self.scaler.get_scale() if losses.fp16 else None})
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
 

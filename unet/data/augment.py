@@ -21,6 +21,8 @@ from scipy import ndimage as ndi
 from torchvision.transforms.v2 import functional as TF
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+# --augment-level: everything below, no grey-value changes, or only the lossless flips and quarter turns.
+AUGMENT_LEVELS = ("full", "geometric", "flips")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,17 @@ class AugmentConfig:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.elastic_grid < 2:
             raise ValueError(f"elastic_grid must be >= 2, got {self.elastic_grid}")
+
+    @classmethod
+    def level(cls, name: str) -> "AugmentConfig":
+        """The configuration of an :data:`AUGMENT_LEVELS` name (``full`` = the defaults)."""
+        if name not in AUGMENT_LEVELS:
+            raise ValueError(f"augment level must be one of {AUGMENT_LEVELS}, got {name!r}")
+        if name == "full":
+            return cls()
+        if name == "geometric":
+            return cls.geometric_only()
+        return cls.geometric_only(rotate_deg=0.0, elastic_std=0.0)
 
     @classmethod
     def geometric_only(cls, **overrides) -> "AugmentConfig":
