@@ -114,7 +114,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=5, help="levels including the bottleneck")
     g.add_argument("--padding", default="valid", choices=PADDINGS,
                    help="valid: unpadded convolutions as in UNet_Medical; same: output size = input size")
-    g.add_argument("--batch-norm", "--batch_norm", action="store_true", help="BatchNorm after each 3x3 conv")
+    g.add_argument("--batch-norm", "--batch_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="BatchNorm after each 3x3 conv")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout after the bottleneck (training only)")
     g.add_argument("--input-size", "--input_size", type=int, default=None,
                    help="training crop size fed to the model (default: 572 for valid, 256 for same)")
@@ -219,7 +220,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--evaluate-every must be 0 or more, got {args.evaluate_every}")
     if args.benchmark and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    if not 0 <= args.lr_warmup_steps < args.max_steps:
+    if args.lr_warmup_steps < 0 or (not args.benchmark and args.lr_warmup_steps >= args.max_steps):
         raise UserError(f"--lr-warmup-steps must be 0 or more and below --max-steps {args.max_steps}, "
                         f"got {args.lr_warmup_steps}")
     if args.resume and args.overwrite:
