@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unet.atomic import atomic_path, make_folder, write_error  # noqa: E402
+from unet.atomic import atomic_path, file_sha256, make_folder, write_error  # noqa: E402
 from unet.data.io import stack_info  # noqa: E402
 from unet.errors import UserError  # noqa: E402
 
@@ -87,14 +87,6 @@ def _copy_capped(response, out, url: str, dest: Path) -> str:
             out.write(chunk)
         except OSError as exc:
             raise write_error(dest, exc) from None
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

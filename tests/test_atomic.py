@@ -198,3 +198,12 @@ def test_published_file_gets_the_umask_mode_and_leaves_the_umask_alone(tmp_path)
         os.umask(old)
     # The mode follows the umask read at import (the process's own), not mkstemp's owner-only 0600.
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+def test_file_sha256_equals_hashlib_over_the_bytes_across_block_boundaries(tmp_path):
+    import hashlib
+    from unet.atomic import file_sha256
+    data = bytes(range(256)) * 8193  # 2 MiB + 256 bytes: two full 1 MiB blocks and a partial one
+    for name, content in [("empty", b""), ("big", data)]:
+        (tmp_path / name).write_bytes(content)
+        assert file_sha256(tmp_path / name) == hashlib.sha256(content).hexdigest()

@@ -26,7 +26,6 @@ on the pooling grid of infer.py's canvas and drops the transposed-convolution ed
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
@@ -41,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from unet import model as unet_model
-from unet.atomic import atomic_path
+from unet.atomic import atomic_path, file_sha256
 from unet.checkpoint import load_model
 from unet.cli import HelpFormatter
 from unet.data.io import as_image, iter_pages, scale_by_dtype, stack_info
@@ -311,14 +310,6 @@ def sample_crop(sample: Sample, step: int) -> np.ndarray:
     return np.ascontiguousarray(sample.raw[:, top:top + size, left:left + size])
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ files
 
 def write_weights(net: BioimageioUNet, formats: tuple[str, ...], folder: Path, example_size: int) -> dict[str, Path]:
@@ -478,25 +469,25 @@ def _weights(model: UNet, geom: PackageGeometry, files: dict[str, Path]):
     if "pytorch_state_dict" in files:
         arch = files["architecture"]
         entries["pytorch_state_dict"] = s.PytorchStateDictWeightsDescr(
-            source=files["pytorch_state_dict"], sha256=sha256(files["pytorch_state_dict"]),
+            source=files["pytorch_state_dict"], sha256=file_sha256(files["pytorch_state_dict"]),
             pytorch_version=torch_version,
             architecture=s.ArchitectureFromFileDescr(
-                source=arch, sha256=sha256(arch), callable=s.Identifier("BioimageioUNet"),
+                source=arch, sha256=file_sha256(arch), callable=s.Identifier("BioimageioUNet"),
                 kwargs={"config": model.config.to_dict(), "margin": geom.margin, "crop": geom.crop}))
     if "torchscript" in files:
         entries["torchscript"] = s.TorchscriptWeightsDescr(
-            source=files["torchscript"], sha256=sha256(files["torchscript"]), pytorch_version=torch_version,
+            source=files["torchscript"], sha256=file_sha256(files["torchscript"]), pytorch_version=torch_version,
             **({"parent": first} if first != "torchscript" else {}))
     if "onnx" in files:
         entries["onnx"] = s.OnnxWeightsDescr(
-            source=files["onnx"], sha256=sha256(files["onnx"]), opset_version=ONNX_OPSET,
+            source=files["onnx"], sha256=file_sha256(files["onnx"]), opset_version=ONNX_OPSET,
             **({"parent": first} if first != "onnx" else {}))
     return s.WeightsDescr(**entries)
 
 
 def _file(path: Path):
     from bioimageio.spec.model.v0_5 import FileDescr
-    return FileDescr(source=path, sha256=sha256(path))
+    return FileDescr(source=path, sha256=file_sha256(path))
 
 
 def describe(model: UNet, ckpt: dict, options: PackageOptions, sample: Sample, files: dict[str, Path]):

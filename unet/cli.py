@@ -42,13 +42,7 @@ def positive_int(text: str) -> int:
 
 def fraction(text: str) -> float:
     """argparse ``type``: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
-    return value
+    return _bounded_float(text, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def positive_float(text: str) -> float:
