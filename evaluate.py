@@ -2,7 +2,7 @@
 """Thin entry point: see `python evaluate.py --help` (the code lives in unet/)."""
 import sys
 
-from unet.commands import evaluate
+from unet.cli.commands import evaluate
 
 if __name__ == "__main__":
     sys.exit(evaluate())

@@ -2,7 +2,7 @@
 """Thin entry point: see `python export.py --help` (the code lives in unet/bioimageio.py)."""
 import sys
 
-from unet.commands import export
+from unet.cli.commands import export
 
 if __name__ == "__main__":
     sys.exit(export())

@@ -29,10 +29,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "unet-train=unet.commands:train",
-            "unet-evaluate=unet.commands:evaluate",
-            "unet-infer=unet.commands:infer",
-            "unet-export=unet.commands:export",
+            "unet-train=unet.cli.commands:train",
+            "unet-evaluate=unet.cli.commands:evaluate",
+            "unet-infer=unet.cli.commands:infer",
+            "unet-export=unet.cli.commands:export",
         ],
     },
 )

@@ -6,7 +6,7 @@
 The state is what train.py saves: the model (in the device's layout) and Adam's state after one step, plus the
 step, RNG state and arguments (~0.4 GB for the reference model). ``sync`` is unet.checkpoint.save_checkpoint:
 the loop waits for device-to-host copy, serialisation, write and fsync. ``background`` is
-unet.background_save.BackgroundCheckpointer: the loop waits only for ``save()`` (the host snapshot; on CUDA
+unet.training.background_save.BackgroundCheckpointer: the loop waits only for ``save()`` (the host snapshot; on CUDA
 the copies are queued and it returns at once), then ``flush()`` waits for the write so the next repeat starts
 clean. The first background save also allocates (pins, on CUDA) its host buffers and is reported apart.
 Files are written under --dir (default: a temporary folder in the working directory, so the disk is the one a
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from common import MODELS, QUICK_MODEL, device_for, machine_header, machine_record, write_json  # noqa: E402
 
-from unet.background_save import BackgroundCheckpointer  # noqa: E402
+from unet.training.background_save import BackgroundCheckpointer  # noqa: E402
 from unet.checkpoint import save_checkpoint  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
 

@@ -15,7 +15,9 @@ if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` from an
 
 import torch  # noqa: E402
 
-from unet import evaluation, run_log  # noqa: E402
+from unet import run_log  # noqa: E402
+
+from unet.evaluation import evaluate as evaluation  # noqa: E402
 from unet.benchmarking import PRECISION_DTYPES, cpu_theoretical_peak, measure_cpu_kernels, peak_source  # noqa: E402
 from unet.device import DeviceSetup, cpu_name, setup_device, usable_cpus  # noqa: E402
 from unet.errors import UserError  # noqa: E402
@@ -175,7 +177,7 @@ class MfuPeaks:
 
 
 def fmt(value, spec: str = ".1f") -> str:
-    """A table cell: numbers formatted, None as n/a (unet.evaluation.fmt, the package's one formatter)."""
+    """A table cell: numbers formatted, None as n/a (unet.evaluation.evaluate.fmt, the package's one formatter)."""
     return evaluation.fmt(value, spec, missing="n/a")
 
 

@@ -31,7 +31,7 @@ from common import (MODELS, QUICK_MODEL, csv_list, device_for, machine_header, m
 from unet.benchmarking import (PRECISION_DTYPES, cpu_theoretical_peak, measure_cpu_kernels,  # noqa: E402
                                model_flops)
 from unet import model as model_module  # noqa: E402
-from unet.training import train_step  # noqa: E402
+from unet.training.trainer import train_step  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ Rows (reference model, bf16 autocast, synthetic inputs already on the device unl
   train_compile_model    torch.compile(model) (the earlier --compile), Adam foreach
   train_compile_step:M   model + loss compiled as one function in mode M (default,
                          max-autotune-no-cudagraphs, reduce-overhead), Adam(fused=True): train.py's default
-                         step on CUDA with --compile-mode M (unet.training.forward_loss_fn, uint8 labels)
+                         step on CUDA with --compile-mode M (unet.training.trainer.forward_loss_fn, uint8 labels)
   forward_eager          eval forward, batch 16, 572x572, inference_mode
   forward_compile        torch.compile(model) forward (default mode)
   forward_cuda_graph     the eager forward captured once in a CUDA graph and replayed (CUDA only)
@@ -40,7 +40,7 @@ from common import MODELS, QUICK_MODEL, REPO, device_for, machine_record, write_
 
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.training import forward_loss_fn  # noqa: E402
+from unet.training.trainer import forward_loss_fn  # noqa: E402
 
 TRAIN_ROWS = ("train_eager", "train_eager_fused", "train_compile_model", "train_compile_step")
 FORWARD_ROWS = ("forward_eager", "forward_compile", "forward_cuda_graph")
@@ -190,7 +190,7 @@ def end_to_end(spec, dev, args) -> dict:
     import tifffile
     from unet.checkpoint import save_checkpoint
     from unet.data.synthetic import make_synthetic_em
-    from unet.predict import tiling_plan
+    from unet.prediction.predictor import tiling_plan
     size = 64 if args.quick else 512
     torch.manual_seed(0)
     model = spec.build()

@@ -9,7 +9,7 @@ model (seed 0) to a temporary checkpoint. Then, in this order:
 1. forward only: the model's forward passes (eval, inference_mode, autocast, the device's layout) over
    exactly the tile batches infer.py runs for that stack (same tile size, same batch sizes, same count),
    inputs already on the device; one untimed warm-up pass first;
-2. infer.py: ``unet.inference.main`` as the command runs it (load the checkpoint, read the TIFF, tile,
+2. infer.py: ``unet.prediction.stacks.main`` as the command runs it (load the checkpoint, read the TIFF, tile,
    predict, stitch, write the zlib mask TIFF); its fixed start-up (checkpoint load, device set-up, warm-up
    forward) is reported apart from the streaming run;
 3. forward only again, so that a load change on a shared machine shows as a difference between 1 and 3;
@@ -35,13 +35,13 @@ import torch  # noqa: E402
 
 from common import MODELS, device_for, machine_header, machine_record, write_json  # noqa: E402
 
-from unet import inference  # noqa: E402
+from unet.prediction import stacks as inference  # noqa: E402
 from unet.checkpoint import save_checkpoint  # noqa: E402
 from unet.data.synthetic import make_synthetic_em  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.pipeline import StackPredictor  # noqa: E402
-from unet.predict import free_memory_budget_mb, predict_probabilities  # noqa: E402
-from unet.tiling import TilingOptions  # noqa: E402
+from unet.prediction.pipeline import StackPredictor  # noqa: E402
+from unet.prediction.predictor import free_memory_budget_mb, predict_probabilities  # noqa: E402
+from unet.prediction.tiling import TilingOptions  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

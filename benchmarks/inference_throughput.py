@@ -7,7 +7,7 @@
 (a) images/s of eval-mode forward passes under inference_mode and the precision's autocast, on random tiles of
 the model's input size (572 for the reference model), one row per (precision, batch).
 (b) a synthetic uint8 stack of --slices 512x512 slices is written to a temporary TIFF, the model (random weights,
-seed 0) to a temporary checkpoint; then infer.py's own code path (unet.inference.main: load checkpoint, read,
+seed 0) to a temporary checkpoint; then infer.py's own code path (unet.prediction.stacks.main: load checkpoint, read,
 tile, predict, write a compressed mask TIFF) is timed against predict_probabilities over the same slices already
 in memory (the same tiler, tiles and batch, nothing else). The difference is infer.py's overhead; it should stay
 under 10 %. --profile prints where infer.py's time goes (cProfile, top functions by cumulative time).
@@ -31,14 +31,16 @@ import torch  # noqa: E402
 from common import (MODELS, QUICK_MODEL, MfuPeaks, add_peak_args, csv_list, device_for, machine_header,  # noqa: E402
                     machine_record, print_table, usable_precisions, write_json)
 
-from unet import inference, pipeline  # noqa: E402
+from unet.prediction import stacks as inference  # noqa: E402
+
+from unet.prediction import pipeline  # noqa: E402
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.checkpoint import load_model, save_checkpoint  # noqa: E402
-from unet.data.io import scale_by_dtype  # noqa: E402
+from unet.io.images import scale_by_dtype  # noqa: E402
 from unet.data.synthetic import make_synthetic_em  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.predict import predict_probabilities, tiling_plan  # noqa: E402
-from unet.tiling import TilingOptions  # noqa: E402
+from unet.prediction.predictor import predict_probabilities, tiling_plan  # noqa: E402
+from unet.prediction.tiling import TilingOptions  # noqa: E402
 
 FORWARD_COLUMNS = [("model", "model"), ("tile", "tile"), ("batch", "batch"), ("precision", "prec"),
                    ("images_per_s", "images/s"), ("ms_per_batch", "ms/batch"), ("peak_memory_mb", "peak MB"),
@@ -125,9 +127,9 @@ def forward_alone(ckpt: Path, pages: np.ndarray, dev, tile_batch: int) -> float:
 
 @contextlib.contextmanager
 def timed_predict_probabilities():
-    """Count the seconds infer.py spends in its tile forwards (``unet.pipeline.predict_tiles``, synchronised).
+    """Count the seconds infer.py spends in its tile forwards (``unet.prediction.pipeline.predict_tiles``, synchronised).
 
-    The pipeline calls the name predict_tiles in unet.pipeline, so wrapping that module attribute sees
+    The pipeline calls the name predict_tiles in unet.prediction.pipeline, so wrapping that module attribute sees
     every forward (with TTA, all 8). Time outside it is infer.py's own overhead (reading, tiling, stitching,
     copies, writing as far as they do not overlap), measured in the same run and so immune to the load
     changes that make two separate runs on a shared machine hard to compare.
@@ -152,7 +154,7 @@ def timed_predict_probabilities():
 
 def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, tile_batch: int,
                profile: bool) -> tuple[float, float, object, str]:
-    """Run unet.inference.main as infer.py would.
+    """Run unet.prediction.stacks.main as infer.py would.
 
     Returns:
         (wall seconds, seconds inside the tile forwards, RunResult, its stdout).
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slices:
         print(f"\n(b) end to end: {args.slices} synthetic uint8 slices of {args.slice_size}x{args.slice_size}, "
               f"{spec.name} model (random weights), default tiling, tile batch {args.tile_batch}; "
-              f"infer.py = unet.inference.main (load checkpoint, read TIFF, tile, predict, write zlib mask TIFF) "
+              f"infer.py = unet.prediction.stacks.main (load checkpoint, read TIFF, tile, predict, write zlib mask TIFF) "
               f"vs predict_probabilities on the slices in memory")
         with tempfile.TemporaryDirectory(prefix="unet-infer-bench-") as tmp:
             for precision in precisions:

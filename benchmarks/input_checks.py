@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unet import checkpoint  # noqa: E402
-from unet.data import io  # noqa: E402
+from unet.io import images as io  # noqa: E402
 from unet.model import UNet  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 Stand-in prediction (no trained model is needed): the ISBI 2012 training labels' cell mask blurred
 (Gaussian, ``--blur`` px) plus Gaussian noise (sd ``--noise``), clipped to [0, 1]; blurring thins weak
 membranes below 0.5 so connected components merge cells, as a real model's gaps do. Rows: plain
-4-connected components at 0.5 (the baseline of unet.metrics), then every grid point, best V_Rand last.
+4-connected components at 0.5 (the baseline of unet.metrics.segmentation), then every grid point, best V_Rand last.
 ``--focus`` runs only h-minima seeds, h in 0.2-0.5, smooth 1 and 2, threshold 0.5 (the robustness check).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from scipy import ndimage  # noqa: E402
 from common import machine_header  # noqa: E402
 
 from unet.device import setup_device  # noqa: E402
-from unet.instances import InstanceOptions, instance_stack, score_instances  # noqa: E402
-from unet.metrics import label_cells  # noqa: E402
+from unet.prediction.instances import InstanceOptions, instance_stack, score_instances  # noqa: E402
+from unet.metrics.segmentation import label_cells  # noqa: E402
 
 GRID = {"distance": (1.0, 2.0, 3.0, 5.0), "hminima": (0.05, 0.1, 0.2, 0.3)}
 FOCUS = {"hminima": (0.2, 0.3, 0.4, 0.5)}

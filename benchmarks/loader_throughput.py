@@ -24,11 +24,11 @@ from scipy import ndimage as ndi  # noqa: E402
 from common import machine_header  # noqa: E402
 
 from unet.data.augment import AugmentConfig, _upsample_matrix, random_affine, sampling_grid, warp  # noqa: E402
-from unet.data.io import load_dataset  # noqa: E402
+from unet.data.datasets import load_dataset  # noqa: E402
 from unet.data.sampling import TrainTiles, build_train_loader  # noqa: E402
 from unet.device import DeviceSetup, setup_device  # noqa: E402
 from unet.model import UNet  # noqa: E402
-from unet.training import train_step  # noqa: E402
+from unet.training.trainer import train_step  # noqa: E402
 
 
 def per_call_ms(fn, seconds: float, min_calls: int = 3) -> float:

@@ -26,7 +26,7 @@ from common import (LAYOUTS, MODELS, QUICK_MODEL, MfuPeaks, ModelSpec, add_peak_
 
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
-from unet.training import forward_loss_fn, optimizer_step  # noqa: E402
+from unet.training.trainer import forward_loss_fn, optimizer_step  # noqa: E402
 
 COLUMNS = [("model", "model"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"),
            ("layout", "layout"), ("images_per_s", "images/s"), ("step_ms", "step ms"),

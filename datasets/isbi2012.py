@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unet.atomic import atomic_path, file_sha256, make_folder, write_error  # noqa: E402
-from unet.data.io import stack_info  # noqa: E402
+from unet.io.images import stack_info  # noqa: E402
 from unet.errors import UserError  # noqa: E402
 
 BASE_URL = "http://brainiac2.mit.edu/isbi_challenge/sites/default/files/"

@@ -80,10 +80,10 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("low, high", [("unet.predict", "unet.evaluation"), ("unet.predict", "unet.inference"),
-                                       ("unet.cli", "unet.training"), ("unet.cli", "unet.evaluation"),
-                                       ("unet.cli", "unet.inference"), ("unet.data.synthetic", "unet.data.io"),
-                                       ("unet.inference", "unet.evaluation"), ("unet.evaluation", "unet.training")])
+@pytest.mark.parametrize("low, high", [("unet.prediction.predictor", "unet.evaluation.evaluate"), ("unet.prediction.predictor", "unet.prediction.stacks"),
+                                       ("unet.cli.common", "unet.training.trainer"), ("unet.cli.common", "unet.evaluation.evaluate"),
+                                       ("unet.cli.common", "unet.prediction.stacks"), ("unet.data.synthetic", "unet.io.images"),
+                                       ("unet.prediction.stacks", "unet.evaluation.evaluate"), ("unet.evaluation.evaluate", "unet.training.trainer")])
 def test_layers_point_down_only(low, high):
     edges, _ = _graph()
 
@@ -96,7 +96,7 @@ def test_layers_point_down_only(low, high):
 
 def test_nothing_imports_the_launchers():
     edges, _ = _graph()
-    assert [m for m, out in edges.items() if "unet.commands" in out] == []
+    assert [m for m, out in edges.items() if "unet.cli.commands" in out] == []
 
 
 def test_no_function_longer_than_a_screen():

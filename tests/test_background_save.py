@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet import background_save
-from unet.background_save import BackgroundCheckpointer
+from unet.training import background_save
+from unet.training.background_save import BackgroundCheckpointer
 from unet.checkpoint import load_checkpoint, save_checkpoint
 from unet.errors import UserError
 from unet.model import UNet
@@ -143,7 +143,7 @@ def test_one_write_in_flight_and_every_requested_file_written(tmp_path, monkeypa
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     import torch
-    from unet.background_save import BackgroundCheckpointer
+    from unet.training.background_save import BackgroundCheckpointer
     from unet.checkpoint import save_checkpoint
     from unet.model import UNet
 

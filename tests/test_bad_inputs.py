@@ -34,7 +34,7 @@ ISBI = Path(os.environ.get("ISBI_DIR", REPO.parent / "shared" / "isbi2012"))
 RUNNER = textwrap.dedent("""
     import contextlib, importlib.util, io, json, resource, signal, sys, traceback
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the size limit fails with EFBIG instead
-    from unet import commands as cli
+    from unet.cli import commands as cli
     spec = importlib.util.spec_from_file_location("isbi2012_download", sys.argv[3])
     download = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(download)
@@ -337,7 +337,7 @@ def _build_world(w: Path):
     _isbi(w / "isbi", 6)
     _ckpt(w / "good.pt")
     _mirror(w / "mirror")
-    from unet import training
+    from unet.training import trainer as training
     training.main(training.get_args_parser().parse_args(TINY_TRAIN + ["--model-dir", str(w / "run")]))
 
 

@@ -20,11 +20,11 @@ import pytest
 import tifffile
 import torch
 
-from unet.bioimageio import (DTYPE_GAIN, WEIGHT_FORMATS, BioimageioUNet, architecture_source,
+from unet.export.bioimageio import (DTYPE_GAIN, WEIGHT_FORMATS, BioimageioUNet, architecture_source,
                              package_geometry, package_network)
 from unet.checkpoint import VERSION, save_checkpoint
-from unet.commands import export as cli
-from unet.data.io import scale_by_dtype
+from unet.cli.commands import export as cli
+from unet.io.images import scale_by_dtype
 from unet.data.synthetic import make_synthetic_em
 from unet.model import UNet
 

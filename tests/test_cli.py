@@ -1,4 +1,4 @@
-"""unet.cli: the shared instance flags, the tile-size budget check and one error line under torchrun."""
+"""unet.cli.common: the shared instance flags, the tile-size budget check and one error line under torchrun."""
 import argparse
 import dataclasses
 import os
@@ -8,24 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from unet.cli import add_instance_args, instance_options, run
+from unet.cli.common import add_options, options_from, run
 from unet.errors import UserError
-from unet.instances import InstanceOptions
+from unet.prediction.instances import InstanceOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parser():
     p = argparse.ArgumentParser(prog="tool.py")
-    add_instance_args(p)
+    add_options(p, InstanceOptions)
     return p
 
 
 def test_instance_flags_default_to_instance_options_and_round_trip():
-    assert instance_options(parser().parse_args([])) == InstanceOptions()
+    assert options_from(parser().parse_args([]), InstanceOptions) == InstanceOptions()
     args = parser().parse_args(["--instance-threshold", "0.3", "--instance-seeds", "distance", "--instance-h", "3",
                                 "--instance-smooth", "0", "--no-instance-fill"])
-    assert dataclasses.asdict(instance_options(args)) == {"threshold": 0.3, "seeds": "distance", "seed_h": 3.0,
+    assert dataclasses.asdict(options_from(args, InstanceOptions)) == {"threshold": 0.3, "seeds": "distance", "seed_h": 3.0,
                                                           "smooth": 0.0, "fill": False}
 
 

@@ -4,7 +4,9 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
-from unet.data.io import SliceSet, StackInfo, iter_pages, load_dataset, read_stack, scale_by_dtype, stack_info
+from unet.io.images import StackInfo, iter_pages, read_stack, scale_by_dtype, stack_info
+
+from unet.data.datasets import SliceSet, load_dataset
 from unet.errors import UserError
 
 

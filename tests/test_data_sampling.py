@@ -5,9 +5,9 @@ import torch
 from scipy import ndimage as ndi
 
 from unet.data.augment import AUGMENT_LEVELS, AugmentConfig
-from unet.data.io import SliceSet, load_dataset
+from unet.data.datasets import SliceSet, load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
-from unet.data.io import synthetic_dataset
+from unet.data.datasets import synthetic_dataset
 from unet.errors import UserError
 
 IN, OUT = 124, 36          # a valid depth-4 'valid' UNet size pair, small enough to keep tests fast

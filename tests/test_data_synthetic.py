@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unet.data.io import synthetic_dataset
+from unet.data.datasets import synthetic_dataset
 from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 

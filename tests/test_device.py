@@ -115,7 +115,7 @@ def test_fused_adam_on_cuda_only():
 
 
 def test_prefetcher_on_cpu_yields_the_plain_iterators_batches_bit_for_bit():
-    from unet.data.io import synthetic_dataset
+    from unet.data.datasets import synthetic_dataset
     from unet.data.sampling import TrainTiles, build_train_loader
     from unet.device import Prefetcher
     tiles = TrainTiles(synthetic_dataset(count=3, size=64, seed=2), 44, 4, seed=1)

@@ -1,17 +1,17 @@
-"""unet.ensemble: the mean probability of several UNets, usable wherever a UNet predicts."""
+"""unet.prediction.ensemble: the mean probability of several UNets, usable wherever a UNet predicts."""
 import numpy as np
 import pytest
 import tifffile
 import torch
 
 from unet.checkpoint import save_checkpoint
-from unet.commands import infer
+from unet.cli.commands import infer
 from unet.device import setup_device
-from unet.ensemble import Ensemble, load_ensemble
+from unet.prediction.ensemble import Ensemble, load_ensemble
 from unet.errors import UserError
 from unet.model import UNet
-from unet.predict import predict_probabilities, tiling_plan
-from unet.tiling import TilingOptions
+from unet.prediction.predictor import predict_probabilities, tiling_plan
+from unet.prediction.tiling import TilingOptions
 
 
 def unet(seed, **kw):

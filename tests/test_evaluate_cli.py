@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from unet.checkpoint import save_checkpoint
-from unet.commands import evaluate, train
+from unet.cli.commands import evaluate, train
 from unet.data.synthetic import make_synthetic_em
 from unet.model import UNet
 
@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_cli(argv, capsys):
-    """unet.commands.evaluate(argv) -> (exit code, stdout, stderr)."""
+    """unet.cli.commands.evaluate(argv) -> (exit code, stdout, stderr)."""
     try:
         code = evaluate([str(a) for a in argv])
     except SystemExit as e:
@@ -194,12 +194,12 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, data_dir):
 
 def _direct_scores(ckpts, data_dir, val, options):
     """The challenge and instance scores computed here, outside evaluate.py, from the same probabilities."""
-    from unet.data.io import load_dataset
+    from unet.data.datasets import load_dataset
     from unet.device import setup_device
-    from unet.ensemble import load_ensemble
-    from unet.instances import instance_stack, score_instances
-    from unet.isbi_metrics import isbi_thinned_scores
-    from unet.predict import predict_probabilities
+    from unet.prediction.ensemble import load_ensemble
+    from unet.prediction.instances import instance_stack, score_instances
+    from unet.metrics.isbi import isbi_thinned_scores
+    from unet.prediction.predictor import predict_probabilities
     model, _ = load_ensemble(ckpts)
     slices = load_dataset(str(data_dir)).subset(val)
     dev = setup_device("cpu")
@@ -209,7 +209,7 @@ def _direct_scores(ckpts, data_dir, val, options):
 
 
 def test_challenge_and_instance_scores(tmp_path, data_dir, capsys):
-    from unet.instances import InstanceOptions
+    from unet.prediction.instances import InstanceOptions
     ckpt = make_ckpt(tmp_path / "a.pt", fold=0, folds=2, data_dir=str(data_dir))
     code, out, err = run_cli(["--ckpt", ckpt, "--output", tmp_path / "r.json", "--device", "cpu", "--per-image",
                               "--instance-h", "0.1", "--instance-smooth", "0.5"], capsys)
@@ -255,10 +255,10 @@ def test_cv_table_has_the_challenge_and_instance_columns(tmp_path, data_dir, cap
 
 def test_ensemble_scores_the_mean_probability(tmp_path, data_dir, capsys):
     from unet.device import setup_device
-    from unet.ensemble import load_ensemble
-    from unet.evaluation import evaluate_slices
-    from unet.data.io import load_dataset
-    from unet.instances import InstanceOptions
+    from unet.prediction.ensemble import load_ensemble
+    from unet.evaluation.evaluate import evaluate_slices
+    from unet.data.datasets import load_dataset
+    from unet.prediction.instances import InstanceOptions
     paths = [make_ckpt(tmp_path / f"s{k}.pt", seed=k, fold=1, folds=3, data_dir=str(data_dir)) for k in (0, 1)]
     code, out, err = run_cli(["--ckpt", *paths, "--ensemble", "--output", tmp_path / "e.json", "--device", "cpu"],
                              capsys)

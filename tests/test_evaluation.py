@@ -1,4 +1,4 @@
-"""unet.predict and unet.evaluation library functions: whole-slice probabilities, sharded metrics, CV summary."""
+"""unet.prediction.predictor and unet.evaluation.evaluate library functions: whole-slice probabilities, sharded metrics, CV summary."""
 import json
 import math
 
@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from unet import evaluation, predict
-from unet.data.io import SliceSet, load_dataset, synthetic_dataset
+from unet.evaluation import evaluate as evaluation
+
+from unet.prediction import predictor as predict
+from unet.data.datasets import SliceSet, load_dataset, synthetic_dataset
 from unet.device import setup_device
 from unet.distributed import DistInfo
 from unet.errors import UserError
-from unet.metrics import SegmentationMetrics
+from unet.metrics.segmentation import SegmentationMetrics
 from unet.model import UNet
-from unet.tiling import TilingOptions
+from unet.prediction.tiling import TilingOptions
 
 METRIC_KEYS = ("dice_nvidia", "dice_membrane", "dice_cell", "dice_mean", "iou_membrane", "iou_cell",
                "iou_mean", "pixel_error", "v_rand", "v_info", "num_images")
@@ -166,7 +168,7 @@ def test_format_table_is_aligned():
 
 def test_challenge_and_instance_scores_are_off_by_default_and_exact_across_ranks(dev, small_set, monkeypatch):
     """Training's validation (the default) skips them; asked for, two ranks give the one-process numbers exactly."""
-    from unet.instances import InstanceOptions
+    from unet.prediction.instances import InstanceOptions
     model = tiny_model()
     plain = evaluation.evaluate_slices(model, small_set, dev)
     assert not any(k.endswith(("_thinned", "_instances")) for k in plain) and "thinned_curves" not in plain

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet import export
+from unet.export import programs as export
 from unet.checkpoint import save_checkpoint
-from unet.commands import infer
+from unet.cli.commands import infer
 from unet.errors import UserError
 from unet.model import UNet
 

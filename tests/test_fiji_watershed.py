@@ -4,7 +4,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from unet.fiji_watershed import thin_boundaries
+from unet.metrics.fiji_watershed import thin_boundaries
 
 
 def _fiji_flood_reference(cell_mask):

@@ -4,10 +4,10 @@ import pytest
 import tifffile
 import torch
 
-from unet import inference
+from unet.prediction import stacks as inference
 from unet.checkpoint import save_checkpoint
-from unet.commands import infer
-from unet.instances import InstanceOptions, instance_stack
+from unet.cli.commands import infer
+from unet.prediction.instances import InstanceOptions, instance_stack
 from unet.model import UNet
 
 

@@ -11,11 +11,13 @@ import tifffile
 import torch
 from PIL import Image, ImageSequence
 
-from unet import inference, pipeline
+from unet.prediction import stacks as inference
+
+from unet.prediction import pipeline
 from unet.checkpoint import save_checkpoint
-from unet.commands import infer
+from unet.cli.commands import infer
 from unet.device import setup_device
-from unet.predict import predict_probabilities
+from unet.prediction.predictor import predict_probabilities
 from unet.model import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,9 +215,9 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "w.tif"), masks)
 
 
-@pytest.mark.parametrize("stage, target", [("device", "unet.pipeline.predict_tiles"),
-                                           ("reader", "unet.pipeline.as_image"),
-                                           ("writer", "unet.inference._write_png_atomic")])
+@pytest.mark.parametrize("stage, target", [("device", "unet.prediction.pipeline.predict_tiles"),
+                                           ("reader", "unet.prediction.pipeline.as_image"),
+                                           ("writer", "unet.prediction.stacks._write_png_atomic")])
 def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch, stage, target):
     """A failure in any of the three stages reaches the caller unchanged and removes every partial output."""
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((6, 32, 32), np.uint8))

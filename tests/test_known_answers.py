@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from unet.benchmarking import model_flops
-from unet.metrics import SegmentationMetrics
+from unet.metrics.segmentation import SegmentationMetrics
 from unet.model import UNet
-from unet.tiling import predict_slice
+from unet.prediction.tiling import predict_slice
 
 
 def _conv(cin, cout, k, h, w):

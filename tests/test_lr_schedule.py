@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from unet.lr_schedule import LR_SCHEDULES, learning_rate_at
+from unet.training.lr_schedule import LR_SCHEDULES, learning_rate_at
 
 
 def rates(schedule, max_steps=10, warmup=0, peak=1.0):

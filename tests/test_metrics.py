@@ -10,7 +10,7 @@ from skimage.measure import shannon_entropy
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from unet.errors import UserError
-from unet.metrics import SegmentationMetrics, label_cells, rand_info_scores
+from unet.metrics.segmentation import SegmentationMetrics, label_cells, rand_info_scores
 
 
 def _probs_from_cell_prob(p_cell):

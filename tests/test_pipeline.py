@@ -1,18 +1,18 @@
-"""The stack pipeline (unet.pipeline) against today's per-slice path: same masks, same probabilities."""
+"""The stack pipeline (unet.prediction.pipeline) against today's per-slice path: same masks, same probabilities."""
 import numpy as np
 import pytest
 import tifffile
 import torch
 
-from unet import inference
+from unet.prediction import stacks as inference
 from unet.checkpoint import save_checkpoint
-from unet.commands import infer
+from unet.cli.commands import infer
 from unet.device import DeviceSetup, setup_device
 from unet.errors import UserError
 from unet.model import UNet
-from unet.pipeline import StackPredictor, mask_from_probabilities
-from unet.predict import FREE_MEMORY_SHARE, free_memory_budget_mb
-from unet.tiling import TilingOptions
+from unet.prediction.pipeline import StackPredictor, mask_from_probabilities
+from unet.prediction.predictor import FREE_MEMORY_SHARE, free_memory_budget_mb
+from unet.prediction.tiling import TilingOptions
 
 
 from test_inference import _one_thread  # noqa: E402,F401  (tiny convolutions run fastest on one thread)
@@ -33,7 +33,7 @@ def _model(padding: str, seed: int = 0) -> UNet:
 
 
 def _per_slice(model, dev, stack, options):
-    """Today's path: unet.inference.predict_pages, one predict_probabilities per slice."""
+    """Today's path: unet.prediction.stacks.predict_pages, one predict_probabilities per slice."""
     masks, probs = [], []
     for _, mask, prob in inference.predict_pages(model, dev, [stack], options=options):
         masks.append(mask)

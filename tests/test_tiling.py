@@ -7,7 +7,7 @@ import torch
 
 from unet.errors import UserError
 from unet.model import UNet
-from unet.tiling import (TilePlan, choose_tile_size, estimate_bytes_per_pixel, mirror_pad, plan_tiles,
+from unet.prediction.tiling import (TilePlan, choose_tile_size, estimate_bytes_per_pixel, mirror_pad, plan_tiles,
                          predict_slice)
 
 SIZES = [(512, 512), (300, 700), (97, 1000)]
@@ -274,7 +274,7 @@ def test_tta_of_real_model_lies_between_single_predictions():
 
 
 def test_tile_size_over_the_memory_budget_is_refused_up_front():
-    from unet.tiling import check_tile_budget, largest_tile_size, slice_plan
+    from unet.prediction.tiling import check_tile_budget, largest_tile_size, slice_plan
     model = UNet()  # reference: valid padding, 64 filters -> 2048 bytes per input pixel
     bpp = estimate_bytes_per_pixel(model)
     largest = largest_tile_size(model)

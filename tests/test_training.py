@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from unet import training
+from unet.training import trainer as training
 from unet.checkpoint import load_checkpoint
-from unet.commands import train as train_cli
+from unet.cli.commands import train as train_cli
 from unet.errors import UserError
 
 TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "64", "--batch-size", "4",

@@ -4,7 +4,7 @@ import pytest
 import tifffile
 import torch
 
-from unet import training
+from unet.training import trainer as training
 from unet.checkpoint import load_checkpoint
 from unet.errors import UserError
 

@@ -19,9 +19,23 @@ from typing import Callable
 import torch
 
 from unet.errors import UserError
+from unet.options import option
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """Which device and precision a command runs on (the same flags in every command)."""
+
+    device: str = option("auto", "auto = Ascend NPU if torch_npu is loaded and one is present, else CUDA, else CPU",
+                         name="device", choices=DEVICE_CHOICES, group="device")
+    amp: bool = option(False, "mixed precision with torch.autocast on the device", name="amp", switch="on",
+                       group="device")
+    amp_dtype: str | None = option(None, "autocast dtype (default: bf16 where the device supports it, else fp16 "
+                                         "with loss scaling)", flags=("--amp-dtype", "--amp_dtype"),
+                                   choices=sorted(AMP_DTYPES), group="device")
 
 # Dense bf16/fp16 matrix peaks (FLOP/s, NVIDIA's datasheets: the sparse figures halved) by device-name fragment
 # (spaces removed), for model-FLOP-utilisation figures. The first fragment found in the name wins, so the

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unet.data.augment import AugmentConfig, intensity, sampling_grid, warp
-from unet.data.io import SliceSet
+from unet.data.datasets import SliceSet
 from unet.device import usable_cpus
 from unet.errors import UserError
 

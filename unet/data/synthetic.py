@@ -4,7 +4,7 @@ Each slice: irregular cells (a Voronoi tessellation of a smoothly warped plane),
 varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012),
 per-cell grey levels, uneven illumination, blur and noise.
 
-Pure numpy/scipy: the :class:`~unet.data.io.SliceSet` wrapper is :func:`unet.data.io.synthetic_dataset`.
+Pure numpy/scipy: the :class:`~unet.data.datasets.SliceSet` wrapper is :func:`unet.data.datasets.synthetic_dataset`.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ getMaximalVInfoAfterThinning(0.0, 1.0, 0.1)``; Arganda-Carreras et al. 2015, Fro
    the last just below 1), a pixel is cell iff ``value > th``, with the value as Fiji reads it from a
    32-bit float image (rounded to float32) and the comparison in double.
 2. Only the proposal is thinned: its membranes are flooded from its 4-connected cells by Fiji's watershed
-   (:func:`unet.fiji_watershed.thin_boundaries`); dam pixels become label 0.
+   (:func:`unet.metrics.fiji_watershed.thin_boundaries`); dam pixels become label 0.
 3. The truth is its 4-connected cells; truth label 0 (membrane) is left out (foreground restriction). A
    proposal dam pixel inside a true cell counts as its own one-pixel segment.
 4. Each slice gets Fiji's F-scores with N^2 normalisation (see :func:`fiji_slice_scores`); the stack score
@@ -18,7 +18,7 @@ getMaximalVInfoAfterThinning(0.0, 1.0, 0.1)``; Arganda-Carreras et al. 2015, Fro
    those means (the first threshold reaching it is returned with it), not the mean of per-slice maxima.
 
 :class:`ThinnedScores` accumulates per-threshold sums as one float64 vector, so ranks combine with an
-all-reduce (SUM) exactly like :class:`unet.metrics.SegmentationMetrics`.
+all-reduce (SUM) exactly like :class:`unet.metrics.segmentation.SegmentationMetrics`.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from unet.fiji_watershed import thin_boundaries
-from unet.metrics import SummableState, contingency_counts, label_cells
+from unet.metrics.fiji_watershed import thin_boundaries
+from unet.metrics.segmentation import SummableState, contingency_counts, label_cells
 
 __all__ = ["fiji_thresholds", "FIJI_THRESHOLDS", "fiji_slice_scores", "thinned_slice_scores",
            "ThinnedScores", "isbi_thinned_scores"]

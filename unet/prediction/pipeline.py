@@ -10,8 +10,8 @@
 
 Every forward gets ``tile_batch`` tiles (capped by the memory budget) taken in order from however many
 slices it needs, so a stack of one-tile slices runs at the full batch instead of batch 1. Each slice's tiles
-are cut and stitched by :class:`unet.tiling.SliceTiles` in the same order as :func:`unet.predict.
-predict_probabilities` does, through the same :func:`unet.predict.tile_predictor`: a slice's result
+are cut and stitched by :class:`unet.prediction.tiling.SliceTiles` in the same order as :func:`unet.prediction.predictor.
+predict_probabilities` does, through the same :func:`unet.prediction.predictor.tile_predictor`: a slice's result
 depends only on what the model returns for its tiles (tests compare the two paths).
 
 Both queues are bounded, so host memory holds at most ``READ_AHEAD + WRITE_AHEAD`` slices and the chunk
@@ -29,11 +29,11 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from unet.data.io import as_image
+from unet.io.images import as_image
 from unet.device import DeviceSetup
 from unet.errors import UserError
-from unet.predict import check_channels, eval_mode, tile_predictor
-from unet.tiling import SliceTiles, TilePlan, TilingOptions, predict_tiles, slice_plan, tile_batch_size
+from unet.prediction.predictor import check_channels, eval_mode, tile_predictor
+from unet.prediction.tiling import SliceTiles, TilePlan, TilingOptions, predict_tiles, slice_plan, tile_batch_size
 
 __all__ = ["StackPredictor", "mask_from_probabilities", "READ_AHEAD", "WRITE_AHEAD"]
 
@@ -129,9 +129,9 @@ class StackPredictor:
     """Predicts stacks with tiles batched across slices; one instance serves any number of stacks.
 
     Args:
-        model: a UNet (or :class:`~unet.ensemble.Ensemble`) on ``dev.device``; its size arithmetic plans tiles.
+        model: a UNet (or :class:`~unet.prediction.ensemble.Ensemble`) on ``dev.device``; its size arithmetic plans tiles.
         dev: the device setup.
-        options: tiling options; ``memory_budget_mb`` caps the batch (see :func:`unet.predict.free_memory_budget_mb`).
+        options: tiling options; ``memory_budget_mb`` caps the batch (see :func:`unet.prediction.predictor.free_memory_budget_mb`).
         forward: called instead of ``model`` on the tiles, e.g. ``torch.compile(model)``.
     """
 

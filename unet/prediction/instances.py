@@ -29,12 +29,14 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
-from unet.metrics import SummableState, label_cells, rand_info_scores
+from unet.metrics.segmentation import SummableState, label_cells, rand_info_scores
+from unet.options import fraction, non_negative_float, option, positive_float
 
 __all__ = ["SEED_METHODS", "InstanceOptions", "InstanceScores", "cell_instances", "instance_stack", "label_dtype",
            "score_instances"]
 
 SEED_METHODS = ("distance", "hminima")
+GROUP = "cell instances (seeded watershed, unet.prediction.instances)"
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,17 @@ class InstanceOptions:
         fill: flood the membranes too, leaving one-pixel lines (True), or keep the thresholded mask (False).
     """
 
-    threshold: float = 0.5
-    seeds: str = "hminima"
-    seed_h: float = 0.2
-    smooth: float = 1.0
-    fill: bool = True
+    threshold: float = option(0.5, "a pixel may belong to a cell iff its cell probability is above this",
+                              flags="--instance-threshold", parse=fraction, group=GROUP)
+    seeds: str = option("hminima", "seeds: h-minima of the membrane probability, or h-maxima of the distance "
+                                   "transform", flags="--instance-seeds", choices=SEED_METHODS, group=GROUP)
+    seed_h: float = option(0.2, "h of the seeds' h-minima (probability) or h-maxima (pixels of distance)",
+                           flags="--instance-h", parse=positive_float, group=GROUP)
+    smooth: float = option(1.0, "Gaussian sigma (px) applied to the probabilities first (0 = none)",
+                           flags="--instance-smooth", parse=non_negative_float, group=GROUP)
+    fill: bool = option(True, "--no-instance-fill keeps pixels at or below the threshold as membrane (default: "
+                              "flood the membranes too, leaving one-pixel lines between cells)",
+                        flags="--no-instance-fill", switch="off", group=GROUP)
 
     def __post_init__(self):
         if self.seeds not in SEED_METHODS:
@@ -128,7 +136,7 @@ def instance_stack(cell_probs: np.ndarray, options: InstanceOptions = InstanceOp
 def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, float]:
     """ISBI V_Rand / V_Info of instance labels against the true cells, averaged over slices.
 
-    Uses :func:`unet.metrics.rand_info_scores` (Fiji's foreground-restricted N^2 scores; instance 0 inside a
+    Uses :func:`unet.metrics.segmentation.rand_info_scores` (Fiji's foreground-restricted N^2 scores; instance 0 inside a
     true cell counts as one-pixel segments); the instances are scored as they are, with no thinning and no
     threshold sweep. Slices with no true cell are left out of the means.
 

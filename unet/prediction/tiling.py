@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from unet.errors import UserError
+from unet.options import fraction, option, positive_float, positive_int
 
 __all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_tile_size", "check_tile_budget",
            "largest_tile_size", "choose_tile_size", "plan_tiles", "slice_plan", "predict_slice", "predict_tiles",
@@ -34,13 +35,14 @@ __all__ = ["TilePlan", "TilingOptions", "SliceTiles", "check_overlap", "check_ti
 
 DEFAULT_MEMORY_BUDGET_MB = 2048
 BLENDS = ("gaussian", "constant")
+GROUP = "whole-slice prediction"
 
 
 @dataclass(frozen=True)
 class TilingOptions:
     """How whole slices are cut into tiles and predicted (MONAI's ``SlidingWindowInferer`` bundles the same).
 
-    Built from the command line by :func:`unet.cli.tiling_options`; used by training's validation,
+    Built from the command line by :func:`unet.cli.common.tiling_options`; used by training's validation,
     evaluation and inference alike.
 
     Attributes:
@@ -52,12 +54,18 @@ class TilingOptions:
         memory_budget_mb: activation memory per forward pass (None: :data:`DEFAULT_MEMORY_BUDGET_MB`).
     """
 
-    tile_size: int | None = None
-    tile_batch: int = 4
-    overlap: float = 0.25
-    blend: str = "gaussian"
-    tta: bool = False
-    memory_budget_mb: float | None = None
+    tile_size: int | None = option(None, "input tile size (default: the tiling with the fewest FLOPs that fits "
+                                         "memory)", name="tile_size", parse=int, group=GROUP)
+    tile_batch: int = option(4, "tiles per forward pass", name="tile_batch", parse=positive_int, group=GROUP)
+    overlap: float = option(0.25, "window overlap fraction for 'same'-padding models ('valid' tiles never "
+                                  "overlap)", name="overlap", parse=fraction, group=GROUP)
+    blend: str = option("gaussian", "weight map for overlapping windows ('same' padding)", name="blend",
+                        choices=BLENDS, group=GROUP)
+    tta: bool = option(False, "test-time augmentation: average the 8 flips/rotations (8x the compute)", name="tta",
+                       switch="on", group=GROUP)
+    memory_budget_mb: float | None = option(
+        None, "activation memory per forward pass in float32 MB (default: half the device's free memory, doubled "
+              "under 16-bit autocast)", name="memory_budget_mb", parse=positive_float, group="speed")
 
 
 @dataclass(frozen=True)
@@ -462,7 +470,7 @@ def _check_image(image: torch.Tensor, blend: str) -> None:
 class SliceTiles:
     """One slice cut into the tiles of a plan, and the stitcher its predicted tiles go back into.
 
-    :func:`predict_slice` feeds it one batch at a time; a stack predictor (``unet.pipeline``) may fill
+    :func:`predict_slice` feeds it one batch at a time; a stack predictor (``unet.prediction.pipeline``) may fill
     batches with tiles of several slices. Either way each slice's tiles are cut from the same mirror-padded
     canvas and stitched in the same order, so a slice's result depends only on the tiles' predictions.
 

@@ -1,7 +1,7 @@
 """Ensembles of checkpoints: several UNets that predict as one by averaging their class probabilities.
 
 :class:`Ensemble` is a ``torch.nn.Module`` whose forward returns ``log(mean_m softmax(model_m(x)))``, so
-the softmax that every predictor applies downstream (:func:`unet.predict.predict_probabilities`) yields the
+the softmax that every predictor applies downstream (:func:`unet.prediction.predictor.predict_probabilities`) yields the
 mean probability of the members, and tiling, TTA (the mean over flips of the mean over models) and
 autocast work on it unchanged. Whatever prediction reads from a UNet (``config``, ``padding``,
 ``edge_band``, ``output_size``, ...) is the first member's: :func:`load_ensemble` refuses members that

@@ -8,20 +8,20 @@ The package is validated by bioimageio.spec and, unless ``--no-test``, run by bi
 
 What the package computes is what ``infer.py --probabilities`` computes:
 
-* preprocessing is the dtype scaling of :func:`unet.data.io.scale_by_dtype` (uint8 / 255, uint16 / 65535,
+* preprocessing is the dtype scaling of :func:`unet.io.images.scale_by_dtype` (uint8 / 255, uint16 / 65535,
   float as is), stated for the dtype of the sample slice; the model's own ``(x - mean) / std`` stays inside
   the network (``UNet.forward``), as in every other export of this project;
 * the network ends in a softmax over the classes: output channel ``cell`` is infer.py's probability stack,
   channel ``membrane`` is one minus it.
 
 Tiling. A bioimage.io tool cuts a slice into blocks of ``min + n * step`` pixels (ParameterizedSize) that
-overlap by a halo, pads the slice edges (here: ``reflect``, which is :func:`unet.tiling.mirror_pad`) and crops
+overlap by a halo, pads the slice edges (here: ``reflect``, which is :func:`unet.prediction.tiling.mirror_pad`) and crops
 the halo from every block's output. A 'valid' UNet crops its margin (92 px for the reference depth-5 model)
 itself; :class:`BioimageioUNet` pads its output back to the block size so that the spec's "output size =
 input size, crop ``halo``" holds, and the halo is chosen (:func:`package_geometry`) so that every block sits
 on the pooling grid of infer.py's canvas and drops the transposed-convolution edge band
 (:attr:`unet.model.UNet.edge_band`): a tiled bioimage.io prediction then equals the one-pass prediction of
-:mod:`unet.tiling` pixel for pixel up to float rounding.
+:mod:`unet.prediction.tiling` pixel for pixel up to float rounding.
 """
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ from torch import nn
 from unet import model as unet_model
 from unet.atomic import atomic_path, file_sha256
 from unet.checkpoint import load_model
-from unet.cli import HelpFormatter
-from unet.data.io import as_image, iter_pages, scale_by_dtype, stack_info
+from unet.cli.common import HelpFormatter
+from unet.io.images import as_image, iter_pages, scale_by_dtype, stack_info
 from unet.data.synthetic import make_synthetic_em
 from unet.device import setup_device
 from unet.errors import UserError
-from unet.inference import mask_from_probabilities, overlay
+from unet.prediction.stacks import mask_from_probabilities, overlay
 from unet.model import ModelConfig, UNet
-from unet.predict import predict_probabilities
+from unet.prediction.predictor import predict_probabilities
 
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx")
 ONNX_OPSET = 17

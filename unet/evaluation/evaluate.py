@@ -21,20 +21,20 @@ import numpy as np
 import torch
 
 from unet.atomic import atomic_write
-from unet.cli import (HelpFormatter, add_device_args, add_instance_args, add_tiling_args, instance_options,
-                      tiling_options)
+from unet.cli.common import HelpFormatter, add_options, options_from
+from unet.device import DeviceOptions
 from unet.data.folds import SCHEMES, fold_indices
-from unet.data.io import load_dataset
+from unet.data.datasets import load_dataset
 from unet.device import DeviceSetup, setup_device
 from unet.distributed import DistInfo, all_reduce_sum, env_info, process_group, rank0_printer
-from unet.ensemble import load_ensemble
+from unet.prediction.ensemble import load_ensemble
 from unet.errors import UserError
-from unet.instances import InstanceOptions, InstanceScores
-from unet.isbi_metrics import ThinnedScores
-from unet.metrics import SegmentationMetrics
-from unet.predict import predict_probabilities, tiling_plan
+from unet.prediction.instances import InstanceOptions, InstanceScores
+from unet.metrics.isbi import ThinnedScores
+from unet.metrics.segmentation import SegmentationMetrics
+from unet.prediction.predictor import predict_probabilities, tiling_plan
 from unet.run_log import jsonable
-from unet.tiling import TilingOptions
+from unet.prediction.tiling import TilingOptions
 
 # Metrics summarised over cross-validation folds, with the column titles of the Markdown table.
 CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_mean": "IoU (mean)",
@@ -50,9 +50,9 @@ THINNED_KEYS = ("v_rand_thinned", "v_rand_threshold", "v_info_thinned", "v_info_
 class SliceScores:
     """All metrics of whole slices as one accumulator whose state is one float64 vector (summable over ranks).
 
-    The state is :class:`~unet.metrics.SegmentationMetrics`'s, then (optionally) the challenge's thinned
-    scores' (:class:`~unet.isbi_metrics.ThinnedScores`) and the cell-instance scores'
-    (:class:`~unet.instances.InstanceScores`). Both optional parts score the cell class's probability.
+    The state is :class:`~unet.metrics.segmentation.SegmentationMetrics`'s, then (optionally) the challenge's thinned
+    scores' (:class:`~unet.metrics.isbi.ThinnedScores`) and the cell-instance scores'
+    (:class:`~unet.prediction.instances.InstanceScores`). Both optional parts score the cell class's probability.
 
     Args:
         config: the model's config (``num_classes``, ``class_names``).
@@ -119,13 +119,13 @@ def evaluate_slices(model: torch.nn.Module, slices, dev: DeviceSetup, *, dist: D
     so they are off unless asked: ``evaluate.py`` asks for both, training's periodic validation for neither.
 
     Args:
-        model: the UNet (unwrapped from DDP) or :class:`~unet.ensemble.Ensemble` on ``dev.device``; its
+        model: the UNet (unwrapped from DDP) or :class:`~unet.prediction.ensemble.Ensemble` on ``dev.device``; its
             train/eval mode is kept.
-        slices: a :class:`~unet.data.io.SliceSet` with labels.
+        slices: a :class:`~unet.data.datasets.SliceSet` with labels.
         dev: the device setup.
         dist: this process's rank and world size (None: a single process).
         per_image: also return one metrics dict per slice (on every rank, in slice order).
-        options: whole-slice tiling options for :func:`~unet.predict.predict_probabilities`.
+        options: whole-slice tiling options for :func:`~unet.prediction.predictor.predict_probabilities`.
         thinned: add ``v_rand_thinned``, ``v_info_thinned`` and their thresholds (:class:`SliceScores`), and
             the per-threshold curves under ``"thinned_curves"``.
         instances: add ``v_rand_instances``, ``v_info_instances`` of instances made with these options.
@@ -279,9 +279,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(about 0.5 s per 512x512 slice on a CPU core)")
     m.add_argument("--no-instances", action="store_true",
                    help="skip V_Rand / V_Info of the seeded-watershed cell instances (about 0.5 s per slice)")
-    add_device_args(parser)
-    add_tiling_args(parser)
-    add_instance_args(parser)
+    add_options(parser, DeviceOptions)
+    add_options(parser, TilingOptions, skip=("memory_budget_mb",))
+    add_options(parser, InstanceOptions)
     return parser
 
 
@@ -435,11 +435,11 @@ def evaluate_checkpoint(paths: Path | Sequence[Path], args: argparse.Namespace, 
     val = _validation_indices(run, len(slices), paths[0])
     subset = slices.subset(val)
     model = dev.prepare_model(model)
-    options = tiling_options(args)
+    options = options_from(args, TilingOptions)
     sizes = sorted({tuple(int(s) for s in im.shape[1:]) for im in subset.images})
     plans = {f"{w}x{h}": tiling_plan(model, h, w, options) for h, w in sizes}  # also checks --tile-size
     _say_header(say, paths, model, run, slices, len(val), plans, options.tta)
-    inst = None if args.no_instances else instance_options(args)
+    inst = None if args.no_instances else options_from(args, InstanceOptions)
     result = evaluate_slices(model, subset, dev, dist=dist, per_image=args.per_image, options=options,
                              thinned=not args.no_thinned, instances=inst)
     metrics, rows = result if args.per_image else (result, None)

@@ -1,7 +1,7 @@
 """Inference: image stacks in, uint8 masks (plus optional probabilities and overlay PNGs) out, streaming.
 
 ``python infer.py --ckpt model.pt --input stack.tif --output masks.tif`` reads the stack a few pages at a
-time, predicts each slice with :func:`unet.predict.predict_probabilities` (the one predictor) and appends
+time, predicts each slice with :func:`unet.prediction.predictor.predict_probabilities` (the one predictor) and appends
 the results to the output TIFFs as it goes, so peak host memory depends on the slice size and
 ``--read-batch``, never on the stack depth. Every output is written to a hidden temporary file beside its
 final name and renamed only when complete: an interrupted run never leaves a half-written file.
@@ -13,7 +13,7 @@ pages; tifffile's documentation: "ImageJ hyperstacks do not support BigTIFF or c
 opens a plain deflate-compressed multi-page TIFF as a stack (Fiji File > Open, or Bio-Formats).
 ``--compression none`` writes uncompressed pages instead.
 
-``--export model.pt2`` / ``--export model.onnx`` writes a deployable program instead (see :mod:`unet.export`).
+``--export model.pt2`` / ``--export model.onnx`` writes a deployable program instead (see :mod:`unet.export.programs`).
 """
 from __future__ import annotations
 
@@ -34,19 +34,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from unet.atomic import atomic_path, publish, temporary_path, write_errors
-from unet.cli import (HelpFormatter, add_device_args, add_instance_args, add_tiling_args, instance_options,
-                      positive_float, positive_int, tiling_options)
-from unet.data.io import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
+from unet.cli.common import HelpFormatter, add_options, argparse_type, options_from
+from unet.device import DeviceOptions
+from unet.options import positive_int as _positive_int
+from unet.io.images import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
                           stack_info)
 from unet.data.synthetic import make_synthetic_em
 from unet.device import setup_device
 from unet.errors import UserError
-from unet.ensemble import load_ensemble
-from unet.export import export_model
-from unet.instances import InstanceOptions, cell_instances, label_dtype
-from unet.pipeline import StackPredictor, mask_from_probabilities
-from unet.predict import free_memory_budget_mb, predict_probabilities
-from unet.tiling import TilingOptions
+from unet.prediction.ensemble import load_ensemble
+from unet.export.programs import export_model
+from unet.prediction.instances import InstanceOptions, cell_instances, label_dtype
+from unet.prediction.pipeline import StackPredictor, mask_from_probabilities
+from unet.prediction.predictor import free_memory_budget_mb, predict_probabilities
+from unet.prediction.tiling import TilingOptions
 
 PROB_DTYPES = ("float32", "uint8")
 COMPRESSIONS = ("zlib", "none")
@@ -300,7 +301,7 @@ class LabelStackWriter(_CommitOnExit):
 
     The largest id is known only after the last page, so pages go to a hidden uint32 TIFF as they come.
     :meth:`commit` renames that file when an id passed 65535, else rewrites it page by page (one page in
-    memory) as uint16 under the final name: the dtype is always the one :func:`unet.instances.label_dtype`
+    memory) as uint16 under the final name: the dtype is always the one :func:`unet.prediction.instances.label_dtype`
     gives for the stack's largest id, never a guess. Atomic like :class:`StackWriter`.
 
     Args:
@@ -386,15 +387,15 @@ def predict_pages(model: torch.nn.Module, dev, chunks: Iterable[np.ndarray], *, 
                   options: TilingOptions | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Predict slice by slice, holding one chunk of raw pages at a time (the per-slice path).
 
-    One :func:`~unet.predict.predict_probabilities` per slice, so tiles are batched only within a slice;
-    ``infer.py`` runs :class:`unet.pipeline.StackPredictor` instead, whose masks equal these (tested).
+    One :func:`~unet.prediction.predictor.predict_probabilities` per slice, so tiles are batched only within a slice;
+    ``infer.py`` runs :class:`unet.prediction.pipeline.StackPredictor` instead, whose masks equal these (tested).
 
     Args:
         model: a UNet on ``dev.device`` (eval mode is enforced by the predictor).
         dev: the :class:`~unet.device.DeviceSetup`.
         chunks: raw pages ``(b, H, W)`` or ``(b, C, H, W)`` in uint8, uint16 or float (e.g. from ``iter_pages``).
         source: file name for error messages.
-        options: whole-slice tiling options for :func:`unet.predict.predict_probabilities`.
+        options: whole-slice tiling options for :func:`unet.prediction.predictor.predict_probabilities`.
 
     Returns:
         An iterator of ``(image, mask, probability)`` per slice: the [0, 1] ``(C, H, W)`` float32 input,
@@ -496,9 +497,9 @@ def run_job(job: Job, model: torch.nn.Module, dev, *, read_batch: int = 8, prob_
         prob_dtype: ``float32`` or ``uint8`` (probability x 255, rounded) for the probability stack.
         compression: ``zlib`` or ``none`` for the TIFF outputs.
         progress: a tqdm bar to advance by one per slice, or None.
-        options: whole-slice tiling options (tile batches span slices, see :mod:`unet.pipeline`).
+        options: whole-slice tiling options (tile batches span slices, see :mod:`unet.prediction.pipeline`).
         instance_options: seeded-watershed settings for ``job.instances`` (None: the defaults).
-        predictor: a :class:`~unet.pipeline.StackPredictor` to reuse (None: one of ``model``, ``dev``, ``options``).
+        predictor: a :class:`~unet.prediction.pipeline.StackPredictor` to reuse (None: one of ``model``, ``dev``, ``options``).
 
     Returns:
         The files written.
@@ -591,25 +592,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="write one PNG per slice with predicted membranes drawn in red over the input")
     parser.add_argument("--compression", default="zlib", choices=COMPRESSIONS,
                         help="TIFF compression of the outputs (zlib = deflate, read by Fiji, tifffile, Pillow)")
-    parser.add_argument("--read-batch", type=positive_int, default=8,
+    parser.add_argument("--read-batch", type=argparse_type(_positive_int), default=8,
                         help="input pages read at a time (host memory scales with this, not the stack depth)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="export the model instead: .pt2 = torch.export program with a dynamic batch "
                              "dimension at --tile-size (default 572 'valid' / 512 'same'), .onnx = ONNX")
-    add_tiling_args(parser)
-    g = parser.add_argument_group("speed")
-    g.add_argument("--memory-budget-mb", type=positive_float, default=None,
-                   help="activation memory per forward pass in float32 MB (default: half the device's free memory, "
-                        "doubled under 16-bit autocast)")
+    add_options(parser, TilingOptions)
+    g = [grp for grp in parser._action_groups if grp.title == "speed"][0]
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the tile shape (start-up cost; pays off on long stacks)")
     parser.add_argument("--instances", default=None, metavar="OUT.tif",
                         help="also write a label stack: one id per cell, unique over the stack, 0 = membrane; "
                              "uint16, or uint32 above 65535 cells (a folder for folder input); settings below")
-    add_instance_args(parser)
-    add_device_args(parser)
+    add_options(parser, InstanceOptions)
+    add_options(parser, DeviceOptions)
     return parser
 
 
@@ -625,7 +623,7 @@ def main(args: argparse.Namespace) -> RunResult | Path:
         raise UserError("--output is required (the mask TIFF to write), or pass --export PATH")
     if args.export is not None and len(args.ckpt) > 1:
         raise UserError("--export takes one checkpoint; export the members of an ensemble one by one")
-    inst_options = instance_options(args)
+    inst_options = options_from(args, InstanceOptions)
     start = time.perf_counter()
     model = load_ensemble(args.ckpt)[0]  # the UNet itself for one checkpoint
 
@@ -638,8 +636,8 @@ def main(args: argparse.Namespace) -> RunResult | Path:
                      overwrite=args.overwrite, in_channels=model.config.in_channels, instances=args.instances)
     dev = setup_device(args.device, amp=args.amp, amp_dtype=args.amp_dtype)
     model = dev.prepare_model(model)
-    options = dataclasses.replace(tiling_options(args), memory_budget_mb=args.memory_budget_mb
-                                  or free_memory_budget_mb(dev))
+    options = options_from(args, TilingOptions)
+    options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))
     forward = torch.compile(model, dynamic=False) if args.compile else None
     what = "built-in synthetic stack" if args.input is None else args.input
     members = f", ensemble of {len(args.ckpt)} checkpoints" if len(args.ckpt) > 1 else ""

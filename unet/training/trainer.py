@@ -19,24 +19,27 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unet.atomic import make_folder
-from unet.background_save import BackgroundCheckpointer
+from unet.training.background_save import BackgroundCheckpointer
 from unet.benchmarking import PRECISION_DTYPES, measure_cpu_peak, model_flops, peak_source, time_steps
 from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from unet.cli import HelpFormatter, add_device_args, add_tiling_args, positive_int, tiling_options
+from unet.cli.common import HelpFormatter, add_options, argparse_type, options_from
+from unet.device import DeviceOptions
+from unet.options import positive_int as _positive_int
+from unet.prediction.tiling import TilingOptions
 from unet.data.augment import AUGMENT_LEVELS, AugmentConfig
 from unet.data.folds import SCHEMES, fold_indices
-from unet.data.io import load_dataset
+from unet.data.datasets import load_dataset
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, env_info,
                               process_group, rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
-from unet.evaluation import evaluate_slices
+from unet.evaluation.evaluate import evaluate_slices
 from unet.losses import ce_dice_loss, weighted_cross_entropy
-from unet.lr_schedule import LR_SCHEDULES, learning_rate_at
+from unet.training.lr_schedule import LR_SCHEDULES, learning_rate_at
 from unet.model import PADDINGS, ModelConfig, UNet
 from unet.run_log import MetricsLog, plot_curves, write_json
-from unet.tiling import check_tile_budget
+from unet.prediction.tiling import check_tile_budget
 from unet.weight_map import unet_weight_map
 
 try:  # a private torch module, used only to name inductor's cache folder in a message
@@ -55,6 +58,7 @@ IDENTITY_DEFAULTS = {"loss": "ce_dice", "lr_schedule": "constant", "lr_warmup_st
 LOSSES = ("ce_dice", "weighted_ce")
 # The UNet paper's border weight and width (Ronneberger et al. 2015, eq. 2).
 WEIGHT_MAP_W0, WEIGHT_MAP_SIGMA = 10.0, 5.0
+positive_int = argparse_type(_positive_int)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Under fp16 the scaler skips overflowing steps itself; only this many non-finite losses in a row are fatal.
 MAX_NONFINITE_STREAK_FP16 = 20
@@ -137,8 +141,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="untimed steps before timing in --benchmark mode")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak (TFLOP/s) for MFU; default: known accelerators, measured matmul peak on CPU")
-    add_device_args(p)
-    add_tiling_args(p)
+    add_options(p, DeviceOptions)
+    add_options(p, TilingOptions, skip=("memory_budget_mb",))
     return p
 
 
@@ -376,7 +380,7 @@ class Trainer:
         self.model_dir = Path(config.model_dir)
         self.data_name = config.data_dir or "built-in synthetic EM set"
         self.say = rank0_printer(dist)
-        self.tiling = tiling_options(config)
+        self.tiling = options_from(config, TilingOptions)
         self.global_batch = config.batch_size * dist.world_size
         self.step = 0
         self.last_good_step: int | None = None  # None: this run has written or resumed no last.pt

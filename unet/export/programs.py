@@ -3,7 +3,7 @@
 Both take ``(N, in_channels, T, T)`` images scaled to [0, 1] (the model's own normalisation is inside the
 graph) and return ``(N, num_classes, t, t)`` logits. The batch dimension N is dynamic; the spatial size T
 is fixed at a valid tile size (``--tile-size``, default 572 for 'valid' and 512 for 'same' padding), so a
-deployment tiles slices exactly as :mod:`unet.tiling` does. The model config, tile and output size travel
+deployment tiles slices exactly as :mod:`unet.prediction.tiling` does. The model config, tile and output size travel
 with a ``.pt2`` file as ``extra_files["unet.json"]`` (read them with ``torch.export.load(path,
 extra_files={"unet.json": ""})``). Files are written atomically (temporary file, then rename).
 """
@@ -17,7 +17,7 @@ import torch
 
 from unet.atomic import atomic_path, atomic_write
 from unet.errors import UserError
-from unet.tiling import check_tile_budget, check_tile_size
+from unet.prediction.tiling import check_tile_budget, check_tile_size
 
 EXPORT_SUFFIXES = (".pt2", ".onnx")
 METADATA_NAME = "unet.json"

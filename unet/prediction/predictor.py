@@ -2,7 +2,7 @@
 
 Training's validation, ``evaluate.py`` and ``infer.py`` all predict through :func:`predict_probabilities`,
 as MONAI keeps ``sliding_window_inference`` apart from its evaluators. The tiling itself (plans, mirror
-padding, blending, TTA) is :mod:`unet.tiling`; this module adds the model: eval mode, ``inference_mode``,
+padding, blending, TTA) is :mod:`unet.prediction.tiling`; this module adds the model: eval mode, ``inference_mode``,
 autocast, memory layout and softmax.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from unet import tiling
+from unet.prediction import tiling
 from unet.device import DeviceSetup
 from unet.errors import UserError
-from unet.tiling import TilingOptions
+from unet.prediction.tiling import TilingOptions
 
 
 # Share of the free device memory (host RAM on CPU) that whole-slice prediction lets its activations take;
@@ -36,7 +36,7 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
         model: a UNet (unwrapped from DDP / torch.compile) already on ``dev.device``.
         image: ``(C, H, W)`` float array or tensor scaled to [0, 1], any size.
         dev: the device setup (autocast, memory layout).
-        options: whole-slice tiling options (None: the defaults of :class:`~unet.tiling.TilingOptions`).
+        options: whole-slice tiling options (None: the defaults of :class:`~unet.prediction.tiling.TilingOptions`).
 
     Returns:
         ``(num_classes, H, W)`` float32 probabilities on ``dev.device``.
@@ -99,7 +99,7 @@ def tile_predictor(model: torch.nn.Module, dev: DeviceSetup,
 def free_memory_budget_mb(dev: DeviceSetup, share: float = FREE_MEMORY_SHARE) -> float:
     """A tiling memory budget from the device's free memory now and the autocast dtype.
 
-    :func:`unet.tiling.estimate_bytes_per_pixel` counts float32 activations; under 16-bit autocast the
+    :func:`unet.prediction.tiling.estimate_bytes_per_pixel` counts float32 activations; under 16-bit autocast the
     convolutions' activations take half of that, so the same free memory holds twice the estimated pixels.
     The budget is therefore ``share * free * 4 / activation bytes``, in the tiler's (float32) megabytes.
 

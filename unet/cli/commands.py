@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from unet import bioimageio, evaluation, inference, training
-from unet.cli import run
+from unet.export import bioimageio
+
+from unet.evaluation import evaluate as evaluation
+
+from unet.prediction import stacks as inference
+
+from unet.training import trainer as training
+from unet.cli.common import run
 
 
 def train(argv: Sequence[str] | None = None) -> int:

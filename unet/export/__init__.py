@@ -1,0 +1,1 @@
+"""Export: deployable programs (torch.export, ONNX) and BioImage Model Zoo packages."""
