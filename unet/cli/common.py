@@ -6,11 +6,21 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from unet.distributed import env_info
 from unet.errors import UserError
-from unet.options import field_default, option_fields
+from unet.options import field_default, option, option_fields
+
+
+@dataclass(frozen=True)
+class CheckpointArgs:
+    """``--ckpt``, the same in every command that reads checkpoints (each checks how many it takes)."""
+
+    ckpt: tuple[str, ...] = option((), "checkpoint(s) written by train.py; several: an ensemble averaging their "
+                                       "probabilities (evaluate.py: one row each unless --ensemble)",
+                                   flags="--ckpt", nargs="+", metavar="PATH")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -12,13 +12,38 @@ from pathlib import Path
 
 import numpy as np
 
+from unet.data.folds import SCHEMES
 from unet.data.synthetic import make_synthetic_em
 from unet.distributed import env_info
 from unet.errors import UserError
 from unet.io.images import as_image, list_images, read_stack, scale_by_dtype
+from unet.options import option, positive_int
 
 # Slices with a side below this train and predict, but on little more than mirrored padding: warn.
 MIN_SENSIBLE_SIDE = 16
+DATA_GROUP = "data"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which data a run reads and which slices it holds out (train.py and evaluate.py spell them alike).
+
+    All five are part of a training run's identity. evaluate.py takes them with every default None, meaning
+    "what the checkpoint was trained with".
+    """
+
+    data_dir: str | None = option(
+        None, "ISBI 2012 folder (train-volume.tif + train-labels.tif) or images/ + labels/ folders; omitted: the "
+              "built-in synthetic EM set", flags=("--data-dir", "--data_dir"), group=DATA_GROUP, identity=True)
+    fold: int | None = option(None, "validation fold; omitted: no validation fold (train on all images)",
+                              flags="--fold", parse=int, group=DATA_GROUP, identity=True)
+    folds: int = option(5, "number of cross-validation folds", flags="--folds", parse=positive_int,
+                        group=DATA_GROUP, identity=True)
+    fold_scheme: str = option("disjoint", "disjoint: every image validated exactly once; nvidia: UNet_Medical's "
+                                          "overlapping folds", flags=("--fold-scheme", "--fold_scheme"),
+                              choices=SCHEMES, group=DATA_GROUP, identity=True)
+    seed: int = option(0, "seed of the fold permutation and, in training, of weights, data stream and dropout",
+                       flags="--seed", parse=int, group=DATA_GROUP, identity=True)
 
 @dataclass
 class SliceSet:
