@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from unet import run_log  # noqa: E402
 
-from unet.evaluation import evaluate as evaluation  # noqa: E402
+from unet.evaluation import tables  # noqa: E402
 from unet.benchmarking import PRECISION_DTYPES, cpu_theoretical_peak, measure_cpu_kernels, peak_source  # noqa: E402
 from unet.device import DeviceSetup, cpu_name, setup_device, usable_cpus  # noqa: E402
 from unet.errors import UserError  # noqa: E402
@@ -177,8 +177,8 @@ class MfuPeaks:
 
 
 def fmt(value, spec: str = ".1f") -> str:
-    """A table cell: numbers formatted, None as n/a (unet.evaluation.evaluate.fmt, the package's one formatter)."""
-    return evaluation.fmt(value, spec, missing="n/a")
+    """A table cell: numbers formatted, None as n/a (unet.evaluation.tables.fmt, the package's one formatter)."""
+    return tables.fmt(value, spec, missing="n/a")
 
 
 def print_table(columns: list[tuple[str, str]], rows: list[dict]) -> None:

@@ -80,10 +80,11 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("low, high", [("unet.prediction.predictor", "unet.evaluation.evaluate"), ("unet.prediction.predictor", "unet.prediction.stacks"),
-                                       ("unet.cli.common", "unet.training.trainer"), ("unet.cli.common", "unet.evaluation.evaluate"),
+@pytest.mark.parametrize("low, high", [("unet.prediction.predictor", "unet.evaluation.slices"), ("unet.prediction.predictor", "unet.prediction.stacks"),
+                                       ("unet.cli.common", "unet.training.trainer"), ("unet.cli.common", "unet.evaluation.checkpoints"),
                                        ("unet.cli.common", "unet.prediction.stacks"), ("unet.data.synthetic", "unet.io.images"),
-                                       ("unet.prediction.stacks", "unet.evaluation.evaluate"), ("unet.evaluation.evaluate", "unet.training.trainer")])
+                                       ("unet.prediction.stacks", "unet.evaluation.slices"), ("unet.evaluation.checkpoints", "unet.training.trainer"),
+                                       ("unet.metrics.segmentation", "unet.losses"), ("unet.evaluation.tables", "unet.evaluation.slices")])
 def test_layers_point_down_only(low, high):
     edges, _ = _graph()
 

@@ -197,7 +197,8 @@ def _direct_scores(ckpts, data_dir, val, options):
     from unet.data.datasets import load_dataset
     from unet.device import setup_device
     from unet.prediction.ensemble import load_ensemble
-    from unet.prediction.instances import instance_stack, score_instances
+    from unet.metrics.instances import score_instances
+    from unet.prediction.instances import instance_stack
     from unet.metrics.isbi import isbi_thinned_scores
     from unet.prediction.predictor import predict_probabilities
     model, _ = load_ensemble(ckpts)
@@ -256,7 +257,7 @@ def test_cv_table_has_the_challenge_and_instance_columns(tmp_path, data_dir, cap
 def test_ensemble_scores_the_mean_probability(tmp_path, data_dir, capsys):
     from unet.device import setup_device
     from unet.prediction.ensemble import load_ensemble
-    from unet.evaluation.evaluate import evaluate_slices
+    from unet.evaluation.slices import evaluate_slices
     from unet.data.datasets import load_dataset
     from unet.prediction.instances import InstanceOptions
     paths = [make_ckpt(tmp_path / f"s{k}.pt", seed=k, fold=1, folds=3, data_dir=str(data_dir)) for k in (0, 1)]

@@ -1,4 +1,4 @@
-"""unet.prediction.predictor and unet.evaluation.evaluate library functions: whole-slice probabilities, sharded metrics, CV summary."""
+"""unet.prediction.predictor and unet.evaluation (slices, tables) library functions: whole-slice probabilities, sharded metrics, CV summary."""
 import json
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet.evaluation import evaluate as evaluation
+from unet.evaluation import slices as evaluation
+from unet.evaluation import tables
 
 from unet.prediction import predictor as predict
 from unet.data.datasets import SliceSet, load_dataset, synthetic_dataset
@@ -137,29 +138,29 @@ def test_evaluate_slices_channel_mismatch(dev, small_set):
 
 def test_cv_summary_matches_numpy():
     rng = np.random.default_rng(1)
-    per_fold = [{k: float(rng.random()) for k in evaluation.CV_METRICS} for _ in range(5)]
-    s = evaluation.cv_summary(per_fold)
-    for k in evaluation.CV_METRICS:
+    per_fold = [{k: float(rng.random()) for k in tables.CV_METRICS} for _ in range(5)]
+    s = tables.cv_summary(per_fold)
+    for k in tables.CV_METRICS:
         v = np.array([f[k] for f in per_fold])
         assert s["mean"][k] == pytest.approx(v.mean(), rel=1e-12)
         assert s["std"][k] == pytest.approx(v.std(ddof=1), rel=1e-12)
     assert "ddof=1" in s["std_kind"] and s["num_folds"] == 5
-    table = evaluation.cv_markdown([str(i) for i in range(5)], per_fold, s)
+    table = tables.cv_markdown([str(i) for i in range(5)], per_fold, s)
     lines = table.splitlines()
     assert len(lines) == 2 + 5 + 1 and lines[0].startswith("| Fold | Dice (NVIDIA)")
     assert lines[-1].startswith("| mean ± std | ") and "±" in lines[-1]
 
 
 def test_cv_summary_single_fold_and_nan():
-    s = evaluation.cv_summary([{k: 0.5 for k in evaluation.CV_METRICS}])
+    s = tables.cv_summary([{k: 0.5 for k in tables.CV_METRICS}])
     assert s["mean"]["v_rand"] == 0.5 and math.isnan(s["std"]["v_rand"])
-    s = evaluation.cv_summary([{**{k: 0.5 for k in evaluation.CV_METRICS}, "v_info": math.nan},
-                               {k: 0.7 for k in evaluation.CV_METRICS}])
+    s = tables.cv_summary([{**{k: 0.5 for k in tables.CV_METRICS}, "v_info": math.nan},
+                               {k: 0.7 for k in tables.CV_METRICS}])
     assert s["mean"]["v_info"] == 0.7  # an undefined fold is left out, not averaged as 0
 
 
 def test_format_table_is_aligned():
-    text = evaluation.format_table({"dice_nvidia": 0.91234, "v_info": math.nan, "num_images": 6})
+    text = tables.format_table({"dice_nvidia": 0.91234, "v_info": math.nan, "num_images": 6})
     lines = text.splitlines()
     assert len(lines) == 3
     assert len({line.index(line.split()[1]) for line in lines}) == 1

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from unet.metrics.segmentation import label_cells
-from unet.prediction.instances import InstanceOptions, cell_instances, instance_stack, label_dtype, score_instances
+from unet.metrics.instances import score_instances
+from unet.metrics.labels import label_cells
+from unet.prediction.instances import InstanceOptions, cell_instances, instance_stack, label_dtype
 
 
 # The toys have one-pixel membranes, which a Gaussian pre-smoothing would blur away: no smoothing here.
@@ -87,7 +88,7 @@ def test_bad_options():
 
 
 def test_instance_scores_accumulator_equals_score_instances_and_merges():
-    from unet.prediction.instances import InstanceScores
+    from unet.metrics.instances import InstanceScores
     rng = np.random.default_rng(0)
     probs = np.ones((3, 20, 30))
     probs[:, :, 14] = 0.0

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from unet.losses import ce_dice_loss, soft_dice
+from unet.losses import ce_dice_loss
+from unet.metrics.dice import soft_dice
 
 
 def test_hand_computed_tiny_case():

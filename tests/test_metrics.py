@@ -10,7 +10,8 @@ from skimage.measure import shannon_entropy
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from unet.errors import UserError
-from unet.metrics.segmentation import SegmentationMetrics, label_cells, rand_info_scores
+from unet.metrics.labels import label_cells
+from unet.metrics.segmentation import SegmentationMetrics, rand_info_scores
 
 
 def _probs_from_cell_prob(p_cell):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from unet.cli import evaluate as evaluation
 from unet.export import bioimageio
-
-from unet.evaluation import evaluate as evaluation
 
 from unet.prediction import stacks as inference
 

@@ -22,12 +22,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from skimage.measure import label as label_components
 
 from unet.errors import UserError
-from unet.losses import soft_dice
+from unet.metrics.dice import soft_dice
+from unet.metrics.labels import label_cells
 
-__all__ = ["SegmentationMetrics", "SummableState", "rand_info_scores", "label_cells"]
+__all__ = ["SegmentationMetrics", "SummableState", "rand_info_scores"]
 
 
 class SummableState:
@@ -46,18 +46,6 @@ class SummableState:
         if state.shape != self._state.shape:
             raise ValueError(f"state must have shape {self._state.shape}, got {state.shape}")
         self._state = state.copy()
-
-
-def label_cells(mask: np.ndarray) -> np.ndarray:
-    """4-connected components of a boolean cell-interior mask, as in the ISBI 2012 Fiji scripts.
-
-    Args:
-        mask: ``(H, W)`` boolean array, True inside cells.
-
-    Returns:
-        ``(H, W)`` int array: 0 for membrane/background, 1..n for each cell.
-    """
-    return label_components(np.asarray(mask, dtype=bool), connectivity=1)
 
 
 def rand_info_scores(true_labels: np.ndarray, pred_labels: np.ndarray, *,

@@ -1,4 +1,4 @@
-"""Cell instances from a cell probability map: a seeded watershed, and their ISBI scores.
+"""Cell instances from a cell probability map: a seeded watershed (their ISBI scores: :mod:`unet.metrics.instances`).
 
 A membrane map thresholded into connected components merges every pair of cells joined by one weak
 membrane pixel. Here the cells are flooded from seeds instead, so a gap in a membrane no longer merges them:
@@ -21,7 +21,6 @@ stack is uint16 while the largest id fits, else uint32.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +28,10 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
-from unet.metrics.segmentation import SummableState, label_cells, rand_info_scores
+from unet.metrics.labels import label_cells
 from unet.options import fraction, non_negative_float, option, positive_float
 
-__all__ = ["SEED_METHODS", "InstanceOptions", "InstanceScores", "cell_instances", "instance_stack", "label_dtype",
-           "score_instances"]
+__all__ = ["SEED_METHODS", "InstanceOptions", "cell_instances", "instance_stack", "label_dtype"]
 
 SEED_METHODS = ("distance", "hminima")
 GROUP = "cell instances (seeded watershed, unet.prediction.instances)"
@@ -131,67 +129,3 @@ def instance_stack(cell_probs: np.ndarray, options: InstanceOptions = InstanceOp
         out.append(np.where(lab > 0, lab + offset, 0))
         offset += int(lab.max())
     return np.stack(out).astype(label_dtype(offset))
-
-
-def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, float]:
-    """ISBI V_Rand / V_Info of instance labels against the true cells, averaged over slices.
-
-    Uses :func:`unet.metrics.segmentation.rand_info_scores` (Fiji's foreground-restricted N^2 scores; instance 0 inside a
-    true cell counts as one-pixel segments); the instances are scored as they are, with no thinning and no
-    threshold sweep. Slices with no true cell are left out of the means.
-
-    Args:
-        instances: ``(N, H, W)`` or ``(H, W)`` labels, 0 = membrane.
-        true_cells: boolean (or 0/1) true cell masks of the same shape.
-
-    Returns:
-        dict with ``v_rand`` and ``v_info`` (NaN if no slice has true cells).
-    """
-    instances, true_cells = np.asarray(instances), np.asarray(true_cells)
-    if instances.shape != true_cells.shape:
-        raise ValueError(f"instances {instances.shape} and truth {true_cells.shape} differ in shape")
-    if instances.ndim == 2:
-        instances, true_cells = instances[None], true_cells[None]
-    acc = InstanceScores()
-    for lab, truth in zip(instances, true_cells):
-        acc.add(lab, truth)
-    scores = acc.compute()
-    return {"v_rand": scores["v_rand_instances"], "v_info": scores["v_info_instances"]}
-
-
-class InstanceScores(SummableState):
-    """V_Rand / V_Info of :func:`cell_instances` accumulated over slices; mergeable across ranks.
-
-    The state is ``[v_rand sum, v_rand count, v_info sum, v_info count]`` (float64), so summing the states of
-    several accumulators (an all-reduce) gives exactly the scores of one pass. Each slice is scored as
-    :func:`score_instances` scores it (slices with no true cell are left out), and ``compute()`` equals
-    ``score_instances(instance_stack(probs, options), truth)``.
-
-    Args:
-        options: the seeded-watershed settings.
-    """
-
-    def __init__(self, options: InstanceOptions = InstanceOptions()):
-        self.options = options
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything accumulated."""
-        self._state = np.zeros(4)
-
-    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
-        """Add one slice: ``(H, W)`` cell probability and true cell mask."""
-        self.add(cell_instances(cell_prob, self.options), true_cells)
-
-    def add(self, instances: np.ndarray, true_cells: np.ndarray) -> None:
-        """Add one slice's ready-made ``(H, W)`` instance labels (0 = membrane) and true cell mask."""
-        scores = rand_info_scores(label_cells(np.asarray(true_cells) > 0), instances)
-        for k, key in enumerate(("v_rand", "v_info")):
-            if not math.isnan(scores[key]):
-                self._state[2 * k:2 * k + 2] += (scores[key], 1.0)
-
-    def compute(self) -> dict[str, float]:
-        """``v_rand_instances`` and ``v_info_instances``: slice means (NaN when no slice had true cells)."""
-        s = self._state
-        return {"v_rand_instances": float(s[0] / s[1]) if s[1] else math.nan,
-                "v_info_instances": float(s[2] / s[3]) if s[3] else math.nan}

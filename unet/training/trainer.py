@@ -34,7 +34,7 @@ from unet.device import DeviceSetup, Prefetcher, setup_device
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, env_info,
                               process_group, rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
-from unet.evaluation.evaluate import evaluate_slices
+from unet.evaluation.slices import evaluate_slices
 from unet.losses import ce_dice_loss, weighted_cross_entropy
 from unet.training.lr_schedule import LR_SCHEDULES, learning_rate_at
 from unet.model import PADDINGS, ModelConfig, UNet
