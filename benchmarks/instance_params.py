@@ -27,7 +27,7 @@ from common import machine_header  # noqa: E402
 
 from unet.device import setup_device  # noqa: E402
 from unet.metrics.instances import score_instances  # noqa: E402
-from unet.metrics.labels import label_cells  # noqa: E402
+from unet.metrics.cells import label_cells  # noqa: E402
 from unet.prediction.instances import InstanceOptions, instance_stack  # noqa: E402
 
 GRID = {"distance": (1.0, 2.0, 3.0, 5.0), "hminima": (0.05, 0.1, 0.2, 0.3)}

@@ -28,7 +28,7 @@ from unet.device import setup_device  # noqa: E402
 
 from unet.metrics.fiji_watershed import thin_boundaries  # noqa: E402
 from unet.metrics.isbi import FIJI_THRESHOLDS, fiji_slice_scores, isbi_thinned_scores  # noqa: E402
-from unet.metrics.labels import label_cells  # noqa: E402
+from unet.metrics.cells import label_cells  # noqa: E402
 
 
 def skimage_thinning(cell_mask: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import tifffile  # noqa: E402
 from common import machine_header  # noqa: E402
 
 from unet.device import setup_device  # noqa: E402
-from unet.metrics.labels import label_cells  # noqa: E402
+from unet.metrics.cells import label_cells  # noqa: E402
 from unet.weight_map import border_weight_map, weight_map_stack  # noqa: E402
 
 

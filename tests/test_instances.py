@@ -1,9 +1,11 @@
 """Cell instances by seeded watershed: exact answers on drawn cells, dtype switch, scoring."""
+import functools
+
 import numpy as np
 import pytest
 
 from unet.metrics.instances import score_instances
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.prediction.instances import InstanceOptions, cell_instances, instance_stack, label_dtype
 
 
@@ -98,8 +100,8 @@ def test_instance_scores_accumulator_equals_score_instances_and_merges():
     truth[:, :, 14] = False
     truth[2] = False  # no true cell: left out, as score_instances leaves it out
     expect = score_instances(instance_stack(probs, RAW), truth)
-    one = InstanceScores(RAW)
-    parts = [InstanceScores(RAW) for _ in range(2)]
+    one = InstanceScores(functools.partial(cell_instances, options=RAW))
+    parts = [InstanceScores(functools.partial(cell_instances, options=RAW)) for _ in range(2)]
     for k in range(3):
         one.update(probs[k], truth[k])
         parts[k % 2].update(probs[k], truth[k])
@@ -107,7 +109,7 @@ def test_instance_scores_accumulator_equals_score_instances_and_merges():
     assert got == {"v_rand_instances": pytest.approx(expect["v_rand"], abs=1e-15),
                    "v_info_instances": pytest.approx(expect["v_info"], abs=1e-15)}
     assert one.state()[[1, 3]].tolist() == [2.0, 2.0]  # slice 2 not counted
-    merged = InstanceScores(RAW)
+    merged = InstanceScores(functools.partial(cell_instances, options=RAW))
     merged.load_state(parts[0].state() + parts[1].state())
     assert merged.compute() == got
     assert InstanceScores().compute()["v_rand_instances"] != InstanceScores().compute()["v_rand_instances"]  # NaN

@@ -8,7 +8,7 @@ from scipy import ndimage
 from unet.data.synthetic import make_synthetic_em
 from unet.metrics.isbi import (FIJI_THRESHOLDS, ThinnedScores, fiji_slice_scores, fiji_thresholds,
                                isbi_thinned_scores, thinned_slice_scores)
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.metrics.segmentation import rand_info_scores
 
 # 2 x 7 truth: cell A = columns 0-2, membrane = column 3, cell B = columns 4-6 (n = 12, a = (6, 6)).

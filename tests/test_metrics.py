@@ -10,7 +10,7 @@ from skimage.measure import shannon_entropy
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from unet.errors import UserError
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.metrics.segmentation import SegmentationMetrics, rand_info_scores
 
 

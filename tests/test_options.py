@@ -52,7 +52,8 @@ def test_help_lists_group_and_default():
 def test_inherit_makes_every_default_none_and_says_so():
     p, args = parse([], DataOptions, inherit="the checkpoint")
     assert vars(args) == {"data_dir": None, "fold": None, "folds": None, "fold_scheme": None, "seed": None}
-    assert "(default: from the checkpoint)" in p.format_help()
+    text = p.format_help()
+    assert "(default: from the checkpoint)" in text and "(default: None)" not in text
     _, args = parse(["--fast"], inherit="x")
     assert args.fast is True and args.fill is None  # switches become store_const: unset stays None
 

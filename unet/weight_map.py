@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 
 __all__ = ["class_balance_weights", "border_weight_map", "unet_weight_map", "weight_map_stack"]
 

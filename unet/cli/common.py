@@ -26,6 +26,12 @@ class CheckpointArgs:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every flag's default and keeps the description's line breaks."""
 
+    def _get_help_string(self, action):
+        # A help that states its own default (add_options' inherit) gets no second "(default: None)".
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
                 inherit: str | None = None) -> None:

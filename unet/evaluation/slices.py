@@ -7,6 +7,8 @@ rank gets exactly the one-process numbers (training's validation and ``evaluate.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -16,7 +18,7 @@ from unet.errors import UserError
 from unet.metrics.instances import InstanceScores
 from unet.metrics.isbi import ThinnedScores
 from unet.metrics.segmentation import SegmentationMetrics
-from unet.prediction.instances import InstanceOptions
+from unet.prediction.instances import InstanceOptions, cell_instances
 from unet.prediction.predictor import predict_probabilities
 from unet.prediction.tiling import TilingOptions
 
@@ -40,7 +42,8 @@ class SliceScores:
         self.segmentation = SegmentationMetrics(num_classes=config.num_classes, class_names=tuple(config.class_names))
         self.cell = self.segmentation.foreground_class
         self.thinned = ThinnedScores() if thinned else None
-        self.instances = InstanceScores(instances) if instances is not None else None
+        self.instances = (InstanceScores(functools.partial(cell_instances, options=instances))
+                          if instances is not None else None)
         self._parts = [p for p in (self.thinned, self.instances) if p is not None]
         self.size = self.segmentation.state().numel() + sum(p.state().size for p in self._parts)
 

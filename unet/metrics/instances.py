@@ -1,14 +1,17 @@
-"""ISBI V_Rand / V_Info of cell instances (:func:`unet.prediction.instances.cell_instances`) against the true
-cells: as one call (:func:`score_instances`) and as an accumulator summable over ranks (:class:`InstanceScores`)."""
+"""ISBI V_Rand / V_Info of cell instances against the true cells: as one call (:func:`score_instances`) and as
+an accumulator summable over ranks (:class:`InstanceScores`).
+
+The metrics wing scores instances; it does not make them. The accumulator is handed the function that does
+(the evaluation passes :func:`unet.prediction.instances.cell_instances` with its options)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.metrics.segmentation import SummableState, rand_info_scores
-from unet.prediction.instances import InstanceOptions, cell_instances
 
 __all__ = ["InstanceScores", "score_instances"]
 
@@ -40,19 +43,21 @@ def score_instances(instances: np.ndarray, true_cells: np.ndarray) -> dict[str, 
 
 
 class InstanceScores(SummableState):
-    """V_Rand / V_Info of :func:`cell_instances` accumulated over slices; mergeable across ranks.
+    """V_Rand / V_Info of instances accumulated over slices; mergeable across ranks.
 
     The state is ``[v_rand sum, v_rand count, v_info sum, v_info count]`` (float64), so summing the states of
     several accumulators (an all-reduce) gives exactly the scores of one pass. Each slice is scored as
     :func:`score_instances` scores it (slices with no true cell are left out), and ``compute()`` equals
-    ``score_instances(instance_stack(probs, options), truth)``.
+    ``score_instances(instance_stack(probs, options), truth)`` when ``make_instances`` is
+    ``partial(cell_instances, options=options)``.
 
     Args:
-        options: the seeded-watershed settings.
+        make_instances: ``(H, W)`` cell probability -> instance labels, for :meth:`update`; None: only
+            :meth:`add` (ready-made labels) is used.
     """
 
-    def __init__(self, options: InstanceOptions = InstanceOptions()):
-        self.options = options
+    def __init__(self, make_instances: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.make_instances = make_instances
         self.reset()
 
     def reset(self) -> None:
@@ -61,7 +66,9 @@ class InstanceScores(SummableState):
 
     def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
         """Add one slice: ``(H, W)`` cell probability and true cell mask."""
-        self.add(cell_instances(cell_prob, self.options), true_cells)
+        if self.make_instances is None:
+            raise ValueError("InstanceScores.update needs make_instances; use add() for ready-made labels")
+        self.add(self.make_instances(cell_prob), true_cells)
 
     def add(self, instances: np.ndarray, true_cells: np.ndarray) -> None:
         """Add one slice's ready-made ``(H, W)`` instance labels (0 = membrane) and true cell mask."""

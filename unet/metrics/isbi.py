@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from unet.metrics.fiji_watershed import thin_boundaries
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.metrics.segmentation import SummableState, contingency_counts
 
 __all__ = ["fiji_thresholds", "FIJI_THRESHOLDS", "fiji_slice_scores", "thinned_slice_scores",

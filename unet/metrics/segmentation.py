@@ -25,7 +25,7 @@ import torch
 
 from unet.errors import UserError
 from unet.metrics.dice import soft_dice
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 
 __all__ = ["SegmentationMetrics", "SummableState", "rand_info_scores"]
 

@@ -28,7 +28,7 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
-from unet.metrics.labels import label_cells
+from unet.metrics.cells import label_cells
 from unet.options import fraction, non_negative_float, option, positive_float
 
 __all__ = ["SEED_METHODS", "InstanceOptions", "cell_instances", "instance_stack", "label_dtype"]
