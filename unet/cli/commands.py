@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from unet.export import bioimageio
-
+from unet.cli import export as export_command
+from unet.cli import infer as infer_command
 from unet.evaluation import evaluate as evaluation
-
-from unet.prediction import stacks as inference
 
 from unet.training import trainer as training
 from unet.cli.common import run
@@ -26,9 +24,9 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
 
 def infer(argv: Sequence[str] | None = None) -> int:
     """Console script ``unet-infer``."""
-    return run(inference.main, inference.get_args_parser(), argv)
+    return run(infer_command.main, infer_command.get_args_parser(), argv)
 
 
 def export(argv: Sequence[str] | None = None) -> int:
-    """Console script ``unet-export`` (a BioImage Model Zoo package)."""
-    return run(bioimageio.main, bioimageio.get_args_parser(), argv)
+    """Console script ``unet-export`` (a BioImage Model Zoo package, a .pt2 program or ONNX)."""
+    return run(export_command.main, export_command.get_args_parser(), argv)
