@@ -115,3 +115,37 @@ def test_onnx_export_runs(tiny, tmp_path):
     path = export.export_model(tiny, tmp_path / "m.onnx", tile_size=tiny.valid_input_size(92))
     import onnx
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB: 2147483800"),
+    RuntimeError("The serialized model is larger than the 2GiB limit imposed by the protobuf library."),
+])
+def test_onnx_over_the_protobuf_limit_is_one_line(ckpt, tmp_path, capsys, monkeypatch, error):
+    """Issue 22 item 5: protobuf's 2 GiB ceiling, raised from inside the exporter's save, ends in one line."""
+    class Program:
+        def save(self, destination, **kwargs):
+            Path(destination).write_bytes(b"partial")  # what a real save may leave before it fails
+            raise error
+
+    monkeypatch.setattr(export, "onnx_available", lambda: True)
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: Program())
+    with pytest.raises(SystemExit) as e:
+        export_cli(["--ckpt", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export.py: error: "), err
+    assert "m.onnx" in err[0] and "2 GiB" in err[0] and "--format pt2" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_onnx_errors_are_not_taken_for_the_size_limit(tiny, tmp_path, monkeypatch):
+    class Program:
+        def save(self, destination, **kwargs):
+            raise ValueError("something else")
+
+    monkeypatch.setattr(export, "onnx_available", lambda: True)
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: Program())
+    with pytest.raises(ValueError, match="something else"):
+        export.export_model(tiny, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

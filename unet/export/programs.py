@@ -9,11 +9,12 @@ extra_files={"unet.json": ""})``). Files are written atomically (temporary file,
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from pathlib import Path
-
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -117,8 +118,8 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
         The written path.
 
     Raises:
-        UserError: unknown suffix, existing file, missing folder, invalid tile size, or ONNX requested
-            without its packages.
+        UserError: unknown suffix, existing file, missing folder, invalid tile size, ONNX requested
+            without its packages, or an ONNX model over protobuf's 2 GiB limit.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -132,15 +133,34 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
         raise UserError(f"{path}: ONNX export needs the onnx and onnxscript packages; "
                         f"pip install -e .[onnx] (or export to .pt2)")
     model, tile_size = _prepare(model, tile_size)
-    program = _trace(model, tile_size, onnx=suffix == ".onnx")
     if suffix == ".pt2":
+        program = _trace(model, tile_size)
         extra = {METADATA_NAME: json.dumps(export_metadata(model, tile_size))}
         # Through a file object: a failed write then surfaces as an OSError (one line), not a C++ abort.
         atomic_write(path, lambda f: torch.export.save(program, f, extra_files=extra))
         return path
-    with atomic_path(path) as tmp:  # the ONNX saver wants a path name: a named temporary beside the target
-        program.save(str(tmp))
+    with _onnx_size_limit(path):
+        program = _trace(model, tile_size, onnx=True)
+        with atomic_path(path) as tmp:  # the ONNX saver wants a path name: a named temporary beside the target
+            program.save(str(tmp))
     return path
+
+
+@contextlib.contextmanager
+def _onnx_size_limit(path: Path) -> Iterator[None]:
+    """protobuf's 2 GiB ceiling on one ONNX message, hit while serialising, as one line naming ``path``.
+
+    protobuf raises ``ValueError: Message onnx.ModelProto exceeds maximum protobuf size of 2GB: <bytes>``
+    (torch's TorchScript-based exporter a RuntimeError saying the same), from deep inside the exporter.
+    """
+    try:
+        yield
+    except (ValueError, RuntimeError) as e:
+        text = str(e)
+        if "2GB" not in text and "2GiB" not in text and "protobuf" not in text:
+            raise
+        raise UserError(f"{path}: the model does not fit one ONNX file (protobuf's 2 GiB limit); export it with "
+                        f"--format pt2, or train a model with fewer parameters") from None
 
 
 def load_export_metadata(path: str | Path) -> dict:
