@@ -20,7 +20,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Arguments of ``python export.py``."""
     parser = argparse.ArgumentParser(
         prog="export.py", add_help=add_help, formatter_class=HelpFormatter,
-        description="Export a train.py checkpoint: a BioImage Model Zoo model (bioimage.io spec 0.5 .zip) for "
+        description="Export a train.py checkpoint: a BioImage Model Zoo model (bioimage.io spec 0.5 .zip) for\n"
                     "Fiji/deepImageJ, napari, ilastik and bioimageio.core, a torch.export program (.pt2) or ONNX.\n\n"
                     "  python export.py --ckpt best.pt --output unet.zip --author \"Jane Doe\" --license MIT\n"
                     "  python export.py --ckpt best.pt --format pt2 --output unet.pt2 [--example-size 572]\n"
