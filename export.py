@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin entry point: see `python export.py --help` (the code lives in unet/bioimageio.py)."""
+"""Thin entry point: see `python export.py --help` (the code lives in unet/cli/export.py)."""
 import sys
 
 from unet.cli.commands import export

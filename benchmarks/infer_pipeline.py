@@ -1,7 +1,7 @@
 """infer.py end to end against the model's forward passes alone, side by side in one run.
 
     python benchmarks/infer_pipeline.py [--model small|reference] [--slices 100] [--slice-size 512]
-        [--precision fp32|bf16|fp16] [--tile-batch 4] [--device auto] [--per-slice] [--compile] [--json OUT]
+        [--precision fp32|bf16|fp16] [--tile-batch N] [--device auto] [--per-slice] [--compile] [--json OUT]
 
 A synthetic uint8 stack (--slices x --slice-size^2) is written to a temporary TIFF and a randomly initialised
 model (seed 0) to a temporary checkpoint. Then, in this order:
@@ -9,7 +9,7 @@ model (seed 0) to a temporary checkpoint. Then, in this order:
 1. forward only: the model's forward passes (eval, inference_mode, autocast, the device's layout) over
    exactly the tile batches infer.py runs for that stack (same tile size, same batch sizes, same count),
    inputs already on the device; one untimed warm-up pass first;
-2. infer.py: ``unet.prediction.stacks.main`` as the command runs it (load the checkpoint, read the TIFF, tile,
+2. infer.py: ``unet.cli.infer.main`` as the command runs it (load the checkpoint, read the TIFF, tile,
    predict, stitch, write the zlib mask TIFF); its fixed start-up (checkpoint load, device set-up, warm-up
    forward) is reported apart from the streaming run;
 3. forward only again, so that a load change on a shared machine shows as a difference between 1 and 3;
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from common import MODELS, device_for, machine_header, machine_record, write_json  # noqa: E402
 
-from unet.prediction import stacks as inference  # noqa: E402
+from unet.cli import infer as inference  # noqa: E402
 from unet.checkpoint import save_checkpoint  # noqa: E402
 from unet.data.synthetic import make_synthetic_em  # noqa: E402
 from unet.device import DEVICE_CHOICES  # noqa: E402
@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=100)
     p.add_argument("--slice-size", type=int, default=512)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--tile-batch", type=int, default=4, help="infer.py's --tile-batch")
+    p.add_argument("--tile-batch", type=int, default=TilingOptions.tile_batch, help="infer.py's --tile-batch")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--per-slice", action="store_true", help="also time today's per-slice predictor")
     p.add_argument("--compile", action="store_true", help="pass --compile to infer.py (forward only stays eager)")

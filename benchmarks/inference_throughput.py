@@ -7,7 +7,7 @@
 (a) images/s of eval-mode forward passes under inference_mode and the precision's autocast, on random tiles of
 the model's input size (572 for the reference model), one row per (precision, batch).
 (b) a synthetic uint8 stack of --slices 512x512 slices is written to a temporary TIFF, the model (random weights,
-seed 0) to a temporary checkpoint; then infer.py's own code path (unet.prediction.stacks.main: load checkpoint, read,
+seed 0) to a temporary checkpoint; then infer.py's own code path (unet.cli.infer.main: load checkpoint, read,
 tile, predict, write a compressed mask TIFF) is timed against predict_probabilities over the same slices already
 in memory (the same tiler, tiles and batch, nothing else). The difference is infer.py's overhead; it should stay
 under 10 %. --profile prints where infer.py's time goes (cProfile, top functions by cumulative time).
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from common import (MODELS, QUICK_MODEL, MfuPeaks, add_peak_args, csv_list, device_for, machine_header,  # noqa: E402
                     machine_record, print_table, usable_precisions, write_json)
 
-from unet.prediction import stacks as inference  # noqa: E402
+from unet.cli import infer as inference  # noqa: E402
 
 from unet.prediction import pipeline  # noqa: E402
 from unet.benchmarking import model_flops, time_steps  # noqa: E402
@@ -72,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed passes first (default: 1 CPU, 10 else)")
     p.add_argument("--slices", type=int, default=None, help="slices of the end-to-end stack (default 30; 0 = skip)")
     p.add_argument("--slice-size", type=int, default=None, help="slice height and width (default 512)")
-    p.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass in (b), as infer.py's default")
+    p.add_argument("--tile-batch", type=int, default=TilingOptions.tile_batch,
+                   help="tiles per forward pass in (b), as infer.py's default")
     add_peak_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="cProfile infer.py's run and print the top functions")
@@ -154,7 +155,7 @@ def timed_predict_probabilities():
 
 def infer_main(ckpt: Path, stack: Path, out: Path, device: str, precision: str, tile_batch: int,
                profile: bool) -> tuple[float, float, object, str]:
-    """Run unet.prediction.stacks.main as infer.py would.
+    """Run unet.cli.infer.main as infer.py would.
 
     Returns:
         (wall seconds, seconds inside the tile forwards, RunResult, its stdout).
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slices:
         print(f"\n(b) end to end: {args.slices} synthetic uint8 slices of {args.slice_size}x{args.slice_size}, "
               f"{spec.name} model (random weights), default tiling, tile batch {args.tile_batch}; "
-              f"infer.py = unet.prediction.stacks.main (load checkpoint, read TIFF, tile, predict, write zlib mask TIFF) "
+              f"infer.py = unet.cli.infer.main (load checkpoint, read TIFF, tile, predict, write zlib mask TIFF) "
               f"vs predict_probabilities on the slices in memory")
         with tempfile.TemporaryDirectory(prefix="unet-infer-bench-") as tmp:
             for precision in precisions:

@@ -1,4 +1,4 @@
-"""A table of bad inputs and faults against train.py, evaluate.py, infer.py and datasets/isbi2012.py.
+"""A table of bad inputs and faults against train.py, evaluate.py, infer.py, export.py and datasets/isbi2012.py.
 
 Every case must end with: a non-zero exit, no traceback, a last stderr line naming the offending file or flag,
 no new or half-written file anywhere in its folder (old outputs byte-identical), and inputs untouched.
@@ -38,7 +38,8 @@ RUNNER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("isbi2012_download", sys.argv[3])
     download = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(download)
-    entry = {"train": cli.train, "evaluate": cli.evaluate, "infer": cli.infer, "download": download.main}
+    entry = {"train": cli.train, "evaluate": cli.evaluate, "infer": cli.infer, "export": cli.export,
+             "download": download.main}
     results = {}
     for case in json.load(open(sys.argv[1])):
         err, out = io.StringIO(), io.StringIO()
@@ -60,7 +61,8 @@ RUNNER = textwrap.dedent("""
     json.dump(results, open(sys.argv[2], "w"))
 """)
 
-SCRIPTS = {"train": "train.py", "evaluate": "evaluate.py", "infer": "infer.py", "download": "datasets/isbi2012.py"}
+SCRIPTS = {"train": "train.py", "evaluate": "evaluate.py", "infer": "infer.py", "export": "export.py",
+           "download": "datasets/isbi2012.py"}
 TINY_TRAIN = ["--base-filters", "4", "--depth", "2", "--padding", "same", "--input-size", "32", "--batch-size", "2",
               "--workers", "0", "--no-progress", "--max-steps", "2", "--log-every", "1"]
 
@@ -284,13 +286,16 @@ CASES = [
     Case("infer-output-exists", "infer", ["--ckpt", "{w}/good.pt", "--input", "{w}/stack.tif",
                                           "--output", "{d}/masks.tif"], "masks.tif",
          setup=lambda d, w: _old_output(d / "masks.tif")),
-    Case("infer-export-read-only", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/out/m.pt2",
-                                             "--tile-size", "32"], "m.pt2", read_only="out",
+    Case("infer-export-removed", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size", "32"],
+         "--export"),
+    # ---- export.py (programs; the bioimage.io package's bad inputs are in test_bioimageio.py)
+    Case("export-pt2-read-only", "export", ["--ckpt", "{w}/good.pt", "--format", "pt2", "--output", "{d}/out/m.pt2",
+                                            "--example-size", "32"], "m.pt2", read_only="out",
          setup=lambda d, w: _folder(d / "out")),
-    Case("infer-export-size-limit", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size", "32"],
-         "m.pt2", fsize=3_000),
-    Case("infer-export-tile-size-huge", "infer", ["--ckpt", "{w}/good.pt", "--export", "{d}/m.pt2", "--tile-size",
-                                                  "1000000"], "--tile-size"),
+    Case("export-pt2-size-limit", "export", ["--ckpt", "{w}/good.pt", "--format", "pt2", "--output", "{d}/m.pt2",
+                                             "--example-size", "32"], "m.pt2", fsize=3_000),
+    Case("export-example-size-huge", "export", ["--ckpt", "{w}/good.pt", "--format", "pt2", "--output", "{d}/m.pt2",
+                                                "--example-size", "1000000"], "--example-size"),
     Case("infer-tile-size-huge", "infer", ["--ckpt", "{w}/good.pt", "--input", "{w}/stack.tif", "--output",
                                            "{d}/masks.tif", "--tile-size", "1000000"], "--tile-size"),
     # ---- datasets/isbi2012.py

@@ -1,4 +1,4 @@
-"""BioImage Model Zoo packages (unet/bioimageio.py, export.py).
+"""BioImage Model Zoo packages (unet/export/bioimageio.py, bioimageio_network.py, export.py).
 
 The geometry and network tests need only torch; the package tests need the ``[bioimageio]`` extra
 (bioimageio.core, onnxruntime) and are skipped with a note without it. One tiny 'valid' model (4 base
@@ -20,8 +20,9 @@ import pytest
 import tifffile
 import torch
 
-from unet.export.bioimageio import (DTYPE_GAIN, WEIGHT_FORMATS, BioimageioUNet, architecture_source,
-                             package_geometry, package_network)
+from unet.export.bioimageio import DTYPE_GAIN
+from unet.export.bioimageio_network import (WEIGHT_FORMATS, BioimageioUNet, architecture_source, package_geometry,
+                                            package_network)
 from unet.checkpoint import VERSION, save_checkpoint
 from unet.cli.commands import export as cli
 from unet.io.images import scale_by_dtype

@@ -6,7 +6,7 @@ import torch
 
 from unet.export import programs as export
 from unet.checkpoint import save_checkpoint
-from unet.cli.commands import infer
+from unet.cli.commands import export as export_cli, infer
 from unet.errors import UserError
 from unet.model import UNet
 
@@ -34,7 +34,7 @@ def test_default_tile_sizes():
 def test_pt2_matches_eager_for_batch_1_and_3(ckpt, tiny, tmp_path, capsys):
     tile = tiny.valid_input_size(92)
     path = tmp_path / "model.pt2"
-    assert infer(["--ckpt", str(ckpt), "--export", str(path), "--tile-size", str(tile)]) == 0
+    assert export_cli(["--ckpt", str(ckpt), "--format", "pt2", "--output", str(path), "--example-size", str(tile)]) == 0
     assert "exported" in capsys.readouterr().out
     program = torch.export.load(str(path))
     for batch in (1, 3):
@@ -77,10 +77,37 @@ def test_export_errors(tiny, tmp_path, monkeypatch):
 def test_onnx_cli_error_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "onnx_available", lambda: False)
     with pytest.raises(SystemExit) as e:
-        infer(["--ckpt", str(ckpt), "--export", str(tmp_path / "m.onnx")])
+        export_cli(["--ckpt", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install -e .[onnx]" in err[0]
+    assert len(err) == 1 and err[0].startswith("export.py: error: ") and "pip install -e .[onnx]" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "pt2", "--output", "m.onnx"], "--format pt2 writes a .pt2 file"),
+    (["--format", "onnx", "--output", "m.pt2"], "--format onnx writes a .onnx file"),
+    (["--format", "pt2", "--output", "m.pt2", "--author", "Jane Doe"], "--author: only for --format bioimageio"),
+    (["--output", "m.zip", "--example-size", "92"], "--example-size is for --format pt2|onnx"),
+    (["--format", "pt2", "--output", "m.pt2", "--example-size", "0"], "argument --example-size: must be at least 1"),
+])
+def test_export_cli_refusals_are_one_line(ckpt, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / a) if a.startswith("m.") else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        export_cli(["--ckpt", str(ckpt), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("export.py: error: ") and message in err[-1], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_infer_export_points_to_export_py(ckpt, tmp_path, capsys):
+    """infer.py --export only says which command writes programs now (exit 2, nothing written)."""
+    with pytest.raises(SystemExit) as e:
+        infer(["--ckpt", str(ckpt), "--export", str(tmp_path / "m.pt2"), "--tile-size", "92"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run python export.py --format pt2|onnx" in err[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not export.onnx_available(), reason="onnx/onnxscript not installed (pip install -e .[onnx])")
@@ -88,3 +115,37 @@ def test_onnx_export_runs(tiny, tmp_path):
     path = export.export_model(tiny, tmp_path / "m.onnx", tile_size=tiny.valid_input_size(92))
     import onnx
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB: 2147483800"),
+    RuntimeError("The serialized model is larger than the 2GiB limit imposed by the protobuf library."),
+])
+def test_onnx_over_the_protobuf_limit_is_one_line(ckpt, tmp_path, capsys, monkeypatch, error):
+    """Issue 22 item 5: protobuf's 2 GiB ceiling, raised from inside the exporter's save, ends in one line."""
+    class Program:
+        def save(self, destination, **kwargs):
+            Path(destination).write_bytes(b"partial")  # what a real save may leave before it fails
+            raise error
+
+    monkeypatch.setattr(export, "onnx_available", lambda: True)
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: Program())
+    with pytest.raises(SystemExit) as e:
+        export_cli(["--ckpt", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export.py: error: "), err
+    assert "m.onnx" in err[0] and "2 GiB" in err[0] and "--format pt2" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_onnx_errors_are_not_taken_for_the_size_limit(tiny, tmp_path, monkeypatch):
+    class Program:
+        def save(self, destination, **kwargs):
+            raise ValueError("something else")
+
+    monkeypatch.setattr(export, "onnx_available", lambda: True)
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: Program())
+    with pytest.raises(ValueError, match="something else"):
+        export.export_model(tiny, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

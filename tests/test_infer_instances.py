@@ -4,7 +4,7 @@ import pytest
 import tifffile
 import torch
 
-from unet.prediction import stacks as inference
+from unet.io.writers import LabelStackWriter
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.prediction.instances import InstanceOptions, instance_stack
@@ -65,7 +65,7 @@ def test_label_writer_narrows_only_when_every_id_fits(tmp_path, per_slice, dtype
     slices = [np.arange(1, per_slice + 1, dtype=np.int64).reshape(-1, 100) for _ in range(2)]
     slices[1][0, 0] = 0  # a membrane pixel stays 0
     path = tmp_path / "labels.tif"
-    with inference.LabelStackWriter(path, pixels=2 * per_slice) as writer:
+    with LabelStackWriter(path, pixels=2 * per_slice) as writer:
         for lab in slices:
             writer.append(lab)
     got = tifffile.imread(path)

@@ -11,6 +11,8 @@ import tifffile
 import torch
 from PIL import Image, ImageSequence
 
+from unet.cli import infer as infer_cli
+from unet.prediction import jobs as planning
 from unet.prediction import stacks as inference
 
 from unet.prediction import pipeline
@@ -133,7 +135,7 @@ def test_synthetic_default_probabilities_and_overlays(ckpt, tmp_path):
     out, prob, prob8 = tmp_path / "m.tif", tmp_path / "p.tif", tmp_path / "p8.tif"
     _run(["--ckpt", ckpt, "--output", out, "--probabilities", prob, "--overlay", tmp_path / "ov"])
     _run(["--ckpt", ckpt, "--output", tmp_path / "m2.tif", "--probabilities", prob8, "--prob-dtype", "uint8"])
-    n, h, w = inference.SYNTHETIC_SHAPE
+    n, h, w = planning.SYNTHETIC_SHAPE
     masks, p = tifffile.imread(out), tifffile.imread(prob)
     assert masks.shape == p.shape == (n, h, w) and p.dtype == np.float32
     clear = np.abs(p - 0.5) > 1e-6  # at a tie argmax may go either way
@@ -188,8 +190,8 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
     monkeypatch.setattr(inference, "iter_job_pages", pages)
     monkeypatch.setattr(pipeline, "as_image", image)
     monkeypatch.setattr(pipeline, "mask_from_probabilities", mask)
-    jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "m.tif", probabilities=tmp_path / "p.tif")
-    inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)  # also the warm-up below
+    jobs = planning.plan_jobs(tmp_path / "deep.tif", tmp_path / "m.tif", probabilities=tmp_path / "p.tif")
+    inference.run_inference(model, dev, jobs, inference.InferOptions(read_batch=8, no_progress=True))  # also the warm-up below
     assert len(chunks) == 400 // 8 and len(images) == len(masks_made) == 400
     # Bounded by the queues, not the depth: the chunk being read and the previous one, READ_AHEAD queued
     # slices + one the reader holds + the slices of one tile batch (tile_batch 4), WRITE_AHEAD masks + 2.
@@ -200,10 +202,10 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
     monkeypatch.undo()
 
     # What numpy allocates (the raw pages, scaled images, uint8 conversions) tracemalloc does see.
-    jobs = inference.plan_jobs(tmp_path / "deep.tif", tmp_path / "w.tif", probabilities=tmp_path / "wp.tif")
+    jobs = planning.plan_jobs(tmp_path / "deep.tif", tmp_path / "w.tif", probabilities=tmp_path / "wp.tif")
     tracemalloc.start()
     try:
-        inference.run_inference(model, dev, jobs, read_batch=8, show_progress=False)
+        inference.run_inference(model, dev, jobs, inference.InferOptions(read_batch=8, no_progress=True))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -217,7 +219,7 @@ def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, mon
 
 @pytest.mark.parametrize("stage, target", [("device", "unet.prediction.pipeline.predict_tiles"),
                                            ("reader", "unet.prediction.pipeline.as_image"),
-                                           ("writer", "unet.prediction.stacks._write_png_atomic")])
+                                           ("writer", "unet.prediction.stacks.write_png_atomic")])
 def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch, stage, target):
     """A failure in any of the three stages reaches the caller unchanged and removes every partial output."""
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((6, 32, 32), np.uint8))
@@ -298,7 +300,7 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
 def test_input_changed_during_the_run_leaves_no_output(ckpt, tmp_path, capsys, monkeypatch, change):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
-    real_plan = inference.plan_jobs
+    real_plan = planning.plan_jobs
 
     def plan_then_rewrite(*args, **kwargs):
         jobs = real_plan(*args, **kwargs)
@@ -306,7 +308,7 @@ def test_input_changed_during_the_run_leaves_no_output(ckpt, tmp_path, capsys, m
         tifffile.imwrite(src, np.zeros((4 + change, 32, 32), np.uint8), photometric="minisblack")
         return jobs
 
-    monkeypatch.setattr(inference, "plan_jobs", plan_then_rewrite)
+    monkeypatch.setattr(infer_cli, "plan_jobs", plan_then_rewrite)
     with pytest.raises(SystemExit) as e:
         _run(["--ckpt", ckpt, "--input", src, "--output", tmp_path / "m.tif", "--overlay", tmp_path / "ov"])
     assert e.value.code == 2
@@ -333,9 +335,12 @@ def test_bad_numbers_fail_when_parsed(ckpt, tmp_path, capsys, flag, value, messa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_conflict_is_refused_before_loading(tmp_path, capsys):
+def test_export_is_refused_before_loading(tmp_path, capsys):
+    # Programs are written by export.py now; infer.py --export only says so, before loading, writing nothing.
     _bad(["--ckpt", tmp_path / "missing.pt", "--export", tmp_path / "m.pt2", "--output", tmp_path / "m.tif"],
-         capsys, "--export writes a model, not masks")
+         capsys, "--export", "export.py --format pt2|onnx", "m.pt2")
+    _bad(["--ckpt", tmp_path / "missing.pt", "--export", tmp_path / "m.pt2"], capsys, "export.py --format pt2|onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_overwrite(ckpt, tmp_path, capsys):

@@ -4,14 +4,15 @@ import pytest
 import tifffile
 import torch
 
-from unet.prediction import stacks as inference
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.device import DeviceSetup, setup_device
 from unet.errors import UserError
 from unet.model import UNet
-from unet.prediction.pipeline import StackPredictor, mask_from_probabilities
-from unet.prediction.predictor import FREE_MEMORY_SHARE, free_memory_budget_mb
+from unet.io.images import as_image
+from unet.prediction.pipeline import StackPredictor
+from unet.prediction.predictor import (FREE_MEMORY_SHARE, free_memory_budget_mb, mask_from_probabilities,
+                                      predict_probabilities)
 from unet.prediction.tiling import TilingOptions
 
 
@@ -32,10 +33,22 @@ def _model(padding: str, seed: int = 0) -> UNet:
     return model
 
 
+def predict_pages(model, dev, chunks, *, source="input", options=None):
+    """The per-slice path: one predict_probabilities per slice (tiles batched only within a slice), holding one
+    chunk of raw pages at a time; yields ``(image, mask, probability)`` per slice: the [0, 1] ``(C, H, W)``
+    float32 input, the uint8 ``(H, W)`` mask (255 = cell) and the float32 ``(H, W)`` class-1 probability."""
+    for chunk in chunks:
+        for raw in chunk:
+            image = as_image(raw, source, None)  # predict_probabilities checks the channels
+            probs = predict_probabilities(model, image, dev, options)
+            mask = mask_from_probabilities(probs).cpu().numpy()
+            yield image, mask, probs[1].float().cpu().numpy()
+
+
 def _per_slice(model, dev, stack, options):
-    """Today's path: unet.prediction.stacks.predict_pages, one predict_probabilities per slice."""
+    """The per-slice path (:func:`predict_pages`), against which the stack pipeline is checked."""
     masks, probs = [], []
-    for _, mask, prob in inference.predict_pages(model, dev, [stack], options=options):
+    for _, mask, prob in predict_pages(model, dev, [stack], options=options):
         masks.append(mask)
         probs.append(prob)
     return np.stack(masks), np.stack(probs)

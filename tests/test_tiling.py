@@ -7,8 +7,8 @@ import torch
 
 from unet.errors import UserError
 from unet.model import UNet
-from unet.prediction.tiling import (TilePlan, choose_tile_size, estimate_bytes_per_pixel, mirror_pad, plan_tiles,
-                         predict_slice)
+from unet.prediction.tiles import mirror_pad, predict_slice
+from unet.prediction.tiling import TilePlan, TilingOptions, choose_tile_size, estimate_bytes_per_pixel, plan_tiles
 
 SIZES = [(512, 512), (300, 700), (97, 1000)]
 
@@ -79,7 +79,7 @@ def _brute_force_cost(h, w, geometry, budget_mb, overlap=0.25):
         if size * size * bpp > budget_mb * 2 ** 20:
             continue
         try:
-            plan = plan_tiles(h, w, geometry, size, overlap=overlap)
+            plan = plan_tiles(h, w, geometry, size, TilingOptions(overlap=overlap))
         except (UserError, ValueError):  # no output, or no output beyond the edge band
             continue
         best = min(best, size * size * plan.num_tiles)
@@ -106,11 +106,11 @@ def test_known_tilings():
 
 def test_small_budget_forces_a_split():
     model = UNet()
-    plan = choose_tile_size(512, 512, model, memory_budget_mb=512)
+    plan = choose_tile_size(512, 512, model, TilingOptions(memory_budget_mb=512))
     assert plan.num_tiles > 1
     assert plan.tile_size ** 2 * 2048 <= 512 * 2 ** 20
     with pytest.raises(UserError, match="memory budget"):
-        choose_tile_size(512, 512, model, memory_budget_mb=1)
+        choose_tile_size(512, 512, model, TilingOptions(memory_budget_mb=1))
 
 
 def test_valid_tile_offsets_are_aligned():
@@ -126,9 +126,9 @@ def test_invalid_tile_size_and_options_raise_user_errors():
     with pytest.raises(UserError):
         plan_tiles(512, 512, UNet(padding="same"), 500)
     with pytest.raises(UserError):
-        predict_slice(_crop(2), _image(8, 8), geometry=MarginGeometry(2), overlap=1.0)
+        predict_slice(_crop(2), _image(8, 8), TilingOptions(overlap=1.0), geometry=MarginGeometry(2))
     with pytest.raises(UserError):
-        predict_slice(_crop(2), _image(8, 8), geometry=MarginGeometry(2), blend="linear")
+        predict_slice(_crop(2), _image(8, 8), TilingOptions(blend="linear"), geometry=MarginGeometry(2))
     with pytest.raises(ValueError, match="geometry"):
         predict_slice(lambda x: x, _image(8, 8))
 
@@ -153,7 +153,7 @@ def test_valid_crop_predictor_reproduces_image_exactly(hw, align):
     geometry = MarginGeometry(m, align)
     img = _image(*hw)
     for tile_size in (None, geometry.valid_input_size(2 * m + 90)):
-        out = predict_slice(_crop(m), img, geometry=geometry, tile_size=tile_size)
+        out = predict_slice(_crop(m), img, TilingOptions(tile_size=tile_size), geometry=geometry)
         assert out.dtype == torch.float32 and out.shape == img.shape
         assert torch.equal(out, img)
 
@@ -163,14 +163,15 @@ def test_valid_crop_predictor_reproduces_image_exactly(hw, align):
 def test_same_identity_predictor_blends_back_to_image(hw, blend):
     img = _image(*hw)
     for tile_size in (None, 64):
-        out = predict_slice(lambda x: x, img, geometry=SameGeometry(16), tile_size=tile_size, blend=blend)
+        out = predict_slice(lambda x: x, img, TilingOptions(tile_size=tile_size, blend=blend),
+                            geometry=SameGeometry(16))
         assert out.shape == img.shape
         assert torch.allclose(out, img, atol=1e-6, rtol=0)
 
 
 def test_same_image_smaller_than_tile_is_padded_and_cropped():
     img = _image(20, 30)
-    out = predict_slice(lambda x: x, img, geometry=SameGeometry(16), tile_size=64, blend="constant")
+    out = predict_slice(lambda x: x, img, TilingOptions(tile_size=64, blend="constant"), geometry=SameGeometry(16))
     assert torch.equal(out, img)
 
 
@@ -182,13 +183,14 @@ def test_tiles_are_batched():
         return x[..., 5:-5, 5:-5]
 
     img = _image(97, 1000)
-    out = predict_slice(predictor, img, geometry=MarginGeometry(5), tile_size=110, tile_batch=4)
+    out = predict_slice(predictor, img, TilingOptions(tile_size=110, tile_batch=4), geometry=MarginGeometry(5))
     assert torch.equal(out, img)
     assert sum(calls) == 10 and calls == [4, 4, 2]
     # A memory budget that holds only one tile per call lowers the batch.
     calls.clear()
     budget = 110 * 110 * 2048 * 1.5 / 2 ** 20
-    predict_slice(predictor, img, geometry=MarginGeometry(5), tile_size=110, tile_batch=4, memory_budget_mb=budget)
+    predict_slice(predictor, img, TilingOptions(tile_size=110, tile_batch=4, memory_budget_mb=budget),
+                  geometry=MarginGeometry(5))
     assert calls == [1] * 10
 
 
@@ -218,7 +220,7 @@ def test_valid_unet_tiles_equal_one_pass_over_mirror_padded_image(depth):
     tile = model.input_size_for_output(36)
     plan = plan_tiles(h, w, model, tile)
     assert plan.tiles_y > 1 and plan.tiles_x > 2
-    tiled = predict_slice(model, img, tile_size=tile, tile_batch=3)
+    tiled = predict_slice(model, img, TilingOptions(tile_size=tile, tile_batch=3))
     margin = (tile - model.output_size(tile)) // 2
     extent_y, extent_x = plan.starts_y[-1] + plan.output_size, plan.starts_x[-1] + plan.output_size
     padded = mirror_pad(img, margin, extent_y - h + margin, margin, extent_x - w + margin)
@@ -234,11 +236,11 @@ def test_same_unet_single_window_equals_full_pass_and_tiles_are_close():
     img = torch.rand(1, 64, 64)
     with torch.no_grad():
         full = model(img[None])[0]
-    one = predict_slice(model, img, tile_size=64, blend="constant")
+    one = predict_slice(model, img, TilingOptions(tile_size=64, blend="constant"))
     assert torch.allclose(one, full, atol=1e-6, rtol=0)
     # Smaller windows see zero padding at their borders, so they only approximate the full pass.
     for blend in ("constant", "gaussian"):
-        tiled = predict_slice(model, img, tile_size=32, blend=blend, overlap=0.5)
+        tiled = predict_slice(model, img, TilingOptions(tile_size=32, blend=blend, overlap=0.5))
         # (10 %: an untrained He-initialised net amplifies the border differences of zero padding.)
         assert (tiled - full).abs().mean() < 0.1 * full.abs().mean()
 
@@ -247,9 +249,9 @@ def test_same_unet_single_window_equals_full_pass_and_tiles_are_close():
 
 def test_tta_with_equivariant_predictor_is_exact():
     img = _image(97, 300)
-    out = predict_slice(_crop(6), img, geometry=MarginGeometry(6), tile_size=80, tta=True)
+    out = predict_slice(_crop(6), img, TilingOptions(tile_size=80, tta=True), geometry=MarginGeometry(6))
     assert torch.equal(out, img)
-    out = predict_slice(lambda x: x, img, geometry=SameGeometry(16), tile_size=64, tta=True)
+    out = predict_slice(lambda x: x, img, TilingOptions(tile_size=64, tta=True), geometry=SameGeometry(16))
     assert torch.allclose(out, img, atol=1e-6, rtol=0)
 
 
@@ -265,9 +267,9 @@ def test_tta_of_real_model_lies_between_single_predictions():
             return torch.rot90(y.flip(-1) if flip else y, -k, dims=(-2, -1))
         return predictor
 
-    singles = torch.stack([predict_slice(transformed(k, f), img, geometry=model, tile_size=tile)
+    singles = torch.stack([predict_slice(transformed(k, f), img, TilingOptions(tile_size=tile), geometry=model)
                            for f in (False, True) for k in range(4)])
-    tta = predict_slice(model, img, tile_size=tile, tta=True)
+    tta = predict_slice(model, img, TilingOptions(tile_size=tile, tta=True))
     assert not torch.allclose(singles[0], singles[1])  # the model is not equivariant: TTA does something
     assert (tta >= singles.min(0).values - 1e-6).all() and (tta <= singles.max(0).values + 1e-6).all()
     assert torch.allclose(tta, singles.mean(0), atol=1e-6)
@@ -282,12 +284,12 @@ def test_tile_size_over_the_memory_budget_is_refused_up_front():
     assert model.valid_input_size(largest + 1) ** 2 * bpp > 2048 * 2 ** 20  # the next valid size is over
     check_tile_budget(model, largest)
     with pytest.raises(UserError) as e:
-        slice_plan(512, 512, model, tile_size=1000000)
+        slice_plan(512, 512, model, TilingOptions(tile_size=1000000))
     message = str(e.value)
     assert message.startswith("--tile-size 1000000 needs about 1,953,125,000 MB")
     assert "memory budget of 2048 MB" in message and f"largest tile size allowed for this model is {largest}" in message
     with pytest.raises(UserError, match=f"budget of 100 MB; the largest tile size allowed for this model is "
                                         f"{largest_tile_size(model, 100)} "):
-        slice_plan(512, 512, model, tile_size=largest, memory_budget_mb=100)
+        slice_plan(512, 512, model, TilingOptions(tile_size=largest, memory_budget_mb=100))
     with pytest.raises(UserError, match="not even the smallest tile"):
         check_tile_budget(model, 188, memory_budget_mb=1)

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from unet.cli import evaluate as evaluation
-from unet.export import bioimageio
-
-from unet.prediction import stacks as inference
-
-from unet.training import trainer as training
+from unet.cli import evaluate as evaluate_command
+from unet.cli import export as export_command
+from unet.cli import infer as infer_command
 from unet.cli.common import run
+from unet.training import trainer as train_command
 
 
 def train(argv: Sequence[str] | None = None) -> int:
     """Console script ``unet-train``."""
-    return run(training.main, training.get_args_parser(), argv)
+    return run(train_command.main, train_command.get_args_parser(), argv)
 
 
 def evaluate(argv: Sequence[str] | None = None) -> int:
     """Console script ``unet-evaluate``."""
-    return run(evaluation.main, evaluation.get_args_parser(), argv)
+    return run(evaluate_command.main, evaluate_command.get_args_parser(), argv)
 
 
 def infer(argv: Sequence[str] | None = None) -> int:
     """Console script ``unet-infer``."""
-    return run(inference.main, inference.get_args_parser(), argv)
+    return run(infer_command.main, infer_command.get_args_parser(), argv)
 
 
 def export(argv: Sequence[str] | None = None) -> int:
-    """Console script ``unet-export`` (a BioImage Model Zoo package)."""
-    return run(bioimageio.main, bioimageio.get_args_parser(), argv)
+    """Console script ``unet-export`` (a BioImage Model Zoo package, a .pt2 program or ONNX)."""
+    return run(export_command.main, export_command.get_args_parser(), argv)

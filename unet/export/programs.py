@@ -2,21 +2,25 @@
 
 Both take ``(N, in_channels, T, T)`` images scaled to [0, 1] (the model's own normalisation is inside the
 graph) and return ``(N, num_classes, t, t)`` logits. The batch dimension N is dynamic; the spatial size T
-is fixed at a valid tile size (``--tile-size``, default 572 for 'valid' and 512 for 'same' padding), so a
+is fixed at a valid tile size (``export.py --example-size``, default 572 for 'valid' and 512 for 'same' padding), so a
 deployment tiles slices exactly as :mod:`unet.prediction.tiling` does. The model config, tile and output size travel
 with a ``.pt2`` file as ``extra_files["unet.json"]`` (read them with ``torch.export.load(path,
 extra_files={"unet.json": ""})``). Files are written atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from unet.atomic import atomic_path, atomic_write
 from unet.errors import UserError
+from unet.options import option, positive_int
 from unet.prediction.tiling import check_tile_budget, check_tile_size
 
 EXPORT_SUFFIXES = (".pt2", ".onnx")
@@ -24,6 +28,20 @@ METADATA_NAME = "unet.json"
 # torch.export specialises a dimension whose example size is 0 or 1, so trace with 2 and allow 1..MAX.
 EXAMPLE_BATCH = 2
 MAX_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ProgramOptions:
+    """How a ``.pt2``/``.onnx`` program is traced (``export.py --format pt2|onnx``).
+
+    Attributes:
+        example_size: the program's static input height and width; None = :func:`default_tile_size`.
+    """
+
+    example_size: int | None = option(None, "static input height and width of a pt2/onnx program, a valid tile "
+                                            "size of the model (default: 572 for 'valid', 512 for 'same' padding, or "
+                                            "the next valid size); not used by bioimageio packages",
+                                      flags="--example-size", parse=positive_int, metavar="PIXELS")
 
 
 def default_tile_size(model: torch.nn.Module) -> int:
@@ -60,7 +78,7 @@ def _prepare(model: torch.nn.Module, tile_size: int | None) -> tuple[torch.nn.Mo
     model = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
     if tile_size is None:
         return model, default_tile_size(model)
-    check_tile_budget(model, tile_size)  # a huge --tile-size would die in the allocator while tracing
+    check_tile_budget(model, tile_size, flag="--example-size")  # a huge one would die in the allocator
     return model, check_tile_size(model, tile_size)
 
 
@@ -100,13 +118,13 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
         The written path.
 
     Raises:
-        UserError: unknown suffix, existing file, missing folder, invalid tile size, or ONNX requested
-            without its packages.
+        UserError: unknown suffix, existing file, missing folder, invalid tile size, ONNX requested
+            without its packages, or an ONNX model over protobuf's 2 GiB limit.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXPORT_SUFFIXES:
-        raise UserError(f"{path}: --export must end in .pt2 (torch.export) or .onnx (ONNX)")
+        raise UserError(f"{path}: --output must end in .pt2 (torch.export) or .onnx (ONNX)")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: file exists; pass --overwrite to replace it or choose another name")
     if not path.parent.is_dir():
@@ -115,15 +133,34 @@ def export_model(model: torch.nn.Module, path: str | Path, *, tile_size: int | N
         raise UserError(f"{path}: ONNX export needs the onnx and onnxscript packages; "
                         f"pip install -e .[onnx] (or export to .pt2)")
     model, tile_size = _prepare(model, tile_size)
-    program = _trace(model, tile_size, onnx=suffix == ".onnx")
     if suffix == ".pt2":
+        program = _trace(model, tile_size)
         extra = {METADATA_NAME: json.dumps(export_metadata(model, tile_size))}
         # Through a file object: a failed write then surfaces as an OSError (one line), not a C++ abort.
         atomic_write(path, lambda f: torch.export.save(program, f, extra_files=extra))
         return path
-    with atomic_path(path) as tmp:  # the ONNX saver wants a path name: a named temporary beside the target
-        program.save(str(tmp))
+    with _onnx_size_limit(path):
+        program = _trace(model, tile_size, onnx=True)
+        with atomic_path(path) as tmp:  # the ONNX saver wants a path name: a named temporary beside the target
+            program.save(str(tmp))
     return path
+
+
+@contextlib.contextmanager
+def _onnx_size_limit(path: Path) -> Iterator[None]:
+    """protobuf's 2 GiB ceiling on one ONNX message, hit while serialising, as one line naming ``path``.
+
+    protobuf raises ``ValueError: Message onnx.ModelProto exceeds maximum protobuf size of 2GB: <bytes>``
+    (torch's TorchScript-based exporter a RuntimeError saying the same), from deep inside the exporter.
+    """
+    try:
+        yield
+    except (ValueError, RuntimeError) as e:
+        text = str(e)
+        if "2GB" not in text and "2GiB" not in text and "protobuf" not in text:
+            raise
+        raise UserError(f"{path}: the model does not fit one ONNX file (protobuf's 2 GiB limit); export it with "
+                        f"--format pt2, or train a model with fewer parameters") from None
 
 
 def load_export_metadata(path: str | Path) -> dict:

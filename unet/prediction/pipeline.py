@@ -10,7 +10,7 @@
 
 Every forward gets ``tile_batch`` tiles (capped by the memory budget) taken in order from however many
 slices it needs, so a stack of one-tile slices runs at the full batch instead of batch 1. Each slice's tiles
-are cut and stitched by :class:`unet.prediction.tiling.SliceTiles` in the same order as :func:`unet.prediction.predictor.
+are cut and stitched by :class:`unet.prediction.tiles.SliceTiles` in the same order as :func:`unet.prediction.predictor.
 predict_probabilities` does, through the same :func:`unet.prediction.predictor.tile_predictor`: a slice's result
 depends only on what the model returns for its tiles (tests compare the two paths).
 
@@ -32,10 +32,11 @@ import torch
 from unet.io.images import as_image
 from unet.device import DeviceSetup
 from unet.errors import UserError
-from unet.prediction.predictor import check_channels, eval_mode, tile_predictor
-from unet.prediction.tiling import SliceTiles, TilePlan, TilingOptions, predict_tiles, slice_plan, tile_batch_size
+from unet.prediction.predictor import check_channels, eval_mode, mask_from_probabilities, tile_predictor
+from unet.prediction.tiles import SliceTiles, predict_tiles
+from unet.prediction.tiling import TilePlan, TilingOptions, slice_plan, tile_batch_size
 
-__all__ = ["StackPredictor", "mask_from_probabilities", "READ_AHEAD", "WRITE_AHEAD"]
+__all__ = ["StackPredictor", "READ_AHEAD", "WRITE_AHEAD"]
 
 READ_AHEAD = 4  # slices the reader may prepare before the device needs them
 WRITE_AHEAD = 4  # predicted slices that may wait for the writer
@@ -45,18 +46,6 @@ _END = object()
 # sink(k, image, mask, probability): image (C, H, W) float32 or None, mask (H, W) uint8, probability
 # (H, W) float32 cell probability or None; called in the writer thread, in slice order.
 Sink = Callable[[int, "np.ndarray | None", np.ndarray, "np.ndarray | None"], None]
-
-
-def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
-    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else).
-
-    ``argmax(0) == 1``; for two classes computed as ``probs[1] > probs[0]`` (2 passes instead of 4), which is
-    the same at ties (argmax takes the first, class 0) and at NaN (softmax makes both classes NaN together,
-    where argmax gives class 0 and ``>`` False).
-    """
-    if probs.shape[0] == 2:
-        return (probs[1] > probs[0]).view(torch.uint8) * 255
-    return (probs.argmax(0) == 1).to(torch.uint8) * 255
 
 
 class _Stopped(Exception):
@@ -145,9 +134,8 @@ class StackPredictor:
     def plan(self, height: int, width: int) -> tuple[TilePlan, int]:
         """The tile plan of a slice size and the tiles per forward pass."""
         o = self.options
-        plan = slice_plan(height, width, self.model, tile_size=o.tile_size, overlap=o.overlap,
-                          memory_budget_mb=o.memory_budget_mb)
-        return plan, tile_batch_size(plan, self.model, o.tile_batch, o.memory_budget_mb)
+        plan = slice_plan(height, width, self.model, o)
+        return plan, tile_batch_size(plan, self.model, o)
 
     def warm_up(self, height: int, width: int) -> None:
         """One forward of a full batch of that slice size's tiles (kernel choice, compilation), synchronised."""
@@ -256,7 +244,7 @@ class StackPredictor:
                             f"slice is {state['size'][1]}x{state['size'][0]}; all slices of a stack must have the "
                             f"same size")
         state["size"] = (height, width)
-        s = _Slice(state["count"], image, host, SliceTiles(x, state["plan"], self.model, blend=self.options.blend,
+        s = _Slice(state["count"], image, host, SliceTiles(x, state["plan"], self.model, self.options,
                                                            num_outputs=self.model.config.num_classes))
         state["count"] += 1
         return s

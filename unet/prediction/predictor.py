@@ -2,7 +2,7 @@
 
 Training's validation, ``evaluate.py`` and ``infer.py`` all predict through :func:`predict_probabilities`,
 as MONAI keeps ``sliding_window_inference`` apart from its evaluators. The tiling itself (plans, mirror
-padding, blending, TTA) is :mod:`unet.prediction.tiling`; this module adds the model: eval mode, ``inference_mode``,
+padding, blending, TTA) is :mod:`unet.prediction.tiling` and :mod:`unet.prediction.tiles`; this module adds the model: eval mode, ``inference_mode``,
 autocast, memory layout and softmax.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from unet.prediction import tiling
 from unet.device import DeviceSetup
 from unet.errors import UserError
-from unet.prediction.tiling import TilingOptions
+from unet.prediction.tiles import predict_slice
+from unet.prediction.tiling import TilingOptions, slice_plan
 
 
 # Share of the free device memory (host RAM on CPU) that whole-slice prediction lets its activations take;
@@ -48,11 +48,21 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
     check_channels(model, x)
     x = x.to(dev.device, dtype=torch.float32)
     with eval_mode(model), torch.inference_mode():
-        probs = tiling.predict_slice(tile_predictor(model, dev), x, geometry=model, tile_size=opts.tile_size,
-                                     tile_batch=opts.tile_batch, overlap=opts.overlap, blend=opts.blend,
-                                     tta=opts.tta, memory_budget_mb=opts.memory_budget_mb,
-                                     num_outputs=model.config.num_classes)
+        probs = predict_slice(tile_predictor(model, dev), x, opts, geometry=model,
+                              num_outputs=model.config.num_classes)
     return probs.float()
+
+
+def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else).
+
+    ``argmax(0) == 1``; for two classes computed as ``probs[1] > probs[0]`` (2 passes instead of 4), which is
+    the same at ties (argmax takes the first, class 0) and at NaN (softmax makes both classes NaN together,
+    where argmax gives class 0 and ``>`` False).
+    """
+    if probs.shape[0] == 2:
+        return (probs[1] > probs[0]).view(torch.uint8) * 255
+    return (probs.argmax(0) == 1).to(torch.uint8) * 255
 
 
 def check_channels(model: torch.nn.Module, image: torch.Tensor) -> None:
@@ -127,7 +137,6 @@ def tiling_plan(model: torch.nn.Module, height: int, width: int,
         ``tile_size``, ``output_size``, ``tiles_y``, ``tiles_x``, ``num_tiles`` and a ``description``.
     """
     opts = options or TilingOptions()
-    plan = tiling.slice_plan(height, width, model, tile_size=opts.tile_size, overlap=opts.overlap,
-                             memory_budget_mb=opts.memory_budget_mb)
+    plan = slice_plan(height, width, model, opts)
     return {"tile_size": plan.tile_size, "output_size": plan.output_size, "tiles_y": plan.tiles_y,
             "tiles_x": plan.tiles_x, "num_tiles": plan.num_tiles, "description": str(plan)}

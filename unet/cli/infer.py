@@ -1,0 +1,93 @@
+"""``python infer.py``: the parser (built from the option dataclasses) and ``main``, which loads the checkpoint(s),
+plans the jobs and runs :func:`unet.prediction.stacks.run_inference`. Programs (``.pt2``/``.onnx``) are written
+by ``export.py`` (:mod:`unet.cli.export`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+
+from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
+from unet.device import DeviceOptions, setup_device
+from unet.errors import UserError
+from unet.prediction.ensemble import load_ensemble
+from unet.prediction.instances import InstanceOptions
+from unet.prediction.jobs import Job, plan_jobs
+from unet.prediction.predictor import free_memory_budget_mb
+from unet.prediction.stacks import InferOptions, RunResult, run_inference
+from unet.prediction.tiling import TilingOptions
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Arguments of ``python infer.py``."""
+    parser = argparse.ArgumentParser(
+        prog="infer.py", add_help=add_help, formatter_class=HelpFormatter,
+        description="Segment EM image stacks with a trained UNet checkpoint.\n\n"
+                    "  python infer.py --ckpt model.pt --input stack.tif --output masks.tif\n"
+                    "  python infer.py --ckpt model.pt --input folder/ --output masks/ --overlay overlays/\n"
+                    "  python infer.py --ckpt fold0.pt fold1.pt fold2.pt --input stack.tif --output masks.tif\n\n"
+                    "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.\n"
+                    "Deployable programs: python export.py --format pt2|onnx --ckpt model.pt --output model.pt2")
+    add_options(parser, CheckpointArgs)
+    add_options(parser, InferOptions, skip=("compile", "instances"))
+    add_options(parser, TilingOptions)
+    add_options(parser, InferOptions, only=("compile", "instances"))  # --compile joins the "speed" group
+    add_options(parser, InstanceOptions)
+    add_options(parser, DeviceOptions)
+    return parser
+
+
+def main(args: argparse.Namespace) -> RunResult:
+    """Run ``infer.py``: predict the input stacks.
+
+    Returns:
+        A :class:`~unet.prediction.stacks.RunResult`.
+
+    Raises:
+        UserError: no checkpoint, ``--export`` (moved to export.py), no ``--output``, or any bad input.
+    """
+    settings = options_from(args, InferOptions)
+    ckpts = options_from(args, CheckpointArgs).ckpt
+    if not ckpts:
+        raise UserError("the following arguments are required: --ckpt")
+    if settings.export is not None:
+        raise UserError(f"--export: infer.py no longer writes programs; run python export.py --format pt2|onnx "
+                        f"--ckpt {' '.join(map(str, ckpts))} --output {settings.export}")
+    if settings.output is None:
+        raise UserError("--output is required (the mask TIFF to write)")
+    inst_options = options_from(args, InstanceOptions)  # checked before the checkpoint loads
+    start = time.perf_counter()
+    model = load_ensemble(ckpts)[0]  # the UNet itself for one checkpoint
+    jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
+                     overlay_dir=settings.overlay, overwrite=settings.overwrite,
+                     in_channels=model.config.in_channels, instances=settings.instances)
+    device = options_from(args, DeviceOptions)
+    dev = setup_device(device.device, amp=device.amp, amp_dtype=device.amp_dtype)
+    model = dev.prepare_model(model)
+    options = options_from(args, TilingOptions)
+    options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))
+    forward = torch.compile(model, dynamic=False) if settings.compile else None
+    what = "built-in synthetic stack" if settings.input is None else settings.input
+    members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
+    print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
+          f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+    startup = time.perf_counter() - start
+    result = run_inference(model, dev, jobs, settings, options=options,
+                           instance_options=inst_options, forward=forward)
+    result.startup_seconds = startup
+    _report(jobs, settings, result)
+    return result
+
+
+def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:
+    """What was written, and the timings (start-up and warm-up apart from the streaming run)."""
+    for job in jobs:
+        extra = [p for p in (job.probabilities, job.instances) if p is not None]
+        print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))
+    if settings.overlay:
+        print(f"wrote {sum(len(j.overlay_paths()) for j in jobs)} overlays to {settings.overlay}")
+    print(f"start-up {result.startup_seconds:.2f} s (checkpoint, device), warm-up {result.warmup_seconds:.2f} s")
+    print(f"done: {result.slices} slices in {result.seconds:.2f} s ({result.slices_per_s:.2f} slices/s)")
