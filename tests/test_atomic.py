@@ -12,7 +12,7 @@ import pytest
 
 from unet.atomic import _UMASK, _host_tag, atomic_path, atomic_write, make_folder, remove_stale_temporaries
 from unet.errors import UserError
-from unet.prediction.stacks import StackWriter
+from unet.io.writers import StackWriter
 from unet.run_log import MetricsLog, write_json
 
 REPO = Path(__file__).resolve().parents[1]

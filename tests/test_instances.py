@@ -6,7 +6,8 @@ import pytest
 
 from unet.metrics.instances import score_instances
 from unet.metrics.cells import label_cells
-from unet.prediction.instances import InstanceOptions, cell_instances, instance_stack, label_dtype
+from unet.io.writers import label_dtype
+from unet.prediction.instances import InstanceOptions, cell_instances, instance_stack
 
 
 # The toys have one-pixel membranes, which a Gaussian pre-smoothing would blur away: no smoothing here.

@@ -8,7 +8,8 @@ import torch
 from unet.benchmarking import model_flops
 from unet.metrics.segmentation import SegmentationMetrics
 from unet.model import UNet
-from unet.prediction.tiling import predict_slice
+from unet.prediction.tiles import predict_slice
+from unet.prediction.tiling import TilingOptions
 
 
 def _conv(cin, cout, k, h, w):
@@ -58,8 +59,8 @@ def test_two_overlapping_windows_blend_with_gaussian_weights():
     # Each window predicts a constant, its own top-left input pixel: 0 for the left window, 1 for the right.
     image = torch.zeros(1, 16, 24)
     image[0, 0, 8] = 1.0
-    out = predict_slice(lambda x: x[:, :, :1, :1].expand_as(x).clone(), image, geometry=_Same16(),
-                        tile_size=16, overlap=0.5, blend="gaussian")
+    out = predict_slice(lambda x: x[:, :, :1, :1].expand_as(x).clone(), image,
+                        TilingOptions(tile_size=16, overlap=0.5, blend="gaussian"), geometry=_Same16())
     w = _gaussian_weights(16)
     left = np.zeros((16, 24))
     right = np.zeros((16, 24))

@@ -18,11 +18,17 @@ from PIL import Image
 
 from unet.atomic import atomic_path, publish, temporary_path, write_errors
 from unet.errors import UserError
-from unet.prediction.instances import label_dtype
 
 COMPRESSIONS = ("zlib", "none")
 # Above this many uncompressed bytes a classic TIFF's 32-bit offsets could overflow: switch to BigTIFF.
 BIGTIFF_BYTES = 3 * 2 ** 30
+
+
+def label_dtype(max_label: int) -> type:
+    """uint16 when every id fits (<= 65535), else uint32."""
+    if max_label > np.iinfo(np.uint32).max:
+        raise ValueError(f"{max_label} labels do not fit in uint32")
+    return np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32
 
 
 class _CommitOnExit:
@@ -92,7 +98,7 @@ class LabelStackWriter(_CommitOnExit):
 
     The largest id is known only after the last page, so pages go to a hidden uint32 TIFF as they come.
     :meth:`commit` renames that file when an id passed 65535, else rewrites it page by page (one page in
-    memory) as uint16 under the final name: the dtype is always the one :func:`unet.prediction.instances.label_dtype`
+    memory) as uint16 under the final name: the dtype is always the one :func:`label_dtype`
     gives for the stack's largest id, never a guess. Atomic like :class:`StackWriter`.
 
     Args:

@@ -28,10 +28,11 @@ from scipy import ndimage
 from skimage.morphology import h_maxima, h_minima
 from skimage.segmentation import watershed
 
+from unet.io.writers import label_dtype
 from unet.metrics.cells import label_cells
 from unet.options import fraction, non_negative_float, option, positive_float
 
-__all__ = ["SEED_METHODS", "InstanceOptions", "cell_instances", "instance_stack", "label_dtype"]
+__all__ = ["SEED_METHODS", "InstanceOptions", "cell_instances", "instance_stack"]
 
 SEED_METHODS = ("distance", "hminima")
 GROUP = "cell instances (seeded watershed, unet.prediction.instances)"
@@ -101,13 +102,6 @@ def cell_instances(cell_prob: np.ndarray, options: InstanceOptions = InstanceOpt
     else:
         lab = watershed(membrane, markers=markers, mask=cells, connectivity=1)
     return lab.astype(np.int64)
-
-
-def label_dtype(max_label: int) -> type:
-    """uint16 when every id fits (<= 65535), else uint32."""
-    if max_label > np.iinfo(np.uint32).max:
-        raise ValueError(f"{max_label} labels do not fit in uint32")
-    return np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32
 
 
 def instance_stack(cell_probs: np.ndarray, options: InstanceOptions = InstanceOptions()) -> np.ndarray:
