@@ -47,17 +47,29 @@ def _check_exists(vp: VolumePath) -> None:
 
 # ------------------------------------------------------------------------------------------------ zarr
 
-def _zarr_keys(group, prefix: str = "") -> list[str]:
-    """Keys of the arrays under ``group``; an OME-Zarr image counts as one entry (its group's key)."""
+def _zarr_node(folder: Path) -> tuple[str | None, dict]:
+    """(``"array"``, ``"group"`` or None, attributes) of a zarr v2 or v3 node, read from its metadata files."""
+    try:
+        if (folder / "zarr.json").is_file():
+            meta = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
+            return meta.get("node_type"), meta.get("attributes") or {}
+        attrs = json.loads((folder / ".zattrs").read_text(encoding="utf-8")) if (folder / ".zattrs").is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return None, {}
+    return ("array" if (folder / ".zarray").is_file() else "group" if (folder / ".zgroup").is_file() else None), attrs
+
+
+def _zarr_keys(root: Path, folder: Path | None = None) -> list[str]:
+    """Keys of the arrays under ``folder`` (default ``root``), from the files on disk; an OME-Zarr image counts
+    as one entry (its group's key). Read from disk, not through zarr: zarr v2 stores need not have a group at
+    every level, and the root may itself be an array."""
+    folder = folder or root
+    kind, attrs = _zarr_node(folder)
+    if kind == "array" or (kind == "group" and multiscales_of(attrs)):
+        return [folder.relative_to(root).as_posix() if folder != root else ""]
     keys = []
-    for name, node in sorted(group.members(), key=lambda m: m[0]):
-        key = f"{prefix}{name}"
-        if isinstance(node, zarr.Array):
-            keys.append(key)
-        elif multiscales_of(node.attrs.asdict()):
-            keys.append(key)
-        else:
-            keys.extend(_zarr_keys(node, key + "/"))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        keys.extend(_zarr_keys(root, sub))
     return keys
 
 
@@ -85,15 +97,15 @@ def open_zarr(vp: VolumePath, scale: int) -> ArraySource:
     try:
         node = zarr.open(store=str(vp.container), path=vp.key, mode="r")
     except FileNotFoundError:
-        raise _missing_key(vp, _zarr_keys(zarr.open_group(str(vp.container), mode="r")),
-                           f"no array or image named {vp.key!r}") from None
+        what = f"no array or image named {vp.key!r}" if vp.key else "no array or image at the store's root"
+        raise _missing_key(vp, _zarr_keys(vp.container), what) from None
     except _OPEN_ERRORS as exc:
         raise _cannot_open(vp, exc) from exc
     if isinstance(node, zarr.Array):
         return _zarr_source(vp, node, _zarr_axes(node, str(vp)))
     level = ome_level(node.attrs.asdict(), scale, str(vp)) if multiscales_of(node.attrs.asdict()) else None
     if level is None:
-        raise _missing_key(vp, _zarr_keys(node, f"{vp.key}/" if vp.key else ""),
+        raise _missing_key(vp, _zarr_keys(vp.container, vp.container / vp.key),
                            "is a group without OME-NGFF metadata, not an array; give an array's key")
     try:
         arr = node[level.path]
