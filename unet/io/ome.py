@@ -35,12 +35,12 @@ class OmeLevel:
 
     Args:
         path: the level's array, relative to the image group.
-        axes: one letter per dimension, or None when the metadata (v0.1/v0.2) names none.
+        axes: one letter per dimension (``tczyx`` for v0.1/v0.2 metadata, which has no axes entry).
         levels: how many levels the image has.
     """
 
     path: str
-    axes: str | None
+    axes: str
     levels: int
 
 
@@ -68,10 +68,11 @@ def ome_level(attrs: dict, scale: int, source: str) -> OmeLevel:
         raise UserError(f"{source}: scale {scale} does not exist; the image has {len(datasets)} level(s), "
                         f"0 (full resolution) to {len(datasets) - 1}")
     axes = image.get("axes")
-    names = None
     if isinstance(axes, list):
-        names = [a.get("name") if isinstance(a, dict) else a for a in axes]
-    return OmeLevel(str(datasets[scale]["path"]), axes_from_names(names, source) if names else None, len(datasets))
+        letters = axes_from_names([a.get("name") if isinstance(a, dict) else a for a in axes], source)
+    else:
+        letters = "tczyx"  # v0.1 / v0.2: no axes entry, always 5-D in this order
+    return OmeLevel(str(datasets[scale]["path"]), letters, len(datasets))
 
 
 def ome_attributes(axes: str, path: str = "0", version: str = "0.4", name: str = "image",

@@ -26,7 +26,7 @@ import numpy as np
 from unet.errors import UserError
 from unet.io.containers import open_hdf5, open_n5, open_zarr
 from unet.io.paths import VolumePath, parse_volume_path
-from unet.io.sources import KNOWN_AXES, ArraySource, axes_from_names, read_region
+from unet.io.sources import ArraySource, axes_from_names, read_region
 from unet.io.tiff_volumes import open_png, open_tiff
 
 IMAGE_DTYPES = tuple(np.dtype(d) for d in ("uint8", "uint16", "float32", "float64", "bool"))
@@ -182,8 +182,6 @@ def open_volume(spec: str, *, scale: int = 0, channel: int | None = None, time: 
         _check_dtype(src, labels)
         fixed = {a: i for a, i in (("t", _pick(src, stored, "t", time, "time")),
                                    ("c", _pick(src, stored, "c", channel, "channel"))) if i is not None}
-        if not set(stored) <= set(KNOWN_AXES):
-            raise UserError(f"{src.name}: unknown axes {stored!r}")
         if any(src.shape[stored.index(a)] == 0 for a in stored):
             raise UserError(f"{src.name}: the volume is empty (shape {src.shape}); write it again")
     except BaseException:
