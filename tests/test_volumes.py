@@ -11,6 +11,7 @@ import zarr
 from PIL import Image
 
 from unet.data.synthetic import make_synthetic_em
+from unet.io.images import read_stack
 from unet.io.volumes import open_volume
 from unet.io.writers import create_volume, open_partial_volume
 
@@ -99,7 +100,7 @@ def test_png_and_single_slice_arrays(tmp_path, em):
 
 def test_multichannel_outputs_keep_channels(tmp_path, em):
     probs = np.stack([em, 255 - em], axis=1).astype(np.float32) / 255  # (Z, C, Y, X)
-    for spec, kw in ((str(tmp_path / "p.ome.zarr"), {}), (str(tmp_path / "p.h5/probs"), {})):
+    for spec, kw in ((str(tmp_path / "p.zarr/probs"), {}), (str(tmp_path / "p.h5/probs"), {})):
         _write_output(spec, probs, chunks=(1, 2, 16, 32), **kw)
         with open_volume(spec) as vol:
             assert vol.axes == "zcyx" and vol.shape == probs.shape
@@ -210,3 +211,28 @@ def test_float64_images_are_read_as_stored(tmp_path, em):
         assert vol.dtype == np.float64
         np.testing.assert_array_equal(vol.read(), data)
 
+
+
+_TIFF_LAYOUTS = {  # name -> (shape, dtype, tifffile.imwrite keywords)
+    "rgb": ((2, 20, 30, 3), np.uint8, dict(photometric="rgb")),
+    "rgb-planar": ((2, 3, 20, 30), np.uint8, dict(photometric="rgb", planarconfig="separate")),
+    "imagej-tzcyx": ((2, 3, 2, 20, 30), np.uint8, dict(imagej=True, metadata={"axes": "TZCYX"})),
+    "tzcyx-zlib": ((2, 3, 2, 20, 30), np.uint16, dict(photometric="minisblack", metadata={"axes": "TZCYX"},
+                                                      compression="zlib")),
+    "one-page": ((20, 30), np.uint8, {}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_TIFF_LAYOUTS))
+def test_tiff_layouts_read_as_read_stack_reads_them(layout, tmp_path):
+    shape, dtype, kw = _TIFF_LAYOUTS[layout]
+    data = np.random.default_rng(1).integers(0, 255, shape).astype(dtype)
+    tifffile.imwrite(tmp_path / "s.tif", data, **kw)
+    whole = read_stack(tmp_path / "s.tif")
+    with open_volume(str(tmp_path / "s.tif")) as vol:
+        assert vol.shape == whole.shape and vol.axes == ("zcyx" if whole.ndim == 4 else "zyx")
+        np.testing.assert_array_equal(vol.read(), whole)
+        np.testing.assert_array_equal(vol.read(slice(0, 1), slice(3, 9), slice(4, 20)), whole[:1, ..., 3:9, 4:20])
+    if whole.ndim == 4:
+        with open_volume(str(tmp_path / "s.tif"), channel=1) as vol:
+            np.testing.assert_array_equal(vol.read(y=slice(2, 5)), whole[:, 1, 2:5])

@@ -1,4 +1,8 @@
 """Bad volumes and bad outputs: each one UserError line naming the file (unet.io.volumes / writers)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -192,3 +196,13 @@ def test_hdf5_output_refuses_a_second_writer(tmp_path, em):
     assert not (tmp_path / "pred.h5.partial").exists() and not (tmp_path / "pred.h5.partial.lock").exists()
     with open_volume(spec) as vol:
         np.testing.assert_array_equal(vol.read(), em)
+
+
+def test_hdf5_lock_holds_against_another_process(tmp_path, em):
+    spec = str(tmp_path / "pred.h5")
+    code = ("import sys; from unet.errors import UserError; from unet.io.writers import open_partial_volume\n"
+            "try:\n    open_partial_volume(sys.argv[1])\nexcept UserError as e:\n    print(e); sys.exit(2)")
+    with create_volume(spec, em.shape, em.dtype):
+        other = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=120,
+                               cwd=Path(__file__).resolve().parents[1])
+    assert other.returncode == 2 and "being written by another writer" in other.stdout, other.stderr

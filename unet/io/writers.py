@@ -26,7 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +62,7 @@ class VolumeWriter:
         axes: ``"zyx"`` or ``"zcyx"``.
         store: (stored-order index, stored-order block) -> writes it.
         release: closes files and locks.
+        stored_axes: the axis order on disk (``czyx`` for an OME-Zarr ``zcyx`` volume, else ``axes``).
     """
 
     path: VolumePath
@@ -71,8 +72,8 @@ class VolumeWriter:
     axes: str
     store: Callable[[tuple, np.ndarray], None]
     release: Callable[[], None]
-    stored_axes: str = ""
-    closed: bool = field(default=False)
+    stored_axes: str
+    closed: bool = False
 
     def write(self, start: tuple[int, ...], block: np.ndarray) -> None:
         """Write ``block`` (``axes`` order) at ``start``; both ends must lie on chunk boundaries or the volume's edge.
@@ -83,14 +84,14 @@ class VolumeWriter:
         """
         if len(start) != len(self.shape) or block.ndim != len(self.shape):
             raise ValueError(f"block of {block.ndim} dims at {start} for a volume with axes {self.axes!r}")
-        if not np.can_cast(block.dtype, self.dtype, casting="same_kind"):
+        if not np.can_cast(block.dtype, self.dtype, casting="safe"):
             raise ValueError(f"block dtype {block.dtype} does not fit the volume's {self.dtype}")
         for s0, n, size, chunk in zip(start, block.shape, self.shape, self.chunks):
             stop = s0 + n
             if s0 < 0 or stop > size or s0 % chunk or (stop % chunk and stop != size):
                 raise ValueError(f"block at {tuple(start)} of shape {block.shape} is not chunk-aligned "
                                  f"(chunks {self.chunks}, shape {self.shape})")
-        perm = [self.axes.index(a) for a in (self.stored_axes or self.axes)]
+        perm = [self.axes.index(a) for a in self.stored_axes]
         index = tuple(slice(start[k], start[k] + block.shape[k]) for k in perm)
         try:
             self.store(index, np.transpose(block, perm).astype(self.dtype, copy=False))
@@ -187,7 +188,7 @@ def _hdf5_writer(vp: VolumePath, tmp: Path, fd: int, f: h5py.File, ds: h5py.Data
         f.close()
         _unlock(tmp, fd)
 
-    return VolumeWriter(vp, tuple(ds.shape), np.dtype(ds.dtype), tuple(ds.chunks), axes, store, release)
+    return VolumeWriter(vp, tuple(ds.shape), np.dtype(ds.dtype), tuple(ds.chunks), axes, store, release, axes)
 
 
 def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> VolumeWriter:
