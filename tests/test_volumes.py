@@ -126,9 +126,10 @@ def test_region_read_touches_only_its_chunks(tmp_path, em, monkeypatch):
     assert chunk_keys == sorted(f"raw/c/{z}/1/{x}" for z in (1, 2) for x in (1, 2)), keys
 
 
-def test_tiff_window_of_a_tiled_page_decodes_only_its_tiles(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout, expected", [(dict(tile=(32, 32)), 1), (dict(rowsperstrip=16), 2)])
+def test_tiff_window_of_a_page_decodes_only_its_tiles_or_strips(tmp_path, monkeypatch, layout, expected):
     big = np.arange(256 * 256, dtype=np.uint16).reshape(1, 256, 256)
-    tifffile.imwrite(tmp_path / "big.tif", big, photometric="minisblack", tile=(32, 32), compression="zlib")
+    tifffile.imwrite(tmp_path / "big.tif", big, photometric="minisblack", compression="zlib", **layout)
     decoded = []
     original = inspect.getattr_static(tifffile.TiffPage, "decode").func  # a cached_property in tifffile
 
@@ -143,7 +144,7 @@ def test_tiff_window_of_a_tiled_page_decodes_only_its_tiles(tmp_path, monkeypatc
     monkeypatch.setattr(tifffile.TiffPage, "decode", property(counting))
     with open_volume(str(tmp_path / "big.tif")) as vol:
         np.testing.assert_array_equal(vol.read(y=slice(40, 60), x=slice(70, 90)), big[:, 40:60, 70:90])
-    assert len(decoded) == 1, decoded  # one 32 x 32 tile of 64
+    assert len(decoded) == expected, decoded  # one 32 x 32 tile of 64, or two 16-row strips of 16
 
 
 def _ome_group(path, zarr_format, axes, shapes, version_key):
@@ -168,7 +169,8 @@ def test_ome_zarr_scale_and_axes_selection(tmp_path, zarr_format, version_key):
     levels = _ome_group(path, zarr_format, "tczyx", [(2, 3, 4, 16, 20), (2, 3, 4, 8, 10)], version_key)
     with open_volume(str(path), time=1) as vol:
         assert vol.axes == "zcyx" and vol.shape == (4, 3, 16, 20)
-        np.testing.assert_array_equal(vol.read(slice(1, 3), slice(2, 9)), levels[0][1].transpose(1, 0, 2, 3)[1:3, :, 2:9])
+        zcyx = levels[0][1].transpose(1, 0, 2, 3)  # time point 1, channels after z
+        np.testing.assert_array_equal(vol.read(slice(1, 3), slice(2, 9)), zcyx[1:3, :, 2:9])
     with open_volume(str(path), scale=1, time=0, channel=2) as vol:
         assert vol.shape == (4, 8, 10)
         np.testing.assert_array_equal(vol.read(), levels[1][0, 2])

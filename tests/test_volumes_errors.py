@@ -145,7 +145,8 @@ def test_corrupt_n5_hdf5_and_tiff_chunks_are_named(tmp_path, em):
     with open(tmp_path / "d.h5", "r+b") as fh:
         fh.seek(info.byte_offset)
         fh.write(b"\x00" * info.size)
-    with open_volume(str(tmp_path / "d.h5/raw")) as vol, pytest.raises(UserError, match=r"chunk \(2, 1, 0\) of dataset /raw"):
+    with open_volume(str(tmp_path / "d.h5/raw")) as vol, \
+            pytest.raises(UserError, match=r"chunk \(2, 1, 0\) of dataset /raw"):
         vol.read(slice(1, 3))
     tifffile.imwrite(tmp_path / "t.tif", em, photometric="minisblack", tile=(16, 16), compression="zlib")
     with tifffile.TiffFile(tmp_path / "t.tif") as tif:
@@ -153,7 +154,8 @@ def test_corrupt_n5_hdf5_and_tiff_chunks_are_named(tmp_path, em):
     with open(tmp_path / "t.tif", "r+b") as fh:
         fh.seek(offset)
         fh.write(b"\xff" * size)
-    with open_volume(str(tmp_path / "t.tif")) as vol, pytest.raises(UserError, match=r"t.tif: slice 1 tile/strip \(1, 1\)"):
+    with open_volume(str(tmp_path / "t.tif")) as vol, \
+            pytest.raises(UserError, match=r"t.tif: slice 1 tile/strip \(1, 1\)"):
         vol.read()
 
 

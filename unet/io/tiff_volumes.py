@@ -31,13 +31,15 @@ def open_png(vp: VolumePath) -> ArraySource:
 
 
 def _series_array(path: Path):
-    """The first series as a memory map when it is stored plainly, else as tifffile's zarr view."""
+    """(array, zarr store or None, axes) of the first series: a memory map when its pixels are stored plainly
+    (one contiguous uncompressed block), else tifffile's zarr view."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        if series.dataoffset is not None:
-            return tifffile.memmap(path, series=0, mode="r"), None
+        axes, plain = series.axes, series.dataoffset is not None
+    if plain:
+        return tifffile.memmap(path, series=0, mode="r"), None, axes
     store = tifffile.imread(path, aszarr=True, series=0, level=0)
-    return zarr.open(store=store, mode="r"), store
+    return zarr.open(store=store, mode="r"), store, axes
 
 
 def _plane_mapper(axes: str, shape: tuple[int, ...], channels: int):
@@ -66,9 +68,7 @@ def open_tiff(vp: VolumePath) -> ArraySource:
         UserError: as :func:`unet.io.images.stack_info` (missing, truncated or unsupported files).
     """
     info = stack_info(vp.container)
-    arr, store = _series_array(vp.container)
-    with tifffile.TiffFile(vp.container) as tif:
-        axes = tif.series[0].axes
+    arr, store, axes = _series_array(vp.container)
     native, order = _plane_mapper(axes, tuple(arr.shape), info.channels)
     multi = info.channels > 1
     shape = (info.num_slices,) + ((info.channels,) if multi else ()) + (info.height, info.width)

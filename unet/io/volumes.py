@@ -120,9 +120,16 @@ class Volume:
         return self.source.dtype
 
     def read(self, z: slice = slice(None), y: slice = slice(None), x: slice = slice(None)) -> np.ndarray:
-        """The region ``[z, y, x]`` (numpy slicing rules; steps must be 1), in :attr:`axes` order, stored dtype.
+        """Read one region; only the chunks it overlaps are read.
 
-        Only the chunks the region overlaps are read. Raises UserError naming a chunk that cannot be decoded.
+        Args:
+            z, y, x: the region, with numpy's slicing rules (negative or past-the-end bounds); step 1 only.
+
+        Returns:
+            ``(Z, Y, X)`` or ``(Z, C, Y, X)`` (:attr:`axes` order) in the stored dtype.
+
+        Raises:
+            UserError: a chunk in the region cannot be decoded (naming it).
         """
         if any(s.step not in (None, 1) for s in (z, y, x)):
             raise ValueError("Volume.read takes slices with step 1")
