@@ -11,6 +11,7 @@ import zarr
 from PIL import Image
 
 from unet.data.synthetic import make_synthetic_em
+from unet.errors import UserError
 from unet.io.images import read_stack
 from unet.io.volumes import open_volume
 from unet.io.writers import create_volume, open_partial_volume
@@ -271,3 +272,20 @@ def test_hdf5_region_read_reads_only_its_chunks(tmp_path, monkeypatch):
     # 2 slices x 1 chunk row x 2 chunk columns = 4 chunks of 2 KiB, plus the chunk index's B-tree nodes (about
     # 6 KiB with h5py 3.16); the bound leaves room for other HDF5 versions and is still 1/8 of the file
     assert 4 * 2048 <= sum(read_bytes) < 16 * 2048, sum(read_bytes)
+
+
+def test_n5_region_read_never_opens_other_chunks(tmp_path, em):
+    # Every chunk outside the region is made undecodable: the read succeeds only if it never touches them.
+    spec = _make("n5", tmp_path, em)
+    needed = {(x, 1, z) for x in (1, 2) for z in (1, 2)}  # N5 block coordinates are x, y, z
+    damaged = 0
+    for block in (tmp_path / "v.n5" / "volumes" / "raw").glob("*/*/*"):
+        coords = tuple(int(p) for p in block.relative_to(block.parents[2]).parts)
+        if coords not in needed:
+            block.write_bytes(b"\xff" * 40)
+            damaged += 1
+    assert damaged == 4 * 3 * 4 - len(needed)
+    with open_volume(spec) as vol:
+        np.testing.assert_array_equal(vol.read(slice(1, 3), slice(16, 32), slice(20, 40)), em[1:3, 16:32, 20:40])
+        with pytest.raises(UserError, match=r"chunk \(0, "):
+            vol.read(slice(0, 1))
