@@ -165,7 +165,11 @@ def _lock(vp: VolumePath, tmp: Path) -> int:
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        # The holder unlinks the lock file on release; a lock won on such an unlinked file would not exclude
+        # a writer that makes a new one, so it counts as held by someone else.
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         raise UserError(f"{vp}: is being written by another writer (lock {lock}); HDF5 files cannot be written "
                         f"by several processes at once, write OME-Zarr (.zarr) for parallel runs") from None
@@ -253,8 +257,10 @@ def create_volume(spec: str, shape: tuple[int, ...], dtype, chunks: tuple[int, .
     try:
         if vp.kind == "hdf5":
             return _create_hdf5(vp, tmp, tuple(shape), np.dtype(dtype), chunks, axes)
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a dead run's leftover: never complete
+        if tmp.is_dir():  # a dead run's leftover: never complete, so never worth keeping over a fresh start
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
         return _create_zarr(vp, tmp, tuple(shape), np.dtype(dtype), chunks, axes, zarr_format, voxel_size)
     except OSError as exc:
         raise write_error(vp, exc) from None
