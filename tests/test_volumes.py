@@ -14,7 +14,7 @@ from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 from unet.io.images import read_stack
 from unet.io.volumes import open_volume
-from unet.io.writers import create_volume, open_partial_volume
+from unet.io.volume_writers import create_volume, open_partial_volume
 
 REGIONS = [(slice(None), slice(None), slice(None)), (slice(1, 3), slice(5, 40), slice(17, 63)),
            (slice(2, 3), slice(0, 1), slice(63, 64)), (slice(-2, None), slice(30, 10), slice(None))]

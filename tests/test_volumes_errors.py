@@ -13,7 +13,7 @@ import zarr
 from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 from unet.io.volumes import open_volume
-from unet.io.writers import create_volume, open_partial_volume
+from unet.io.volume_writers import create_volume, open_partial_volume
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_hdf5_output_refuses_a_second_writer(tmp_path, em):
 
 def test_hdf5_lock_holds_against_another_process(tmp_path, em):
     spec = str(tmp_path / "pred.h5")
-    code = ("import sys; from unet.errors import UserError; from unet.io.writers import open_partial_volume\n"
+    code = ("import sys; from unet.errors import UserError; from unet.io.volume_writers import open_partial_volume\n"
             "try:\n    open_partial_volume(sys.argv[1])\nexcept UserError as e:\n    print(e); sys.exit(2)")
     with create_volume(spec, em.shape, em.dtype):
         other = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=120,
