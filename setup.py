@@ -12,12 +12,19 @@ setup(
         "torch>=2.6",
         "torchvision",
         "numpy",
-        "tifffile",
+        # tifffile's zarr interface (TIFF pages read in tiles) needs zarr 3, which it supports from 2025.5.21.
+        "tifffile>=2025.5.21",
         "pillow",
         "scikit-image",
         "scipy",
         "tqdm",
         "matplotlib",
+        # Chunked volumes (unet.io.volumes / writers): zarr 3 API (zarr 2 differs), N5 through tensorstore
+        # (zarr 3 dropped N5), HDF5 through h5py; numcodecs for the zarr v2 Blosc compressor.
+        "zarr>=3",
+        "numcodecs",
+        "tensorstore",
+        "h5py",
     ],
     extras_require={
         "test": ["pytest"],
