@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["unet", "unet.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # zarr 3 needs 3.11
     install_requires=[
         "torch>=2.6",
         "torchvision",
@@ -19,7 +19,7 @@ setup(
         "scipy",
         "tqdm",
         "matplotlib",
-        # Chunked volumes (unet.io.volumes / writers): zarr 3 API (zarr 2 differs), N5 through tensorstore
+        # Chunked volumes (unet.io.volumes, unet.io.volume_writers): zarr 3 API (zarr 2 differs), N5 through tensorstore
         # (zarr 3 dropped N5), HDF5 through h5py; numcodecs for the zarr v2 Blosc compressor.
         "zarr>=3",
         "numcodecs",
@@ -27,7 +27,7 @@ setup(
         "h5py",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "ome-zarr"],  # ome-zarr: its Reader opens our OME-Zarr outputs in a test
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
         # BioImage Model Zoo packages (export.py); the versions tested with spec 0.5.12 (pydantic 2.14 breaks
