@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the loader benchmark in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

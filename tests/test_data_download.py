@@ -74,6 +74,7 @@ def test_real_stacks_pass_the_check(isbi_dir, isbi_script):
         isbi_script.check_stack(isbi_dir / name)
 
 
+@pytest.mark.slow  # subprocesses
 def test_prints_sha256_of_what_was_saved_and_refuses_another_digest(tmp_path):
     url = _mirror(tmp_path / "mirror")
     import hashlib

@@ -167,6 +167,7 @@ def _env():
             "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # subprocesses
 def test_subprocess_exit_code_and_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--ckpt", str(tmp_path / "missing.pt")],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)

@@ -154,6 +154,7 @@ def test_synthetic_default_probabilities_and_overlays(ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------------ streaming
 
+@pytest.mark.slow  # a 40-slice stack, twice
 def test_streaming_memory_is_bounded_and_matches_whole_stack(ckpt, tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     stack = rng.integers(0, 256, (400, 64, 64), dtype=np.uint8)
@@ -353,6 +354,7 @@ def test_existing_output_needs_overwrite(ckpt, tmp_path, capsys):
     assert tifffile.imread(out).shape == (2, 32, 32)
 
 
+@pytest.mark.slow  # subprocesses
 def test_real_subprocess_exit_code_and_one_line(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "infer.py"), "--ckpt", str(ckpt), "--input",
                            str(tmp_path / "missing.tif"), "--output", str(tmp_path / "m.tif"), "--device", "cpu"],
