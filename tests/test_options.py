@@ -93,3 +93,23 @@ def test_option_needs_a_flag_and_a_known_switch():
         option(1, "x")
     with pytest.raises(ValueError, match="switch must be"):
         option(True, "x", name="x", switch="maybe")
+
+
+@dataclasses.dataclass(frozen=True)
+class People:
+    names: list = option(help="a name (repeat)", flags="--name", switch="append", metavar="NAME",
+                         default_factory=list)
+
+
+def test_append_collects_repeats_and_each_parser_starts_empty():
+    _, args = parse(["--name", "a", "--name", "b"], People)
+    assert options_from(args, People) == People(names=["a", "b"])
+    _, args = parse([], People)  # a fresh default list per parser: the first parse did not leak into it
+    assert options_from(args, People) == People(names=[])
+
+
+def test_flag_of_names_a_field_for_messages():
+    from unet.export.bioimageio import PackageOptions
+    from unet.options import flag_of
+    assert flag_of(PackageOptions, "authors") == "--author" and flag_of(PackageOptions, "git_repo") == "--git-repo"
+    assert flag_of(PackageOptions, "overwrite") is None  # export.py's own flag, not the package's

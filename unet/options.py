@@ -29,7 +29,7 @@ class Option:
         parse: turns the text into the value; raises ValueError with a message for a bad value.
         choices: the allowed values, or None.
         switch: for bools: ``"on"`` (``--x`` sets True), ``"off"`` (``--no-x`` sets False), ``"both"``
-            (``--x`` / ``--no-x``); None for other types.
+            (``--x`` / ``--no-x``); for lists: ``"append"`` (each ``--x V`` adds V); None for other types.
         nargs, metavar, required: as argparse's.
         group: the help section the flag is listed under.
         identity: part of a training run's identity (a resume with another value is refused).
@@ -70,8 +70,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[s
             raise ValueError("option() needs flags= or name=")
         flags = ("--" + name.replace("_", "-"),)
     flags = (flags,) if isinstance(flags, str) else tuple(flags)
-    if switch not in (None, "on", "off", "both"):
-        raise ValueError(f"switch must be on, off or both, got {switch!r}")
+    if switch not in (None, "on", "off", "both", "append"):
+        raise ValueError(f"switch must be on, off, both or append, got {switch!r}")
     spec = Option(help=help, flags=flags, dest=dest or _dest(flags[0], switch), parse=parse,
                   choices=tuple(choices) if choices is not None else None, switch=switch, nargs=nargs,
                   metavar=metavar, required=required, group=group, identity=identity)
@@ -99,6 +99,11 @@ def field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
+
+
+def flag_of(cls, name: str) -> str | None:
+    """The main flag of the field ``name`` of ``cls`` (None when the field has no option), for messages."""
+    return next((spec.flags[0] for f, spec in option_fields(cls) if f.name == name), None)
 
 
 def identity_fields(cls) -> tuple[str, ...]:

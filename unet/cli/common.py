@@ -27,8 +27,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every flag's default and keeps the description's line breaks."""
 
     def _get_help_string(self, action):
-        # A help that states its own default (add_options' inherit) gets no second "(default: None)".
-        if "(default:" in (action.help or ""):
+        # A help that states its own default (add_options' inherit) gets no second "(default: None)", and a
+        # --no-x switch no "(default: True)", which would read as if --no-x were on.
+        if "(default:" in (action.help or "") or isinstance(action, argparse._StoreFalseAction):
             return action.help
         return super()._get_help_string(action)
 
@@ -54,6 +55,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
             kwargs["help"] += f" (default: from {inherit})"
         if spec.switch == "both":
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.switch == "append":
+            kwargs.update(action="append", metavar=spec.metavar)
         elif spec.switch is not None:
             kwargs["action"] = "store_true" if spec.switch == "on" else "store_false"
             if inherit:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from unet.export.bioimageio_network import (ONNX_OPSET, WEIGHT_FORMATS, Bioimage
                                             load_sample, make_test_tensors, package_geometry, package_network,
                                             sample_crop, write_cover, write_weights)
 from unet.model import UNet
+from unet.options import flag_of, option
 
 DTYPE_GAIN = {"uint8": 1 / 255, "uint16": 1 / 65535, "float32": None}
 CITATIONS = (
@@ -44,11 +45,14 @@ CITATIONS = (
     ("NVIDIA Deep Learning Examples: UNet_Medical for TensorFlow 2.", None,
      "https://github.com/NVIDIA/DeepLearningExamples/tree/master/TensorFlow2/Segmentation/UNet_Medical"),
 )
-FLAG_OF_FIELD = {"authors": "--author", "maintainers": "--maintainer", "name": "--name",
-                 "description": "--description", "git_repo": "--git-repo"}
 TAGS = ("unet", "segmentation", "electron-microscopy", "membrane-segmentation", "2d", "pytorch", "isbi2012",
         "semantic-segmentation", "unet-em")
+GROUP = "bioimage.io package (--format bioimageio)"
 
+
+def weight_format_list(text: str) -> tuple[str, ...]:
+    """``--weight-formats``: a comma-separated list (checked against WEIGHT_FORMATS by check_request)."""
+    return tuple(f.strip() for f in text.split(",") if f.strip())
 
 
 @dataclass
@@ -68,16 +72,25 @@ class PackageOptions:
         test: run bioimageio.core's ``test_model`` on the package (every weight format) before publishing it.
     """
 
-    authors: list[str] = field(default_factory=list)
-    license: str | None = None
-    maintainers: list[str] = field(default_factory=list)
-    name: str | None = None
-    description: str | None = None
-    git_repo: str | None = None
-    weight_formats: tuple[str, ...] = WEIGHT_FORMATS
-    sample: str | None = None
-    overwrite: bool = False
-    test: bool = True
+    authors: list[str] = option(help="an author of the model (repeat for several); required", flags="--author",
+                                switch="append", metavar="NAME[;AFFILIATION[;GITHUB_USER]]", group=GROUP,
+                                default_factory=list)
+    license: str | None = option(None, "SPDX licence of the weights (e.g. MIT, CC-BY-4.0); required",
+                                 flags="--license", group=GROUP)
+    maintainers: list[str] = option(help="a maintainer (repeat for several)", flags="--maintainer",
+                                    switch="append", metavar="GITHUB_USER[;NAME]", group=GROUP,
+                                    default_factory=list)
+    name: str | None = option(None, "package name (default: made from the model)", flags="--name", group=GROUP)
+    description: str | None = option(None, "one-paragraph description (default: made from the checkpoint's "
+                                           "model and training data)", flags="--description", group=GROUP)
+    git_repo: str | None = option(None, "URL of the code that trained the model", flags="--git-repo", group=GROUP)
+    weight_formats: tuple[str, ...] = option(WEIGHT_FORMATS, "comma-separated subset of " + ", ".join(WEIGHT_FORMATS),
+                                             flags="--weight-formats", parse=weight_format_list, group=GROUP)
+    sample: str | None = option(None, "TIFF/PNG image or stack whose first slice makes the test tensors and the "
+                                      "cover; None = the built-in synthetic stack", flags="--sample", group=GROUP)
+    test: bool = option(True, "--no-test skips bioimageio.core's test of every weight format before the package "
+                              "is written", flags="--no-test", switch="off", group=GROUP)
+    overwrite: bool = False  # export.py's --overwrite (ExportArgs), for every format
 
 
 def check_request(output: str | Path, options: PackageOptions) -> Path:
@@ -362,7 +375,7 @@ def _validated_description(model, ckpt, options, sample, files):
         except pydantic.ValidationError as e:
             first = e.errors()[0]
             loc = [str(p) for p in first["loc"]]
-            flag = FLAG_OF_FIELD.get(loc[0] if loc else "", ".".join(loc))
+            flag = (flag_of(PackageOptions, loc[0]) if loc else None) or ".".join(loc)
             if loc and loc[0] == "license":
                 raise UserError(f"--license {options.license!r} is not an SPDX licence identifier known to "
                                 f"bioimageio.spec (e.g. MIT, CC-BY-4.0, Apache-2.0, BSD-3-Clause)") from None
