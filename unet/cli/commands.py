@@ -10,7 +10,7 @@ from unet.evaluation import evaluate as evaluation
 
 from unet.prediction import stacks as inference
 
-from unet.training import trainer as training
+from unet.cli import train as training
 from unet.cli.common import run
 
 
