@@ -355,6 +355,7 @@ class Trainer:
         return forward_loss
 
     def announce(self, resumed: bool) -> None:
+        """The run's opening lines (rank 0 prints)."""
         for line in narration.opening_lines(self):
             self.say(line)
         if resumed:
@@ -419,10 +420,11 @@ class Trainer:
 
     def save(self, name: str, metrics: dict | None = None, summary: dict | None = None) -> None:
         """Rank 0 writes ``model_dir/name`` (in the background while training); every rank waits for the request."""
-        state = dict(step=self.step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                     rng=self.dev.rng_state(), args=self.config.as_dict(), metrics=metrics or {},
-                     best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step, summary=summary) \
-            if self.dist.is_main else {}
+        state = {}
+        if self.dist.is_main:  # only rank 0 writes: the others skip gathering the state
+            state = dict(step=self.step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                         rng=self.dev.rng_state(), args=self.config.as_dict(), metrics=metrics or {},
+                         best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step, summary=summary)
         checkpoints.save(self.model_dir / name, self.model, self.dist, self.saver, **state)
 
     def finish(self) -> dict:
