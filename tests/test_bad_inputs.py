@@ -342,8 +342,8 @@ def _build_world(w: Path):
     _isbi(w / "isbi", 6)
     _ckpt(w / "good.pt")
     _mirror(w / "mirror")
-    from unet.training import trainer as training
-    training.main(training.get_args_parser().parse_args(TINY_TRAIN + ["--model-dir", str(w / "run")]))
+    from unet.cli import train as cli_train
+    cli_train.main(cli_train.get_args_parser().parse_args(TINY_TRAIN + ["--model-dir", str(w / "run")]))
 
 
 def _argv(case: Case, d: Path, w: Path) -> list[str]:

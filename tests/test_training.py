@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from unet.cli import train as cli_train
 from unet.training import trainer as training
 from unet.checkpoint import load_checkpoint
 from unet.cli.commands import train as train_cli
@@ -15,8 +16,8 @@ TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-siz
 
 
 def run(tmp_path, *extra, name="run"):
-    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / name), *extra])
-    return training.main(args)
+    args = cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / name), *extra])
+    return cli_train.main(args)
 
 
 def weights(path):
@@ -46,9 +47,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     common = ("--max-steps", "6", "--save-every", "3", "--dropout", "0.5")
     run(tmp_path, *common, name="straight")
     # Same run, stopped after 3 steps, then resumed for the other 3.
-    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
+    args = cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
     args.max_steps = 3
-    training.main(args)
+    cli_train.main(args)
     with pytest.raises(UserError, match="holds a different run"):
         run(tmp_path, "--max-steps", "6", "--save-every", "3", "--dropout", "0.2", name="split")
     run(tmp_path, *common, "--resume", name="split")
@@ -72,8 +73,8 @@ NEW_ARGS = ("loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_l
 
 
 def test_run_config_holds_every_flag_and_is_frozen():
-    args = training.get_args_parser().parse_args(["--padding", "valid"])
-    config = training.RunConfig.from_args(args, world_size=2, amp_dtype=None)
+    args = cli_train.get_args_parser().parse_args(["--padding", "valid"])
+    config = cli_train.run_config(args).resolved(world_size=2, amp_dtype=None)
     assert tuple(config.as_dict()) == PRE_RUNCONFIG_ARGS + NEW_ARGS
     assert set(config.as_dict()) == {*vars(args), "world_size"}
     assert config.input_size == 572 and config.world_size == 2 and args.input_size is None  # args left alone
@@ -84,15 +85,17 @@ def test_run_config_holds_every_flag_and_is_frozen():
 def test_checkpoint_written_before_run_config_resumes_bit_identically(tmp_path):
     common = ("--max-steps", "6", "--save-every", "3", "--fold", "0", "--evaluate-every", "3")
     straight = run(tmp_path, *common, name="straight")
-    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "old"), *common])
+    args = cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "old"), *common])
     args.max_steps = 3
-    training.main(args)
+    cli_train.main(args)
     # Rewrite last.pt the way the old trainer stored it: the edited Namespace as a dict, the best score as best_dice.
     path = tmp_path / "old" / "last.pt"
     ckpt = load_checkpoint(path)
-    old_args = {k: v for k, v in {**vars(args), "world_size": 1, "amp_dtype": None}.items() if k not in NEW_ARGS}
+    # (in the old order: --seed has since moved to the data group, which moved it in vars(args))
+    flat = {k: v for k, v in {**vars(args), "world_size": 1, "amp_dtype": None}.items() if k not in NEW_ARGS}
+    assert set(flat) == set(PRE_RUNCONFIG_ARGS)  # and no "loss": it resumes as the ce_dice run it was
+    old_args = {k: flat[k] for k in PRE_RUNCONFIG_ARGS}
     old_args["compile"] = False  # a store_true flag then
-    assert tuple(old_args) == PRE_RUNCONFIG_ARGS  # and no "loss": it resumes as the ce_dice run it was
     ckpt["args"], ckpt["best_dice"] = old_args, ckpt.pop("best_dice_nvidia")
     torch.save(ckpt, path)
     resumed = run(tmp_path, *common, "--resume", name="old")
@@ -225,7 +228,7 @@ def test_help_lists_every_flag_with_defaults(capsys):
         assert flag in out, flag
     assert "(default: 6400)" in out and "(default: 0.0005)" in out
     # NVIDIA's underscore spellings are accepted too.
-    args = training.get_args_parser().parse_args(["--batch_size", "2", "--max_steps", "3", "--model_dir", "m"])
+    args = cli_train.get_args_parser().parse_args(["--batch_size", "2", "--max_steps", "3", "--model_dir", "m"])
     assert (args.batch_size, args.max_steps, args.model_dir) == (2, 3, "m")
 
 
@@ -237,11 +240,11 @@ def test_compile_flag_trains(tmp_path):
 
 
 def test_compile_switch_auto_is_eager_on_cpu_and_flags_override():
-    parse = training.get_args_parser().parse_args
+    parse = cli_train.get_args_parser().parse_args
     assert parse([]).compile is None  # auto: the device decides
     for flags, device_default, expected in [([], False, False), ([], True, True), (["--no-compile"], True, False),
                                             (["--compile"], False, True)]:
-        config = training.RunConfig.from_args(parse(flags), world_size=1, amp_dtype=None,
+        config = cli_train.run_config(parse(flags)).resolved(world_size=1, amp_dtype=None,
                                               compile_default=device_default)
         assert config.compile is expected, (flags, device_default)
 
@@ -280,9 +283,9 @@ def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_pat
     assert all(shape == (4, 64, 64) and dtype == torch.uint8 and lo > 0 and 1 < hi < 13
                for shape, dtype, lo, hi in seen), seen
     monkeypatch.setattr(training, "weighted_cross_entropy", real)
-    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
+    args = cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
     args.max_steps = 2
-    training.main(args)
+    cli_train.main(args)
     with pytest.raises(UserError, match=r"--loss 'weighted_ce' there vs 'ce_dice' now"):
         run(tmp_path, "--max-steps", "4", "--save-every", "2", name="split")
     run(tmp_path, *common, name="split")

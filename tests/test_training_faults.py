@@ -1,9 +1,13 @@
 """Training faults: bad data caught before step 1, honest divergence messages, best.pt kept across a resume."""
+import io
+import json
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 
+from unet.cli import train as cli_train
 from unet.training import trainer as training
 from unet.checkpoint import load_checkpoint
 from unet.errors import UserError
@@ -13,7 +17,7 @@ TINY = ["--base-filters", "4", "--depth", "2", "--padding", "same", "--input-siz
 
 
 def run(model_dir, *extra):
-    return training.main(training.get_args_parser().parse_args(TINY + ["--model-dir", str(model_dir), *extra]))
+    return cli_train.main(cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(model_dir), *extra]))
 
 
 def test_nan_in_training_data_stops_before_step_1_naming_the_file(tmp_path, monkeypatch):
@@ -52,9 +56,9 @@ def test_resume_keeps_best_score_step_and_best_pt(tmp_path, monkeypatch):
     _scripted_validation(monkeypatch, [0.6, 0.8, 0.7])
     straight = run(tmp_path / "straight", *common)
     _scripted_validation(monkeypatch, [0.6, 0.8])
-    args = training.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
+    args = cli_train.get_args_parser().parse_args(TINY + ["--model-dir", str(tmp_path / "split"), *common])
     args.max_steps = 4
-    training.main(args)
+    cli_train.main(args)
     _scripted_validation(monkeypatch, [0.7])
     split = run(tmp_path / "split", *common, "--resume")
     assert straight["best_step"] == split["best_step"] == 4
@@ -62,3 +66,32 @@ def test_resume_keeps_best_score_step_and_best_pt(tmp_path, monkeypatch):
     a, b = (load_checkpoint(tmp_path / d / "best.pt") for d in ("straight", "split"))
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_interrupted_metrics_write_leaves_only_whole_lines_and_the_earlier_records(tmp_path, monkeypatch):
+    import errno
+    from unet import run_log
+    path = tmp_path / "metrics.jsonl"
+    log = run_log.MetricsLog(path)
+    log.write({"kind": "train", "step": 1, "loss": 0.5})
+    log.write({"kind": "train", "step": 2, "loss": 0.4})
+    before = path.read_bytes()
+    real = run_log.atomic_write
+
+    def half_way(target, write):  # the disk fills half-way through writing the new contents
+        def torn(f):
+            buffer = io.BytesIO()
+            write(buffer)
+            data = buffer.getvalue()
+            f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, torn)
+    monkeypatch.setattr(run_log, "atomic_write", half_way)
+    with pytest.raises(UserError, match="cannot write .*metrics.jsonl"):
+        log.write({"kind": "val", "step": 2, "val": {"dice_nvidia": 0.9}})
+    assert path.read_bytes() == before and path.read_text().endswith("\n")
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left behind
+    monkeypatch.setattr(run_log, "atomic_write", real)
+    log.write({"kind": "train", "step": 3, "loss": 0.3})  # the failed record is not written later either
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet.atomic import atomic_write, write_errors
+from unet.atomic import atomic_write
 from unet.errors import UserError
 
 
@@ -30,10 +30,12 @@ def jsonable(obj):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``; keeps lines past ``max_step`` out on resume.
+    """One JSON object per line in ``metrics.jsonl``; keeps lines past ``max_step`` out on resume.
 
-    A run killed in the middle of an append leaves a torn last line: resuming drops it (and says so) instead
-    of refusing the run.
+    Every write rewrites the whole file through :func:`unet.atomic.atomic_write` (temporary file + rename), so
+    a crash or a failed write leaves the previous, whole lines: the file is small (a line per logged step) and
+    written every ``--log-every`` steps. Files that earlier versions (which appended) left with a torn last
+    line still resume: resuming drops that line (and says so) instead of refusing the run.
     """
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
@@ -44,14 +46,21 @@ class MetricsLog:
                 print(f"note: {self.path}: dropped a torn last line (the previous run stopped while writing it)",
                       file=sys.stderr)
             # Lines logged after the checkpoint we resume from belong to steps that will be redone.
-            kept = [json.dumps(r) for r in records if r.get("step", 0) <= resume_step]
-            atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+            self._lines = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step]
+            self._publish(self._lines)
+        else:
+            self._lines: list[str] = []
+            if self.path.exists():  # resume_step None: a fresh run
+                self.path.unlink()
 
     def write(self, record: dict) -> None:
-        with write_errors(self.path, cleanup=lambda: None), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(jsonable(record)) + "\n")
+        """Add ``record`` as one line; the file holds every line whole or, if this write fails, the old ones."""
+        lines = self._lines + [json.dumps(jsonable(record)) + "\n"]
+        self._publish(lines)
+        self._lines = lines
+
+    def _publish(self, lines: list[str]) -> None:
+        atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
 
     def read(self) -> list[dict]:
         """Every record, in order (a torn last line left out)."""

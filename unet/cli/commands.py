@@ -7,8 +7,8 @@ from typing import Sequence
 from unet.cli import evaluate as evaluate_command
 from unet.cli import export as export_command
 from unet.cli import infer as infer_command
+from unet.cli import train as train_command
 from unet.cli.common import run
-from unet.training import trainer as train_command
 
 
 def train(argv: Sequence[str] | None = None) -> int:

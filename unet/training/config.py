@@ -1,0 +1,175 @@
+"""A training run's settings: :class:`RunConfig`, one ``option(...)`` field per train.py flag.
+
+The command wing (:mod:`unet.cli.train`) builds the parser from these fields and the config from the parsed
+arguments; the library takes the config alone. Checkpoints store :meth:`RunConfig.as_dict`: the flat keys of
+earlier versions (``data_dir``, ``fold``, ..., ``tile_size``, ...), which evaluate.py and resumes read.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+from unet.data.augment import AUGMENT_LEVELS
+from unet.data.datasets import DataOptions
+from unet.device import DeviceOptions
+from unet.errors import UserError
+from unet.model import PADDINGS
+from unet.options import field_default, identity_fields, option, option_fields, positive_int
+from unet.prediction.tiling import TilingOptions
+from unet.training.lr_schedule import LR_SCHEDULES
+
+# --loss: NVIDIA UNet_Medical's CE + soft Dice, or the UNet paper's weighted cross-entropy (eq. 1-2).
+LOSSES = ("ce_dice", "weighted_ce")
+# The UNet paper's border weight and width (Ronneberger et al. 2015, eq. 2).
+WEIGHT_MAP_W0, WEIGHT_MAP_SIGMA = 10.0, 5.0
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# train.py takes TilingOptions for its validation, except the memory budget (validation uses the default).
+TILING_SKIP = ("memory_budget_mb",)
+# The order of the flat keys checkpoints have always stored under "args" (earlier versions stored vars(args)
+# plus world_size; flags added since come after world_size).
+CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "workers", "base_filters", "depth",
+                   "padding", "batch_norm", "dropout", "input_size", "batch_size", "learning_rate",
+                   "weight_decay", "max_steps", "clip_grad", "seed", "compile", "model_dir", "evaluate_every",
+                   "log_every", "save_every", "resume", "overwrite", "no_progress", "benchmark", "warmup_steps",
+                   "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
+                   "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level")
+
+
+def _alias(flag: str) -> tuple[str, str]:
+    """``--batch-size`` and NVIDIA's ``--batch_size`` spelling."""
+    return flag, "--" + flag[2:].replace("-", "_")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run; built once, never edited (:meth:`resolved` returns a copy).
+
+    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``device_options`` (:class:`DeviceOptions`,
+    the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
+    ``amp_dtype`` (the dtype autocast really uses, None without ``--amp``) and ``world_size``.
+    """
+
+    augment: bool = option(True, "flips, rotations, elastic deformation, intensity changes", name="augment",
+                           switch="both", group="data", identity=True)
+    augment_level: str = option(
+        "full", "with --augment: full (flips, free rotation, elastic, grey values), geometric (no grey-value "
+                "changes) or flips (flips and quarter turns only)", flags=_alias("--augment-level"),
+        choices=AUGMENT_LEVELS, group="data", identity=True)
+    workers: int | None = option(None, "data loader processes per rank (default: from CPUs)", name="workers",
+                                 parse=int, group="data")
+    base_filters: int = option(64, "filters of the first level", flags=_alias("--base-filters"), parse=int,
+                               group="model", identity=True)
+    depth: int = option(5, "levels including the bottleneck", name="depth", parse=int, group="model",
+                        identity=True)
+    padding: str = option("valid", "valid: unpadded convolutions as in UNet_Medical; same: output size = input "
+                                   "size", name="padding", choices=PADDINGS, group="model", identity=True)
+    batch_norm: bool = option(False, "BatchNorm after each 3x3 conv", flags=_alias("--batch-norm"), switch="both",
+                              group="model", identity=True)
+    dropout: float = option(0.5, "dropout after the bottleneck (training only)", name="dropout", parse=float,
+                            group="model", identity=True)
+    # None on the command line means "by padding"; resolved() fills it in.
+    input_size: int | None = option(None, "training crop size fed to the model (default: 572 for valid, 256 for "
+                                          "same)", flags=_alias("--input-size"), parse=int, group="model",
+                                    identity=True)
+    batch_size: int = option(8, "crops per step per device", flags=_alias("--batch-size"), parse=positive_int,
+                             group="optimisation", identity=True)
+    learning_rate: float = option(1e-4, "Adam learning rate (the peak, with a warm-up or a decaying "
+                                        "--lr-schedule)", flags=_alias("--learning-rate"), parse=float,
+                                  group="optimisation", identity=True)
+    lr_schedule: str = option("constant", "constant (UNet_Medical); cosine or poly (nnU-Net's (1 - t)^0.9) decay "
+                                          "to 0 at --max-steps", flags=_alias("--lr-schedule"),
+                              choices=LR_SCHEDULES, group="optimisation", identity=True)
+    lr_warmup_steps: int = option(0, "linear learning-rate warm-up over the first N steps",
+                                  flags=_alias("--lr-warmup-steps"), parse=int, group="optimisation",
+                                  identity=True)
+    weight_decay: float = option(5e-4, "L2 weight decay, applied (UNet_Medical's TF1 code never applied its own)",
+                                 flags=_alias("--weight-decay"), parse=float, group="optimisation", identity=True)
+    max_steps: int = option(6400, "optimizer steps in total", flags=_alias("--max-steps"), parse=positive_int,
+                            group="optimisation")
+    clip_grad: float | None = option(None, "clip the gradient norm to this", flags=_alias("--clip-grad"),
+                                     parse=float, group="optimisation", identity=True)
+    loss: str = option("ce_dice", "ce_dice: cross-entropy + (1 - soft Dice) as UNet_Medical; weighted_ce: the "
+                                  "UNet paper's pixel-weighted cross-entropy (class balance + border term, "
+                                  f"w0={WEIGHT_MAP_W0:g}, sigma={WEIGHT_MAP_SIGMA:g} px)", name="loss",
+                       choices=LOSSES, group="optimisation", identity=True)
+    # None on the command line means "as the device prefers"; resolved() fills it in.
+    compile: bool | None = option(None, "torch.compile forward + loss as one function; default (None): on for "
+                                        "CUDA, off on CPU (measured slower there) and NPU (not measured there)",
+                                  name="compile", switch="both", group="optimisation")
+    compile_mode: str = option("default", "torch.compile mode when compiling (torch's default; the GPU check "
+                                          "measures the others)", flags=_alias("--compile-mode"),
+                               choices=COMPILE_MODES, group="optimisation")
+    model_dir: str = option("results", "checkpoints, logs and curves go here", flags=_alias("--model-dir"),
+                            group="run")
+    evaluate_every: int = option(0, "validate every N steps (0: only at the end)", flags=_alias("--evaluate-every"),
+                                 parse=int, group="run")
+    log_every: int = option(20, "log the loss every N steps", flags=_alias("--log-every"), parse=positive_int,
+                            group="run")
+    save_every: int = option(200, "write last.pt every N steps", flags=_alias("--save-every"), parse=positive_int,
+                             group="run")
+    resume: bool = option(False, "require resuming from MODEL_DIR/last.pt (a matching run there is resumed "
+                                 "anyway)", name="resume", switch="on", group="run")
+    overwrite: bool = option(False, "start over even if MODEL_DIR holds a run", name="overwrite", switch="on",
+                             group="run")
+    no_progress: bool = option(False, "no progress bar (logs only)", name="no_progress", switch="on", group="run")
+    benchmark: bool = option(False, "time --max-steps steps after --warmup-steps; no checkpoints, no validation",
+                             name="benchmark", switch="on", group="benchmark")
+    warmup_steps: int = option(10, "untimed steps before timing in --benchmark mode", flags=_alias("--warmup-steps"),
+                               parse=int, group="benchmark")
+    peak_tflops: float | None = option(None, "device peak (TFLOP/s) for MFU; default: known accelerators, "
+                                             "measured matmul peak on CPU", name="peak_tflops", parse=float,
+                                       group="benchmark")
+    data: DataOptions = field(default_factory=DataOptions)
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    tiling: TilingOptions = field(default_factory=TilingOptions)
+    amp_dtype: str | None = None
+    world_size: int = 1
+
+    def resolved(self, *, world_size: int, amp_dtype: str | None, compile_default: bool = False) -> "RunConfig":
+        """The derived values filled in, in this one place: the crop size by padding, ``compile`` as the flags
+        say or else ``compile_default`` (the device's choice), the dtype autocast uses and the world size."""
+        input_size = self.input_size if self.input_size is not None else (572 if self.padding == "valid" else 256)
+        return dataclasses.replace(self, input_size=input_size, world_size=world_size, amp_dtype=amp_dtype,
+                                   compile=compile_default if self.compile is None else self.compile)
+
+    def as_dict(self) -> dict:
+        """The flat dict checkpoints store under ``"args"`` (``weights_only`` loads no dataclasses)."""
+        flat = {**asdict(self.data), "device": self.device_options.device, "amp": self.device_options.amp,
+                **{k: v for k, v in asdict(self.tiling).items() if k not in TILING_SKIP},
+                **{f.name: getattr(self, f.name) for f, _ in option_fields(self)},
+                "amp_dtype": self.amp_dtype, "world_size": self.world_size}
+        return {k: flat[k] for k in CHECKPOINT_ARGS}
+
+    def identity(self) -> dict:
+        """The :data:`RUN_IDENTITY` values."""
+        flat = self.as_dict()
+        return {k: flat[k] for k in RUN_IDENTITY}
+
+
+# Settings that define a run: resuming with any of them changed would silently mix two experiments. The device
+# and the world size are no RunConfig flags, hence named here: the precision autocast really used counts.
+RUN_IDENTITY = identity_fields(DataOptions) + identity_fields(RunConfig) + ("amp", "amp_dtype", "world_size")
+
+
+def identity_default(key: str):
+    """What a checkpoint written before the identity setting ``key`` existed ran with: a key missing from an
+    older checkpoint's ``"args"`` means that field's default (the flag's default then and now)."""
+    for cls in (DataOptions, RunConfig):
+        for f, _ in option_fields(cls):
+            if f.name == key:
+                return field_default(f)
+    return None
+
+
+def check_config(config: RunConfig) -> None:
+    """Refuse settings that the flags' types cannot: one UserError naming the flag."""
+    c = config
+    if c.evaluate_every < 0:
+        raise UserError(f"--evaluate-every must be 0 or more, got {c.evaluate_every}")
+    if c.benchmark and c.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be 0 or more, got {c.warmup_steps}")
+    if c.lr_warmup_steps < 0 or (not c.benchmark and c.lr_warmup_steps >= c.max_steps):
+        raise UserError(f"--lr-warmup-steps must be 0 or more and below --max-steps {c.max_steps}, "
+                        f"got {c.lr_warmup_steps}")
+    if c.resume and c.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
