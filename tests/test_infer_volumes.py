@@ -86,7 +86,8 @@ def _refused(capsys, ckpt: Path, folder: Path, *argv) -> str:
     with pytest.raises(SystemExit) as e:
         infer(["--ckpt", str(ckpt), *map(str, argv), "--device", "cpu", "--no-progress"])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    # A fault found mid-run follows the "predicting N slices ..." line; nothing else.
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("predicting ")]
     assert len(err) == 1 and err[0].startswith("infer.py: error: "), err
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     return err[0]
@@ -111,12 +112,14 @@ def test_volume_inputs_give_the_masks_of_the_tiff_stack(data, tmp_path, monkeypa
     assert all(y == slice(None) and x == slice(None) for _, y, x in reads)
 
 
-def test_volume_channel_and_time_are_picked(data, tmp_path):
+def test_volume_channel_and_time_are_picked(data, tmp_path, capsys):
     """A czyx OME-Zarr with two channels: --channel picks one; a tczyx array needs no --time with one time point."""
     images = data["images"]
     w = create_volume(str(tmp_path / "two.ome.zarr"), (SHAPE[0], 2) + SHAPE[1:], np.uint8, (1, 2, 16, 16))
     w.write((0, 0, 0, 0), np.stack([255 - images, images], axis=1))
     w.commit()
+    line = _refused(capsys, data["ckpt"], tmp_path, "--input", tmp_path / "two.ome.zarr", "--output", tmp_path / "m.tif")
+    assert "two.ome.zarr: has 2 channels but the model takes 1; pick one with --channel 0..1" in line
     _run(data["ckpt"], "--input", tmp_path / "two.ome.zarr", "--channel", "1", "--output", tmp_path / "m.tif")
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), data["masks"])
     tczyx = tmp_path / "t.zarr"
@@ -190,6 +193,21 @@ def test_a_failed_run_leaves_no_chunked_output(data, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- bad input
+
+def test_non_finite_pixels_mid_volume_leave_nothing(data, tmp_path, capsys):
+    """Found by the reader at the second slice batch, after the outputs were started: one line, no .partial."""
+    images = data["images"].astype(np.float32) / 255
+    images[3, 5, 7] = np.nan
+    vol = tmp_path / "in"
+    vol.mkdir()
+    with h5py.File(vol / "f.h5", "w") as f:
+        f.create_dataset("raw", data=images, chunks=(1, 40, 56))
+    out = tmp_path / "out"
+    out.mkdir()
+    line = _refused(capsys, data["ckpt"], out, "--input", vol / "f.h5", "--read-batch", "2",
+                    "--output", out / "m.zarr", "--probabilities", out / "p.h5/prob")
+    assert "in/f.h5: slice 3 has 1 non-finite pixel(s)" in line  # its only dataset: no key needed
+
 
 def test_missing_key_lists_the_keys(data, tmp_path, capsys):
     line = _refused(capsys, data["ckpt"], tmp_path, "--input", data["root"] / "em.h5/volumes/rwa",
