@@ -5,6 +5,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import tensorstore as ts
 import tifffile
 import torch
 import zarr
@@ -44,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """The same synthetic stack as a TIFF, an OME-Zarr, a plain zarr v3 array, an HDF5 dataset; the TIFF's outputs."""
+    """The same synthetic stack as a TIFF, an OME-Zarr, a plain zarr v3 array, N5, HDF5; the TIFF's outputs."""
     root = tmp_path_factory.mktemp("volumes")
     ckpt = root / "tiny.pt"
     save_checkpoint(ckpt, _balanced_model())
@@ -55,6 +56,10 @@ def data(tmp_path_factory) -> dict:
         w.write((z, 0, 0), images[z:z + 1])
     w.commit()
     zarr.create_array(str(root / "plain.zarr"), name="raw", data=images, chunks=(2, 32, 32), zarr_format=3)
+    n5 = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(root / "em.n5" / "raw")}, "create": True,
+                  "metadata": {"dimensions": list(images.shape[::-1]), "blockSize": [16, 16, 1], "dataType": "uint8",
+                               "compression": {"type": "gzip"}}}).result()
+    n5[...] = images.T  # N5 lists dimensions x, y, z
     with h5py.File(root / "em.h5", "w") as f:
         f.create_dataset("volumes/raw", data=images, chunks=(1, 20, 28))
         f.create_dataset("volumes/other", data=images[:1])
@@ -95,7 +100,7 @@ def _refused(capsys, ckpt: Path, folder: Path, *argv) -> str:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-@pytest.mark.parametrize("spec", ["em.ome.zarr", "plain.zarr/raw", "em.h5/volumes/raw"])
+@pytest.mark.parametrize("spec", ["em.ome.zarr", "plain.zarr/raw", "em.n5/raw", "em.h5/volumes/raw"])
 def test_volume_inputs_give_the_masks_of_the_tiff_stack(data, tmp_path, monkeypatch, spec):
     reads = []
     real_read = volumes.Volume.read
@@ -250,5 +255,5 @@ def test_bad_volume_arguments(data, tmp_path, capsys, argv, message):
         return
     line = _refused(capsys, data["ckpt"], tmp_path, *argv)
     assert message.replace("OUT", str(tmp_path)) in line
-    assert sorted(p.name for p in root.iterdir()) == ["em.h5", "em.ome.zarr", "plain.zarr", "stack.tif",
+    assert sorted(p.name for p in root.iterdir()) == ["em.h5", "em.n5", "em.ome.zarr", "plain.zarr", "stack.tif",
                                                       "tiff_out", "tiny.pt"]
