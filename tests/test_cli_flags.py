@@ -16,7 +16,10 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     "train": (set(), set()),
     "evaluate": (set(), set()),
     # infer.py --export stays as a flag but only refuses, pointing to export.py --format pt2|onnx (issue 19).
-    "infer": (set(), set()),
+    # Issue 20, chunked volumes: --scale/--channel/--time pick the OME-Zarr level, channel and time point of a
+    # zarr/N5/HDF5 --input (VolumeOptions, for train.py/evaluate.py later too); --chunks is the y/x chunk shape of
+    # .zarr/.h5 outputs.
+    "infer": ({"--scale", "--channel", "--time", "--chunks"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

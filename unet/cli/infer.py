@@ -13,6 +13,7 @@ import torch
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.device import DeviceOptions, setup_device
 from unet.errors import UserError
+from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
 from unet.prediction.instances import InstanceOptions
 from unet.prediction.jobs import Job, plan_jobs
@@ -28,11 +29,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Segment EM image stacks with a trained UNet checkpoint.\n\n"
                     "  python infer.py --ckpt model.pt --input stack.tif --output masks.tif\n"
                     "  python infer.py --ckpt model.pt --input folder/ --output masks/ --overlay overlays/\n"
-                    "  python infer.py --ckpt fold0.pt fold1.pt fold2.pt --input stack.tif --output masks.tif\n\n"
+                    "  python infer.py --ckpt fold0.pt fold1.pt fold2.pt --input stack.tif --output masks.tif\n"
+                    "  python infer.py --ckpt model.pt --input volume.zarr/raw --output pred.ome.zarr\n"
+                    "  python infer.py --ckpt model.pt --input data.h5/volumes/raw --output pred.h5/masks\n\n"
                     "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.\n"
                     "Deployable programs: python export.py --format pt2|onnx --ckpt model.pt --output model.pt2")
     add_options(parser, CheckpointArgs)
     add_options(parser, InferOptions, skip=("compile", "instances"))
+    add_options(parser, VolumeOptions)
     add_options(parser, TilingOptions)
     add_options(parser, InferOptions, only=("compile", "instances"))  # --compile joins the "speed" group
     add_options(parser, InstanceOptions)
@@ -57,13 +61,14 @@ def main(args: argparse.Namespace) -> RunResult:
         raise UserError(f"--export: infer.py no longer writes programs; run python export.py --format pt2|onnx "
                         f"--ckpt {' '.join(map(str, ckpts))} --output {settings.export}")
     if settings.output is None:
-        raise UserError("--output is required (the mask TIFF to write)")
+        raise UserError("--output is required (the mask TIFF or .zarr/.h5 volume to write)")
     inst_options = options_from(args, InstanceOptions)  # checked before the checkpoint loads
     start = time.perf_counter()
     model = load_ensemble(ckpts)[0]  # the UNet itself for one checkpoint
     jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
                      overlay_dir=settings.overlay, overwrite=settings.overwrite,
-                     in_channels=model.config.in_channels, instances=settings.instances)
+                     in_channels=model.config.in_channels, instances=settings.instances,
+                     volume=options_from(args, VolumeOptions))
     device = options_from(args, DeviceOptions)
     dev = setup_device(device.device, amp=device.amp, amp_dtype=device.amp_dtype)
     model = dev.prepare_model(model)

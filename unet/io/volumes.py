@@ -28,9 +28,37 @@ from unet.io.containers import open_hdf5, open_n5, open_zarr
 from unet.io.paths import VolumePath, parse_volume_path
 from unet.io.sources import ArraySource, axes_from_names, read_region
 from unet.io.tiff_volumes import open_png, open_tiff
+from unet.options import non_negative_int, option
 
 IMAGE_DTYPES = tuple(np.dtype(d) for d in ("uint8", "uint16", "float32", "float64", "bool"))
 _DEFAULT_AXES = {2: "yx", 3: "zyx"}
+
+
+VOLUME_GROUP = "volume inputs (zarr, OME-Zarr, N5, HDF5)"
+
+
+@dataclass(frozen=True)
+class VolumeOptions:
+    """Which image of a chunked volume is read: :func:`open_volume`'s choices, one flag each for every command.
+
+    Attributes:
+        scale: OME-Zarr resolution level (0 = full resolution).
+        channel: the channel kept of a channel axis, or None to keep them all.
+        time: the time point of a time axis, or None (required when it has several).
+    """
+
+    scale: int = option(0, "OME-Zarr resolution level of a volume input (0 = full resolution)", flags="--scale",
+                        parse=non_negative_int, metavar="N", group=VOLUME_GROUP)
+    channel: int | None = option(None, "which channel of a volume input with a channel axis to use (default: every "
+                                       "channel, as many as the model takes)", flags="--channel",
+                                 parse=non_negative_int, metavar="C", group=VOLUME_GROUP)
+    time: int | None = option(None, "which time point of a volume input with a time axis to use (needed when it has "
+                                    "several)", flags="--time", parse=non_negative_int, metavar="T",
+                              group=VOLUME_GROUP)
+
+    def open(self, spec: str, *, labels: bool = False) -> "Volume":
+        """:func:`open_volume` with these choices."""
+        return open_volume(spec, scale=self.scale, channel=self.channel, time=self.time, labels=labels)
 
 
 def _check_axes(src: ArraySource, axes: str | None) -> str:

@@ -31,6 +31,28 @@ def label_dtype(max_label: int) -> type:
     return np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32
 
 
+def shift_labels(labels: np.ndarray, max_id: int, path) -> tuple[np.ndarray, int]:
+    """One slice's labels (0 = membrane, 1..n = cells) with ids shifted past ``max_id``, the earlier slices' largest.
+
+    Args:
+        labels: the slice's labels, ids from 1.
+        max_id: the largest id written so far.
+        path: the label output, named in the error.
+
+    Returns:
+        The shifted labels as uint32, and the new largest id.
+
+    Raises:
+        UserError: the ids would pass uint32.
+    """
+    n = int(labels.max(initial=0))
+    try:
+        label_dtype(max_id + n)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; the stack has too many cells for one label stack") from None
+    return np.where(labels > 0, labels + max_id, 0).astype(np.uint32), max_id + n
+
+
 class _CommitOnExit:
     """Context manager of the atomic writers: ``commit()`` on success, ``abort()`` on any exception."""
 
@@ -114,13 +136,8 @@ class LabelStackWriter(_CommitOnExit):
 
     def append(self, labels: np.ndarray) -> None:
         """Add one slice's labels (0 = membrane, 1..n = cells); its ids are shifted past the earlier slices'."""
-        n = int(labels.max(initial=0))
-        try:
-            label_dtype(self.max_id + n)
-        except ValueError as e:
-            raise UserError(f"{self.path}: {e}; the stack has too many cells for one label stack") from None
-        self._wide.append(np.where(labels > 0, labels + self.max_id, 0).astype(np.uint32))
-        self.max_id += n
+        shifted, self.max_id = shift_labels(labels, self.max_id, self.path)
+        self._wide.append(shifted)
 
     def commit(self) -> Path:
         """Rename (uint32) or narrow to uint16 and rename; the hidden uint32 file is gone afterwards."""

@@ -1,9 +1,14 @@
 """Inference jobs: which input stacks become which output files, every path checked before any work is done.
 
-:func:`plan_jobs` pairs each input stack (a file, a folder of them, or the built-in synthetic stack) with its
-mask, probability, instance and overlay outputs, and refuses bad inputs and outputs with one line each
-(missing input, unsupported pixels, an output that exists, would replace an input, or lies in a missing
-folder); :func:`iter_job_pages` reads a job's input a few pages at a time.
+:func:`plan_jobs` pairs each input stack (a file, a folder of them, a chunked volume, or the built-in synthetic
+stack) with its mask, probability, instance and overlay outputs, and refuses bad inputs and outputs with one
+line each (missing input or key, unsupported pixels, an output that exists, would replace an input, or lies in
+a missing folder); :func:`iter_job_pages` reads a job's input a few pages at a time.
+
+Inputs and outputs are told apart by their paths: a ``.tif``/``.tiff``/``.png`` file or a plain folder is read
+and written as before; a path into a zarr, N5 or HDF5 container (:mod:`unet.io.paths`: ``v.zarr/raw``,
+``data.h5/volumes/raw``) is a chunked volume, read lazily with :func:`unet.io.volumes.open_volume` and written
+(zarr/OME-Zarr and HDF5 only) with :mod:`unet.io.volume_stacks`.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ import numpy as np
 
 from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
-from unet.io.images import (TIFF_SUFFIXES, StackInfo, as_image, iter_chunks, iter_pages, list_images, scale_by_dtype,
-                            stack_info)
+from unet.io.images import (IMAGE_SUFFIXES, TIFF_SUFFIXES, StackInfo, as_image, check_finite, iter_chunks, iter_pages,
+                            list_images, scale_by_dtype, stack_info)
+from unet.io.paths import parse_volume_path
+from unet.io.volumes import VolumeOptions
 
 SYNTHETIC_SHAPE = (4, 256, 256)  # slices, height, width of the built-in stack used without --input
+CHUNKED_KINDS = ("zarr", "n5", "hdf5")  # container kinds read as volumes
+WRITTEN_KINDS = ("zarr", "hdf5")  # container kinds written (create_volume)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Job:
         probabilities: probability stack to write, or None.
         overlay_dir: folder for overlay PNGs, or None.
         instances: cell instance label stack to write, or None.
+        volume: how to open a chunked input (its ``stack.path`` is the volume path), None for other inputs.
     """
 
     stack: StackInfo
@@ -38,6 +48,7 @@ class Job:
     probabilities: Path | None = None
     overlay_dir: Path | None = None
     instances: Path | None = None
+    volume: VolumeOptions | None = None
 
     def overlay_paths(self) -> list[Path]:
         """One PNG per slice: ``<stem>_<page>.png`` (page numbers from 0)."""
@@ -50,6 +61,33 @@ class Job:
         """Every file this job writes."""
         return ([self.output] + ([self.probabilities] if self.probabilities else [])
                 + ([self.instances] if self.instances else []) + self.overlay_paths())
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """True for a path into a zarr, N5 or HDF5 container; False for TIFF/PNG files, plain folders and the rest."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False  # a TIFF/PNG file keeps its own reader and writer, wherever it lies
+    try:
+        return parse_volume_path(path).kind in CHUNKED_KINDS
+    except UserError:
+        return False
+
+
+def _container(path: Path) -> Path:
+    """The file or folder an input or output occupies on disk (a volume's container)."""
+    return parse_volume_path(path).container if is_volume_path(path) else path
+
+
+def read_volume_info(spec: str | Path, volume: VolumeOptions) -> StackInfo:
+    """Header of a chunked input volume (metadata only), as a stack of its z slices.
+
+    Raises:
+        UserError: missing container or key (listing the keys), wrong rank, dtype or axes, bad scale/channel/time.
+    """
+    with volume.open(str(spec)) as vol:
+        channels = vol.shape[1] if vol.axes == "zcyx" else 1
+        return StackInfo(Path(vol.name), vol.shape[0], vol.shape[-2], vol.shape[-1], channels, np.dtype(vol.dtype))
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -82,17 +120,21 @@ def read_info(path: Path) -> StackInfo:
 
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
               overlay_dir: str | Path | None = None, overwrite: bool = False,
-              in_channels: int = 1, instances: str | Path | None = None) -> list[Job]:
+              in_channels: int = 1, instances: str | Path | None = None,
+              volume: VolumeOptions | None = None) -> list[Job]:
     """Check the inputs and outputs before any work is done, and pair them.
 
     Args:
-        input_path: a stack/image file, a folder of them, or None for the built-in synthetic stack.
-        output: the mask TIFF (file input) or a folder (folder input; created if its parent exists).
+        input_path: a stack/image file, a folder of them, a volume path (``v.zarr/raw``, ``d.h5/raw``), or None
+            for the built-in synthetic stack.
+        output: the mask TIFF or chunked volume (``.zarr``/``.h5`` with an optional key) for a file or volume
+            input, a folder for a folder input (created if its parent exists).
         probabilities: like ``output``, for probability stacks; None = not written.
         overlay_dir: folder for overlay PNGs (created if its parent exists); None = not written.
         overwrite: allow replacing existing output files.
         in_channels: channels the model expects.
         instances: like ``output``, for cell instance label stacks; None = not written.
+        volume: scale, channel and time point of a volume input (None: the defaults; refused for other inputs).
 
     Returns:
         One :class:`Job` per input stack.
@@ -104,32 +146,50 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     prob = Path(probabilities) if probabilities is not None else None
     ovl = Path(overlay_dir) if overlay_dir is not None else None
     inst = Path(instances) if instances is not None else None
-    stacks = _read_inputs(input_path, in_channels)
-    if input_path is not None and Path(input_path).is_dir():
+    chunked = input_path is not None and is_volume_path(input_path)
+    volume = _volume_choices(input_path, volume or VolumeOptions(), chunked)
+    stacks = _read_inputs(input_path, in_channels, volume if chunked else None)
+    if input_path is not None and not chunked and Path(input_path).is_dir():
         jobs = _folder_jobs(Path(input_path), stacks, output, prob, ovl, inst)
     else:
         for path, flag in ((output, "--output"), (prob, "--probabilities"), (inst, "--instances")):
             if path is not None:
                 _check_output_file(path, flag)
-        jobs = [Job(stacks[0], output, prob, ovl, inst)]
+        jobs = [Job(stacks[0], output, prob, ovl, inst, volume if chunked else None)]
     if ovl is not None:
         if ovl.exists() and not ovl.is_dir():
             raise UserError(f"{ovl}: --overlay must be a folder, but a file has that name")
         if not ovl.parent.is_dir():
             raise UserError(f"{ovl}: --overlay folder's parent {ovl.parent} does not exist; create it first")
     _check_outputs(jobs, overwrite)
-    # Folders are made only now, after every check passed, so a rejected run leaves nothing behind.
-    for folder in {j.output.parent for j in jobs} | {j.probabilities.parent for j in jobs if j.probabilities} \
-            | {j.instances.parent for j in jobs if j.instances} | ({ovl} if ovl is not None else set()):
+    # Folders are made only now, after every check passed, so a rejected run leaves nothing behind. A volume's
+    # container is made by its writer, and its folder must exist already (checked above).
+    files = [out for j in jobs for out in (j.output, j.probabilities, j.instances)
+             if out is not None and not is_volume_path(out)]
+    for folder in {out.parent for out in files} | ({ovl} if ovl is not None else set()):
         folder.mkdir(exist_ok=True)
     return jobs
 
 
-def _read_inputs(input_path: str | Path | None, in_channels: int) -> list[StackInfo]:
+def _volume_choices(input_path: str | Path | None, volume: VolumeOptions, chunked: bool) -> VolumeOptions:
+    """``volume`` itself; refused when set for an input that is not a chunked volume (TIFF/PNG keep their reader)."""
+    if not chunked and volume != VolumeOptions():
+        given = [f"--{name} {value}" for name, value in vars(volume).items() if value != getattr(VolumeOptions(), name)]
+        raise UserError(f"{', '.join(given)}: only for zarr, N5 or HDF5 volume inputs (e.g. volume.zarr/raw), but "
+                        f"--input is {input_path or 'not given'}; leave it unset")
+    return volume
+
+
+def _read_inputs(input_path: str | Path | None, in_channels: int, volume: VolumeOptions | None) -> list[StackInfo]:
     """The headers of every input stack (the built-in synthetic one for None), channels checked."""
     if input_path is None:
         n, h, w = SYNTHETIC_SHAPE
         stacks = [StackInfo(None, n, h, w, 1, np.dtype(np.uint8))]
+    elif volume is not None:
+        stacks = [read_volume_info(input_path, volume)]
+        if in_channels == 1 < stacks[0].channels:
+            raise UserError(f"{stacks[0].path}: has {stacks[0].channels} channels but the model takes 1; pick one "
+                            f"with --channel 0..{stacks[0].channels - 1}")
     else:
         stacks = [read_info(f) for f in list_inputs(Path(input_path))]
     for stack in stacks:
@@ -155,34 +215,51 @@ def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: P
 
 
 def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
-    """No output replaces an input, another output, a folder, or (without ``overwrite``) an existing file."""
-    inputs = {j.stack.path.resolve() for j in jobs if j.stack.path is not None}
+    """No output replaces an input, another output, a folder, or (without ``overwrite``) an existing file.
+
+    A volume output occupies its whole container (``out.zarr`` for ``out.zarr/masks``): two outputs cannot share
+    one, and ``overwrite`` replaces it whole.
+    """
+    inputs = {_container(j.stack.path).resolve() for j in jobs if j.stack.path is not None}
     seen: set[Path] = set()
     for job in jobs:
         for out in job.outputs():
-            res = out.resolve()
+            target = _container(out)
+            res = target.resolve()
             if res in inputs:
                 raise UserError(f"{out}: output would overwrite an input; choose another output name")
             if res in seen:
-                raise UserError(f"{out}: two outputs have this name; give --output, --probabilities and "
-                                f"--instances different paths")
+                raise UserError(f"{out}: two outputs have this name (or container); give --output, --probabilities "
+                                f"and --instances different paths (each chunked output its own .zarr/.h5)")
             seen.add(res)
-            if out.exists() and not overwrite:
-                raise UserError(f"{out}: output exists; pass --overwrite to replace it or choose another name")
-            if out.exists() and out.is_dir():
+            if target.exists() and not overwrite:
+                raise UserError(f"{target}: output exists; pass --overwrite to replace it or choose another name")
+            if target is out and out.exists() and out.is_dir():
                 raise UserError(f"{out}: output is a folder; give a file name")
 
 
 def _check_output_file(path: Path, flag: str) -> None:
+    if is_volume_path(path):
+        vp = parse_volume_path(path)
+        if vp.kind not in WRITTEN_KINDS:
+            raise UserError(f"{path}: {flag} cannot be written as {vp.kind.upper()}; chunked outputs are OME-Zarr "
+                            f"(.zarr) or HDF5 (.h5)")
+        if not vp.container.parent.is_dir():
+            raise UserError(f"{path}: {flag} folder {vp.container.parent} does not exist; create it first")
+        return
     if path.is_dir():
         raise UserError(f"{path}: {flag} is a folder but --input is a single stack; give a .tif file name")
     if path.suffix.lower() not in TIFF_SUFFIXES:
-        raise UserError(f"{path}: {flag} must be a TIFF file name ending in .tif or .tiff")
+        raise UserError(f"{path}: {flag} must be a TIFF file name ending in .tif or .tiff, or a chunked volume "
+                        f"(out.zarr, out.zarr/key, out.h5/key)")
     if not path.parent.is_dir():
         raise UserError(f"{path}: {flag} folder {path.parent} does not exist; create it first")
 
 
 def _output_folder(path: Path, flag: str, input_dir: Path) -> Path:
+    if is_volume_path(path):
+        raise UserError(f"{path}: --input is a folder, so {flag} must be a folder of TIFF stacks; chunked outputs "
+                        f"(.zarr, .h5) take one input stack or volume")
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: --input is a folder, so {flag} must be a folder too, but a file has that name")
     if not path.parent.is_dir():
@@ -192,10 +269,35 @@ def _output_folder(path: Path, flag: str, input_dir: Path) -> Path:
     return path
 
 
-def iter_job_pages(stack: StackInfo, batch: int) -> Iterator[np.ndarray]:
+def iter_job_pages(job: Job, batch: int) -> Iterator[np.ndarray]:
     """Raw pages of a job's input in chunks of ``batch`` slices: ``(b, H, W)`` or ``(b, C, H, W)``."""
+    stack = job.stack
     if stack.path is None:
         images, _ = make_synthetic_em(stack.num_slices, stack.height, stack.width, seed=0)
         yield from iter_chunks(images, batch)
         return
+    if job.volume is not None:
+        yield from iter_volume_pages(str(stack.path), job.volume, batch)
+        return
     yield from iter_pages(stack.path, batch)
+
+
+def iter_volume_pages(spec: str, volume: VolumeOptions, batch: int) -> Iterator[np.ndarray]:
+    """A chunked volume's slices, ``batch`` at a time, each batch read on its own (never the whole volume).
+
+    Args:
+        spec: the volume path.
+        volume: scale, channel and time point.
+        batch: slices per chunk (the last may be shorter).
+
+    Returns:
+        An iterator of ``(b, H, W)`` or ``(b, C, H, W)`` arrays in the stored dtype.
+
+    Raises:
+        UserError: a corrupt chunk (named), or NaN/Inf pixels in a float volume.
+    """
+    with volume.open(spec) as vol:
+        for start in range(0, vol.shape[0], batch):
+            pages = vol.read(z=slice(start, start + batch))
+            check_finite(pages, spec, start)
+            yield pages

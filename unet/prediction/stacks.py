@@ -4,7 +4,9 @@
 it with :class:`unet.prediction.pipeline.StackPredictor` and appends the results to the output files
 (:mod:`unet.io.writers`) as it goes, so peak host memory depends on the slice size and ``read_batch``, never
 on the stack depth. Every output is written to a hidden temporary file beside its final name and renamed
-only when complete: an interrupted run never leaves a half-written file.
+only when complete: an interrupted run never leaves a half-written file. Outputs whose path names a zarr or
+HDF5 container (``out.zarr/masks``, ``out.h5``) are chunked volumes (:mod:`unet.io.volume_stacks`), built under
+``<container>.partial`` and renamed likewise.
 
 Output convention is the training labels': 255 = cell interior, 0 = membrane, one page per input slice.
 :class:`InferOptions` holds infer.py's own settings (the command is :mod:`unet.cli.infer`).
@@ -22,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from unet.errors import UserError
+from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
 from unet.io.writers import COMPRESSIONS, LabelStackWriter, StackWriter, write_png_atomic
 from unet.options import option, positive_int
 from unet.prediction.instances import InstanceOptions, cell_instances
-from unet.prediction.jobs import Job, iter_job_pages
+from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
 from unet.prediction.overlay import overlay
 from unet.prediction.pipeline import StackPredictor
 from unet.prediction.tiling import TilingOptions
@@ -38,8 +41,8 @@ class InferOptions:
     """infer.py's own settings: inputs, outputs and how they are written (tiling, instances, device apart).
 
     Attributes:
-        input: a stack/image file, a folder of them, or None for the built-in synthetic stack.
-        output: the mask TIFF (a folder for folder input).
+        input: a stack/image file, a folder of them, a chunked volume path, or None for the built-in synthetic stack.
+        output: the mask TIFF or chunked volume (a folder for folder input).
         probabilities: the probability stack (or folder), or None.
         prob_dtype: ``float32`` or ``uint8`` probability pixels.
         overlay: folder for overlay PNGs, or None.
@@ -50,11 +53,16 @@ class InferOptions:
         export: the removed ``--export`` (refused with a pointer to export.py).
         compile: ``torch.compile`` the model.
         instances: the cell instance label stack (or folder), or None.
+        chunks: y/x chunk shape of chunked (``.zarr``/``.h5``) outputs; chunks are one slice deep.
     """
 
-    input: str | None = option(None, "multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, or a folder of them; "
-                                     "None = the built-in synthetic stack of 4 slices of 256x256", flags="--input")
-    output: str | None = option(None, "mask TIFF to write (a folder when --input is a folder)", flags="--output")
+    input: str | None = option(None, "multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, a folder of them, or a "
+                                     "volume in a zarr/OME-Zarr, N5 or HDF5 container (volume.zarr/raw, "
+                                     "image.ome.zarr, data.n5/raw, data.h5/volumes/raw); None = the built-in "
+                                     "synthetic stack of 4 slices of 256x256", flags="--input")
+    output: str | None = option(None, "masks to write: a TIFF (.tif), an OME-Zarr (out.zarr or out.zarr/KEY) or an "
+                                      "HDF5 dataset (out.h5/KEY, key 'data' when none); a folder of TIFFs when "
+                                      "--input is a folder; --probabilities and --instances alike", flags="--output")
     probabilities: str | None = option(None, "also write the cell-interior probability stack here (a folder for "
                                              "folder input)", flags="--probabilities")
     prob_dtype: str = option("float32", "probability pixels: float32 in [0, 1], or uint8 scaled 0..255",
@@ -73,7 +81,11 @@ class InferOptions:
                                   "stacks)", flags="--compile", switch="on", group="speed")
     instances: str | None = option(None, "also write a label stack: one id per cell, unique over the stack, "
                                          "0 = membrane; uint16, or uint32 above 65535 cells (a folder for folder "
-                                         "input); settings below", flags="--instances", metavar="OUT.tif")
+                                         "input; always uint32 in .zarr/.h5 outputs); settings below",
+                                 flags="--instances", metavar="OUT.tif")
+    chunks: tuple[int, int] = option(DEFAULT_CHUNKS, "y/x chunk shape of .zarr/.h5 outputs, N or HxW pixels (chunks "
+                                                     "are one slice deep)", flags="--chunks", parse=chunk_yx,
+                                     metavar="N|HxW")
 
 
 @dataclass
@@ -138,16 +150,26 @@ class _JobSink:
                          f"{self.job.stack.num_slices}); keep inputs unchanged while infer.py runs")
 
 
-def _open_writers(job: Job, stack: contextlib.ExitStack, prob_dtype: str, compression: str) -> dict:
-    """The job's TIFF writers, entered on ``stack`` so that any failure deletes their temporary files."""
-    pixels = job.stack.num_slices * job.stack.height * job.stack.width
-    writers = {"masks": stack.enter_context(StackWriter(job.output, expected_bytes=pixels, compression=compression))}
-    if job.probabilities is not None:
-        writers["probabilities"] = stack.enter_context(StackWriter(
-            job.probabilities, expected_bytes=pixels * np.dtype(prob_dtype).itemsize, compression=compression))
+def _open_writers(job: Job, stack: contextlib.ExitStack, settings: InferOptions) -> dict:
+    """The job's writers (TIFF, or chunked volumes by the path), entered on ``stack`` so that any failure deletes
+    their temporary files."""
+    shape = (job.stack.num_slices, job.stack.height, job.stack.width)
+    pixels, compression = int(np.prod(shape)), settings.compression
+    targets = {"masks": (job.output, np.dtype(np.uint8)), "probabilities": (job.probabilities,
+                                                                            np.dtype(settings.prob_dtype))}
+    writers = {}
+    for kind, (path, dtype) in targets.items():
+        if path is None:
+            continue
+        if is_volume_path(path):
+            writer = VolumeStackWriter(str(path), shape, dtype, settings.chunks, overwrite=settings.overwrite)
+        else:
+            writer = StackWriter(path, expected_bytes=pixels * dtype.itemsize, compression=compression)
+        writers[kind] = stack.enter_context(writer)
     if job.instances is not None:
-        writers["instances"] = stack.enter_context(LabelStackWriter(job.instances, pixels=pixels,
-                                                                    compression=compression))
+        writers["instances"] = stack.enter_context(
+            LabelVolumeStackWriter(str(job.instances), shape, settings.chunks, overwrite=settings.overwrite)
+            if is_volume_path(job.instances) else LabelStackWriter(job.instances, pixels=pixels, compression=compression))
     return writers
 
 
@@ -161,8 +183,8 @@ def run_job(job: Job, model: torch.nn.Module, dev, settings: InferOptions | None
         model: a UNet (or Ensemble) on ``dev.device``.
         dev: the device setup.
         settings: ``read_batch`` (input pages read per chunk: memory scales with it, not with the stack depth),
-            ``prob_dtype`` (``float32``, or ``uint8`` = probability x 255, rounded) and ``compression`` of the
-            TIFF outputs count here (None: the defaults).
+            ``prob_dtype`` (``float32``, or ``uint8`` = probability x 255, rounded), ``compression`` of the
+            TIFF outputs, ``chunks`` and ``overwrite`` of chunked outputs count here (None: the defaults).
         progress: a tqdm bar to advance by one per slice, or None.
         options: whole-slice tiling options (tile batches span slices, see :mod:`unet.prediction.pipeline`).
         instance_options: seeded-watershed settings for ``job.instances`` (None: the defaults).
@@ -179,9 +201,9 @@ def run_job(job: Job, model: torch.nn.Module, dev, settings: InferOptions | None
     sink = None
     try:
         with contextlib.ExitStack() as writers:
-            sink = _JobSink(job, _open_writers(job, writers, settings.prob_dtype, settings.compression),
+            sink = _JobSink(job, _open_writers(job, writers, settings),
                             settings.prob_dtype, instance_options or InstanceOptions(), progress)
-            count = predictor.run(iter_job_pages(job.stack, settings.read_batch), sink, source=sink.source,
+            count = predictor.run(iter_job_pages(job, settings.read_batch), sink, source=sink.source,
                                   keep_images=bool(sink.overlay_paths),
                                   keep_probabilities=job.probabilities is not None or job.instances is not None)
             if count != job.stack.num_slices:
