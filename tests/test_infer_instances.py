@@ -2,25 +2,17 @@
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from unet.io.writers import LabelStackWriter
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.prediction.instances import InstanceOptions, instance_stack
-from unet.model import UNet
+from tiny_models import balanced_unet
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = UNet(base_filters=2, depth=2, padding="same").eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias.fill_(0.1)
-        logits = model(torch.rand(1, 1, 64, 64))
-        model.out.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
+    model = balanced_unet()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, model)
     return path

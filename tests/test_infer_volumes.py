@@ -16,23 +16,10 @@ from unet.data.synthetic import make_synthetic_em
 from unet.io import volumes
 from unet.io.volume_writers import create_volume
 from unet.io.volumes import open_volume
-from unet.model import UNet
 from unet.prediction import stacks
+from tiny_models import balanced_unet
 
 SHAPE = (5, 40, 56)  # odd depth, so the last slice batch of --read-batch 2 is short
-
-
-def _balanced_model() -> UNet:
-    """A tiny random UNet whose head bias is shifted so that masks hold both classes (as in test_inference)."""
-    torch.manual_seed(0)
-    model = UNet(base_filters=2, depth=2, padding="same").eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias.fill_(0.1)
-        logits = model(torch.rand(1, 1, 64, 64))
-        model.out.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
-    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +35,7 @@ def data(tmp_path_factory) -> dict:
     """The same synthetic stack as a TIFF, an OME-Zarr, a plain zarr v3 array, N5, HDF5; the TIFF's outputs."""
     root = tmp_path_factory.mktemp("volumes")
     ckpt = root / "tiny.pt"
-    save_checkpoint(ckpt, _balanced_model())
+    save_checkpoint(ckpt, balanced_unet())
     images, _ = make_synthetic_em(*SHAPE, seed=3)
     tifffile.imwrite(root / "stack.tif", images, photometric="minisblack")
     w = create_volume(str(root / "em.ome.zarr"), images.shape, np.uint8, (1, 16, 16))  # several chunks per slice

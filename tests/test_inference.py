@@ -20,23 +20,9 @@ from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.device import setup_device
 from unet.prediction.predictor import predict_probabilities
-from unet.model import UNet
+from tiny_models import balanced_unet
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _balanced_model(**kw) -> UNet:
-    """A tiny random UNet whose head bias is shifted so that masks hold both classes (a real test)."""
-    torch.manual_seed(0)
-    model = UNet(base_filters=2, depth=2, padding="same", **kw).eval()
-    with torch.no_grad():
-        for m in model.modules():  # positive biases keep the 2-filter ReLUs alive, so logits vary per pixel
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias.fill_(0.1)
-        x = torch.rand(1, model.config.in_channels, 64, 64)
-        logits = model(x)
-        model.out.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
-    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +37,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, _balanced_model())
+    save_checkpoint(path, balanced_unet())
     return path
 
 

@@ -8,7 +8,6 @@ from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.device import DeviceSetup, setup_device
 from unet.errors import UserError
-from unet.model import UNet
 from unet.io.images import as_image
 from unet.prediction.pipeline import StackPredictor
 from unet.prediction.predictor import (FREE_MEMORY_SHARE, free_memory_budget_mb, mask_from_probabilities,
@@ -16,21 +15,8 @@ from unet.prediction.predictor import (FREE_MEMORY_SHARE, free_memory_budget_mb,
 from unet.prediction.tiling import TilingOptions
 
 
+from tiny_models import balanced_unet  # noqa: E402
 from test_inference import _one_thread  # noqa: E402,F401  (tiny convolutions run fastest on one thread)
-
-
-def _model(padding: str, seed: int = 0) -> UNet:
-    """A tiny random UNet with a head bias that makes both classes appear (so masks are a real test)."""
-    torch.manual_seed(seed)
-    model = UNet(base_filters=2, depth=2, padding=padding).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias.fill_(0.1)
-        x = torch.rand(1, 1, 68, 68)
-        logits = model(x)
-        model.out.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
-    return model
 
 
 def predict_pages(model, dev, chunks, *, source="input", options=None):
@@ -72,7 +58,7 @@ def _pipeline(model, dev, stack, options, read_batch=2):
 @pytest.mark.parametrize("tta", [False, True])
 def test_cross_slice_batches_give_the_per_slice_masks(padding, shape, tile_size, tile_batch, tta):
     """Odd depths, uneven sizes (several tiles a slice, the last ones cut off), batches that straddle slices."""
-    model = _model(padding)
+    model = balanced_unet(padding, probe=68)
     dev = setup_device("cpu")
     model = dev.prepare_model(model)
     stack = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
@@ -89,7 +75,7 @@ def test_cross_slice_batches_give_the_per_slice_masks(padding, shape, tile_size,
 
 
 def test_folder_of_stacks_of_different_sizes_matches_per_slice(tmp_path):
-    model = _model("same")
+    model = balanced_unet("same", probe=68)
     path = tmp_path / "m.pt"
     save_checkpoint(path, model)
     src = tmp_path / "in"
@@ -123,7 +109,7 @@ def test_memory_budget_follows_free_memory_and_autocast_dtype():
 
 def test_budget_caps_the_batch():
     """tile_batch 8 of 64x64 tiles of a base-2 'same' model (96 B/px estimated): 1 MB holds 2 tiles."""
-    model = _model("same")
+    model = balanced_unet("same", probe=68)
     options = TilingOptions(tile_size=64, tile_batch=8, memory_budget_mb=1.0)
     _, batch = StackPredictor(model, setup_device("cpu"), options).plan(200, 200)
     assert batch == int(2 ** 20 // (64 * 64 * 96)) == 2
@@ -131,7 +117,7 @@ def test_budget_caps_the_batch():
 
 def test_short_last_batch_is_padded_for_a_given_forward():
     """With ``forward`` (e.g. compiled), every call gets the full batch; the padding never reaches the output."""
-    model = _model("same")
+    model = balanced_unet("same", probe=68)
     dev = setup_device("cpu")
     shapes = []
 
@@ -151,7 +137,7 @@ def test_short_last_batch_is_padded_for_a_given_forward():
 @pytest.mark.slow
 def test_compile_gives_the_eager_masks(tmp_path):
     path = tmp_path / "m.pt"
-    save_checkpoint(path, _model("same"))
+    save_checkpoint(path, balanced_unet("same", probe=68))
     stack = np.random.default_rng(4).integers(0, 256, (5, 40, 56), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "in.tif", stack, photometric="minisblack")
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
@@ -174,7 +160,7 @@ def test_two_class_mask_is_argmax_at_ties_and_nan():
 
 
 def test_slices_of_another_size_are_refused_naming_the_source():
-    model = _model("same")
+    model = balanced_unet("same", probe=68)
     chunks = [np.zeros((2, 40, 40), np.uint8), np.zeros((1, 40, 48), np.uint8)]
     with pytest.raises(UserError) as e:
         StackPredictor(model, setup_device("cpu"), TilingOptions()).run(chunks, lambda *a: None, source="in.tif")
