@@ -243,5 +243,9 @@ def test_weight_map_gives_ignored_pixels_no_weight():
     assert w.ravel().tolist() == pytest.approx([5 / 4, 5 / 6, 5 / 6, 0, 5 / 4, 5 / 6, 0, 0])
     assert w[label != IGNORE].mean() == pytest.approx(1)
     assert np.all(unet_weight_map(label)[label == IGNORE] == 0)
+    # Between two cells the border term would give an ignored pixel weight: it must not.
+    two_cells = np.array([[1, 0, IGNORE, 0, 1]] * 3, dtype=np.uint8)
+    w = unet_weight_map(two_cells)
+    assert w[0, 1] > 1 and np.all(w[:, 2] == 0)
     dense = np.array([[0, 1], [1, 1]], dtype=np.uint8)
     assert class_balance_weights(dense).ravel().tolist() == pytest.approx([2, 2 / 3, 2 / 3, 2 / 3])
