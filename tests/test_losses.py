@@ -83,3 +83,34 @@ def test_bad_shapes_raise():
         ce_dice_loss(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4))
     with pytest.raises(ValueError):
         soft_dice(torch.rand(1, 2, 4), torch.rand(1, 2, 5))
+
+
+def _losses_before_ignore(logits, target, weights=None, eps=1e-6):
+    """ce_dice_loss and weighted_cross_entropy as they were before ignored pixels (issue 21), verbatim."""
+    logits = logits.float()
+    if weights is not None:
+        per_pixel = torch.nn.functional.cross_entropy(logits, target.long(), reduction="none")
+        return (weights.float() * per_pixel).mean()
+    target = target.long()
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    probs = logits.softmax(dim=1)
+    onehot = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    return ce + (1 - soft_dice(probs, onehot, eps)).mean()
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_targets_without_ignore_give_bit_identical_losses_and_gradients(num_classes, weighted):
+    from unet.losses import weighted_cross_entropy
+    gen = torch.Generator().manual_seed(num_classes)
+    # 3 images (not a power of two: a factor N / N computed as N * (1 / N) would not be exactly 1)
+    logits = 3 * torch.randn(3, num_classes, 19, 23, generator=gen)
+    target = torch.randint(0, num_classes, (3, 19, 23), generator=gen).to(torch.uint8)  # the loader's dtype
+    weights = 10 * torch.rand(3, 19, 23, generator=gen) if weighted else None
+    old, new = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    before = _losses_before_ignore(old, target, weights)
+    after = weighted_cross_entropy(new, target, weights) if weighted else ce_dice_loss(new, target)
+    before.backward()
+    after.backward()
+    assert torch.equal(before, after)
+    assert torch.equal(old.grad, new.grad)

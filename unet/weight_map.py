@@ -9,6 +9,8 @@
 * ``d1``, ``d2``: Euclidean distances from the pixel to the nearest and the second-nearest cell (4-connected
   components of the cell class), measured to the cells' pixels. The border term is added on membrane
   pixels only (the separating borders the paper wants learnt); it is 0 where fewer than two cells exist.
+* Ignored pixels (:data:`unet.data.labels.IGNORE`, sparse labels) weigh 0, are no class in ``w_c`` (the
+  balance is over the labelled pixels, whose mean weight is 1) and are no cell for the distances.
 
 Speed: one Euclidean distance transform per cell, each on the cell's bounding box grown by ``reach``
 pixels (default ``8 * sigma``), not on the whole slice. A pixel further than ``reach`` from a cell gets no
@@ -20,25 +22,27 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from unet.data.labels import IGNORE
 from unet.metrics.cells import label_cells
 
 __all__ = ["class_balance_weights", "border_weight_map", "unet_weight_map", "weight_map_stack"]
 
 
 def class_balance_weights(classes: np.ndarray) -> np.ndarray:
-    """``w_c``: each pixel weighs ``n / (K * n_class)``, K = number of classes present.
+    """``w_c``: each labelled pixel weighs ``n / (K * n_class)``, K = number of classes present, n = labelled pixels.
 
     Args:
-        classes: ``(H, W)`` non-negative integer class indices.
+        classes: ``(H, W)`` non-negative integer class indices, or :data:`IGNORE` (weight 0).
 
     Returns:
-        ``(H, W)`` float64 weights with mean 1.
+        ``(H, W)`` float64 weights with mean 1 over the labelled pixels.
     """
     classes = np.asarray(classes)
-    counts = np.bincount(classes.ravel().astype(np.int64))
+    labelled = classes != IGNORE
+    counts = np.bincount(classes[labelled].astype(np.int64))
     present = np.count_nonzero(counts)
-    per_class = np.zeros(counts.size)
-    per_class[counts > 0] = classes.size / (present * counts[counts > 0])
+    per_class = np.zeros(max(counts.size, IGNORE + 1))  # IGNORE keeps weight 0
+    per_class[:counts.size][counts > 0] = np.count_nonzero(labelled) / (present * counts[counts > 0])
     return per_class[classes]
 
 
@@ -77,7 +81,7 @@ def unet_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, cel
     """The full map ``w = w_c + border`` of one label slice.
 
     Args:
-        label: ``(H, W)`` class indices (0 = membrane, 1 = cell for ISBI).
+        label: ``(H, W)`` class indices (0 = membrane, 1 = cell for ISBI), or :data:`IGNORE` (weight 0).
         w0, sigma: the paper's border weight and width (10, 5 px).
         cell_class: the class whose 4-connected components are the cells.
 
@@ -87,7 +91,9 @@ def unet_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, cel
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"label must be a 2-D slice, got shape {label.shape}")
-    return (class_balance_weights(label) + border_weight_map(label == cell_class, w0, sigma)).astype(np.float32)
+    weights = class_balance_weights(label) + border_weight_map(label == cell_class, w0, sigma)
+    weights[label == IGNORE] = 0.0
+    return weights.astype(np.float32)
 
 
 def weight_map_stack(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, cell_class: int = 1) -> np.ndarray:

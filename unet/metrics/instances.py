@@ -2,7 +2,10 @@
 an accumulator summable over ranks (:class:`InstanceScores`).
 
 The metrics wing scores instances; it does not make them. The accumulator is handed the function that does
-(the evaluation passes :func:`unet.prediction.instances.cell_instances` with its options)."""
+(the evaluation passes :func:`unet.prediction.instances.cell_instances` with its options).
+
+Like the ISBI scores, these need dense truth (the true cells are the truth's connected components): a slice
+with unlabelled pixels is skipped when the accumulator is told which pixels are labelled."""
 from __future__ import annotations
 
 import math
@@ -64,10 +67,17 @@ class InstanceScores(SummableState):
         """Forget everything accumulated."""
         self._state = np.zeros(4)
 
-    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
-        """Add one slice: ``(H, W)`` cell probability and true cell mask."""
+    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray, labelled: np.ndarray | None = None) -> None:
+        """Add one slice: ``(H, W)`` cell probability and true cell mask.
+
+        Args:
+            labelled: ``(H, W)`` boolean map of the labelled pixels; a slice with an unlabelled pixel is skipped
+                (sparse truth draws no cells), before any instances are made. None: all labelled.
+        """
         if self.make_instances is None:
             raise ValueError("InstanceScores.update needs make_instances; use add() for ready-made labels")
+        if labelled is not None and not np.all(labelled):
+            return
         self.add(self.make_instances(cell_prob), true_cells)
 
     def add(self, instances: np.ndarray, true_cells: np.ndarray) -> None:

@@ -19,6 +19,10 @@ getMaximalVInfoAfterThinning(0.0, 1.0, 0.1)``; Arganda-Carreras et al. 2015, Fro
 
 :class:`ThinnedScores` accumulates per-threshold sums as one float64 vector, so ranks combine with an
 all-reduce (SUM) exactly like :class:`unet.metrics.segmentation.SegmentationMetrics`.
+
+The protocol needs dense binary truth (its segments are the truth's connected cells). A slice with unlabelled
+pixels (sparse labels) is skipped: :meth:`ThinnedScores.update` is told which pixels are labelled, adds
+nothing for a slice where some are not, and counts it in ``skipped_sparse``; no dense slice gives NaN.
 """
 from __future__ import annotations
 
@@ -158,28 +162,37 @@ class ThinnedScores(SummableState):
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        # Layout: [num_slices | v_rand sum per threshold | v_info sum per threshold]
-        self._state = np.zeros(1 + 2 * len(self.thresholds))
+        # Layout: [num_slices | v_rand sum per threshold | v_info sum per threshold | sparse slices skipped]
+        self._state = np.zeros(2 + 2 * len(self.thresholds))
 
-    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray) -> None:
-        """Add one slice (see :func:`thinned_slice_scores` for the arguments)."""
-        scores = thinned_slice_scores(cell_prob, true_cells, self.thresholds)
+    def update(self, cell_prob: np.ndarray, true_cells: np.ndarray, labelled: np.ndarray | None = None) -> None:
+        """Add one slice (see :func:`thinned_slice_scores` for the first two arguments).
+
+        Args:
+            labelled: ``(H, W)`` boolean map of the labelled pixels (e.g. ``target != IGNORE``); a slice with
+                an unlabelled pixel is skipped (counted in ``skipped_sparse``), since ``true_cells`` does not
+                describe its cells. None: every pixel is labelled.
+        """
         k = len(self.thresholds)
+        if labelled is not None and not np.all(labelled):
+            self._state[-1] += 1
+            return
+        scores = thinned_slice_scores(cell_prob, true_cells, self.thresholds)
         self._state[0] += 1
         self._state[1:1 + k] += scores[:, 0]
-        self._state[1 + k:] += scores[:, 1]
+        self._state[1 + k:1 + 2 * k] += scores[:, 1]
 
     def compute(self) -> dict:
         """Max over thresholds of the slice means, the threshold that reached it, and the curves.
 
         Returns:
             dict with ``v_rand_thinned``, ``v_rand_threshold``, ``v_info_thinned``, ``v_info_threshold``
-            (floats; NaN when no slice was added) and ``v_rand_curve`` / ``v_info_curve`` (lists, one slice
-            mean per threshold).
+            (floats; NaN when no slice was added), ``v_rand_curve`` / ``v_info_curve`` (lists, one slice
+            mean per threshold) and ``skipped_sparse`` (slices left out for unlabelled pixels).
         """
         num, k = self._state[0], len(self.thresholds)
-        out: dict = {}
-        for name, sums in (("v_rand", self._state[1:1 + k]), ("v_info", self._state[1 + k:])):
+        out: dict = {"skipped_sparse": int(self._state[-1])}
+        for name, sums in (("v_rand", self._state[1:1 + k]), ("v_info", self._state[1 + k:1 + 2 * k])):
             if num:
                 curve = sums / num
                 best, best_th = _fiji_max(curve, self.thresholds)

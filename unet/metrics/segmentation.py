@@ -13,7 +13,17 @@ Metrics (``compute()`` keys):
 * ``pixel_error``: 1 - pixel accuracy of the argmax prediction, over all pixels of all images.
 * ``v_rand``, ``v_info``: the ISBI 2012 challenge's foreground-restricted Rand and information-theoretic
   F-scores (Arganda-Carreras et al. 2015), per image, averaged over images; see :func:`rand_info_scores`.
-* ``num_images``.
+* ``num_images``: images with at least one scored pixel.
+
+Sparse labels: with ``ignore_index`` set (the label layer's :data:`unet.data.labels.IGNORE`), target pixels of
+that value count in nothing: not in the confusion matrix (so not in Dice, IoU or pixel error), not in the soft
+Dice sums (``p`` and ``t`` are summed over labelled pixels only, :func:`unet.metrics.dice.soft_dice`), and an
+image without a labelled pixel is not counted at all. V_Rand and V_Info need dense truth: their segments are
+the connected cells of the truth, which a few scribbles do not draw (two strokes in one cell would be two
+"cells", and unlabelled membranes would merge neighbours). So an image with any ignored pixel is left out of
+their means, as an image without true cells is; with no dense image they are NaN. Without ``ignore_index``
+(the default) every target value must be a class index, and a raw 0/255 mask is refused rather than half
+ignored.
 """
 from __future__ import annotations
 
@@ -163,6 +173,8 @@ class SegmentationMetrics:
         class_names: one name per class, used in the ``dice_<name>`` / ``iou_<name>`` keys.
         foreground_class: the class whose 4-connected components are the segments scored by V_Rand / V_Info
             (the cell interior); all other classes are boundary/background.
+        ignore_index: target value of unlabelled pixels, scored nowhere (see the module docstring); None:
+            every pixel is labelled, and any value outside ``0..K-1`` is refused.
 
     Example:
         >>> m = SegmentationMetrics()
@@ -171,7 +183,7 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int = 2, class_names: Sequence[str] = ("membrane", "cell"),
-                 foreground_class: int = 1):
+                 foreground_class: int = 1, ignore_index: int | None = None):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if len(class_names) != num_classes:
@@ -180,7 +192,10 @@ class SegmentationMetrics:
             raise ValueError(f"foreground_class {foreground_class} is not a class index < {num_classes}")
         self.num_classes = num_classes
         self.class_names = tuple(class_names)
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a class index < {num_classes}")
         self.foreground_class = foreground_class
+        self.ignore_index = ignore_index
         k = num_classes
         # Layout of the state vector: [num_images | soft dice sums (K) | confusion (K*K, true-major) |
         #                              v_rand sum, v_rand count | v_info sum, v_info count]
@@ -206,7 +221,8 @@ class SegmentationMetrics:
 
     def merge(self, other: "SegmentationMetrics") -> "SegmentationMetrics":
         """Add another accumulator's sums and counts into this one; returns self."""
-        if other.num_classes != self.num_classes or other.foreground_class != self.foreground_class:
+        if (other.num_classes, other.foreground_class, other.ignore_index) != \
+                (self.num_classes, self.foreground_class, self.ignore_index):
             raise ValueError("cannot merge accumulators with different classes")
         self._state += other._state
         return self
@@ -217,10 +233,11 @@ class SegmentationMetrics:
 
         Args:
             probs: class probabilities ``(K, H, W)`` or ``(N, K, H, W)`` at the labels' resolution, any device.
-            target: class indices ``(H, W)`` or ``(N, H, W)``, integer dtype, on any device.
+            target: class indices ``(H, W)`` or ``(N, H, W)``, integer dtype, on any device; pixels equal to
+                ``ignore_index`` (when set) are unlabelled.
 
         Raises:
-            UserError: when the target holds values that are not class indices.
+            UserError: when the target holds values that are neither class indices nor ``ignore_index``.
         """
         if probs.dim() == 3:
             probs = probs.unsqueeze(0)
@@ -235,28 +252,46 @@ class SegmentationMetrics:
             raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
         # One host copy serves the range check and the confusion matrix: no device syncs for min / max.
         true = target.cpu().long().numpy()
-        lo, hi = int(true.min()), int(true.max())
-        if lo < 0 or hi >= k:
-            raise UserError(f"label values must be class indices 0..{k - 1}, found values in [{lo}, {hi}]; "
-                            f"convert 0/255 masks to 0/1 before evaluating")
+        labelled = self._labelled(true)
+        if self.ignore_index is not None:
+            true = np.where(labelled, true, 0)  # a class index everywhere; `labelled` says which pixels count
+            target = torch.from_numpy(true)
         target = target.to(probs.device).long()
         probs = probs.float()
         onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).float()
+        mask = None if self.ignore_index is None else torch.from_numpy(labelled).to(probs.device)
         # Per-image sums stay float32 on the device (float64 is slow or missing on some accelerators); images add up in float64.
-        dice = soft_dice(probs, onehot).cpu().double().sum(0)
+        has_labels = labelled.reshape(len(true), -1).any(1)
+        dice = soft_dice(probs, onehot, mask=mask).cpu().double()[torch.from_numpy(has_labels)].sum(0)
         pred = probs.argmax(1).cpu().numpy()
-        confusion = np.bincount((true * k + pred).ravel(), minlength=k * k)
+        confusion = np.bincount((true * k + pred)[labelled], minlength=k * k)
 
         st, sl = self._state, self._slices
-        st[sl["num_images"]] += pred.shape[0]
+        st[sl["num_images"]] += int(has_labels.sum())
         st[sl["soft_dice"]] += dice
         st[sl["confusion"]] += torch.from_numpy(confusion.astype(np.float64))
-        fg = self.foreground_class
-        for p_img, t_img in zip(pred, true):
-            scores = rand_info_scores(label_cells(t_img == fg), label_cells(p_img == fg))
-            for key in ("v_rand", "v_info"):
-                if not math.isnan(scores[key]):  # no true cells in this slice: undefined, not counted
-                    st[sl[key]] += torch.tensor([scores[key], 1.0], dtype=torch.float64)
+        for p_img, t_img, l_img in zip(pred, true, labelled):
+            if l_img.all():  # V_Rand / V_Info need dense truth (module docstring)
+                self._add_rand_info(p_img, t_img)
+
+    def _labelled(self, true: np.ndarray) -> np.ndarray:
+        """The pixels that count (not ``ignore_index``), after checking that the rest are class indices."""
+        labelled = true != self.ignore_index if self.ignore_index is not None else np.ones(true.shape, bool)
+        values = true[labelled]
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if lo < 0 or hi >= self.num_classes:
+            extra = f" or the ignore value {self.ignore_index}" if self.ignore_index is not None else ""
+            raise UserError(f"label values must be class indices 0..{self.num_classes - 1}{extra}, found values "
+                            f"in [{lo}, {hi}]; convert 0/255 masks to 0/1 before evaluating")
+        return labelled
+
+    def _add_rand_info(self, pred: np.ndarray, true: np.ndarray) -> None:
+        """Add one dense image's V_Rand / V_Info of the foreground class's cells."""
+        fg, st, sl = self.foreground_class, self._state, self._slices
+        scores = rand_info_scores(label_cells(true == fg), label_cells(pred == fg))
+        for key in ("v_rand", "v_info"):
+            if not math.isnan(scores[key]):  # no true cells in this slice: undefined, not counted
+                st[sl[key]] += torch.tensor([scores[key], 1.0], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
         """The metrics over everything accumulated (NaN where undefined); see the module docstring."""
