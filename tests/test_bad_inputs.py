@@ -421,6 +421,7 @@ def test_bad_input(table, case):
     assert table["world_unchanged"], "a shared input was modified"
 
 
+@pytest.mark.slow  # torchrun
 def test_torchrun_prints_a_bad_input_error_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "train.py"), "--device", "cpu", "--data-dir", str(tmp_path / "nowhere"),

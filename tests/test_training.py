@@ -268,6 +268,7 @@ def test_auto_compile_compiles_model_and_loss_as_one_function_when_the_device_sa
                      + re.escape(str(tmp_path / "inductor")), capsys.readouterr().out)
 
 
+@pytest.mark.slow  # two training runs
 def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_path, monkeypatch):
     common = ("--max-steps", "4", "--save-every", "2", "--loss", "weighted_ce")
     seen = []
@@ -297,6 +298,7 @@ def test_weighted_ce_loss_trains_with_travelling_weight_maps_and_resumes(tmp_pat
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow  # three training runs
 def test_cosine_schedule_with_warm_up_is_logged_and_resumes_bit_identically(tmp_path, monkeypatch):
     common = ("--max-steps", "6", "--save-every", "3", "--log-every", "1", "--learning-rate", "1e-3",
               "--lr-schedule", "cosine", "--lr-warmup-steps", "2")
