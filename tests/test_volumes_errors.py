@@ -50,7 +50,7 @@ def test_missing_key_lists_the_keys_that_exist(tmp_path, em):
     zarr.create_array(str(tmp_path / "v2.zarr/volumes/raw"), data=em, zarr_format=2)  # v2: no root group
     assert "v2.zarr/volumes/raw" in _refused(tmp_path / "v2.zarr/raw", "no array or image named 'raw'")
     zarr.create_array(str(tmp_path / "root.zarr"), data=em, zarr_format=3)  # the array is the store's root
-    assert f"are: {tmp_path}/root.zarr" in _refused(tmp_path / "root.zarr/raw", "no array or image named 'raw'")
+    assert f"are: {tmp_path}/root.zarr (the root)" in _refused(tmp_path / "root.zarr/raw", "no array or image named 'raw'")
     ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(tmp_path / "e.n5/raw")}, "create": True,
              "metadata": {"dimensions": [4, 4, 2], "blockSize": [4, 4, 1], "dataType": "uint8"}}).result()
     assert "e.n5/raw" in _refused(tmp_path / "e.n5/raws", "no N5 dataset named 'raws'")

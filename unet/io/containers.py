@@ -35,7 +35,9 @@ def _cannot_open(vp: VolumePath, exc: BaseException) -> UserError:
 
 
 def _missing_key(vp: VolumePath, keys: list[str], what: str) -> UserError:
-    shown = ", ".join(vp.child(k) for k in keys[:20]) + (f" (and {len(keys) - 20} more)" if len(keys) > 20 else "")
+    # The root itself (an OME-Zarr image, a root array) is shown as the container path, said to be the root.
+    shown = ", ".join(vp.child(k) if k else f"{vp.container} (the root)" for k in keys[:20]) \
+        + (f" (and {len(keys) - 20} more)" if len(keys) > 20 else "")
     return UserError(f"{vp}: {what}; " + (f"the arrays in {vp.container} are: {shown}" if keys
                                           else f"{vp.container} holds no arrays"))
 
