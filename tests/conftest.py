@@ -12,6 +12,17 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_prediction():
+    """infer.py / evaluate.py's --precision auto is bf16 on chips with native bf16 (AMX, AVX512_BF16): in-process
+    tests compare with fp32 references, so they run as on a chip without it, whatever the CI machine has.
+    Session-wide, so module fixtures that run infer.py see it too. Subprocess runs pass --precision fp32 where
+    they compare values; tests of auto patch native_bf16 themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("unet.device.native_bf16", lambda device_type, info=None: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def isbi_dir() -> Path:
     """The directory with train-volume.tif / train-labels.tif; skips when ISBI_DIR is not set."""

@@ -189,7 +189,7 @@ def test_tiled_prediction_matches_infer_py(package, tmp_path):
     tifffile.imwrite(tmp_path / "slice.tif", image)
     subprocess.run([sys.executable, str(ROOT / "infer.py"), "--ckpt", str(ckpt), "--input", str(tmp_path / "slice.tif"),
                     "--output", str(tmp_path / "m.tif"), "--probabilities", str(tmp_path / "p.tif"),
-                    "--device", "cpu", "--no-progress"], check=True, capture_output=True, cwd=ROOT)
+                    "--device", "cpu", "--precision", "fp32", "--no-progress"], check=True, capture_output=True, cwd=ROOT)
     reference = tifffile.imread(tmp_path / "p.tif")
     descr = load_description(out)
     geom = package_geometry(_tiny_model())

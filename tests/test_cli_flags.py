@@ -14,12 +14,13 @@ BEFORE = json.loads((REPO / "tests" / "cli_flags_before.json").read_text())
 # command -> (flags added on purpose, flags removed on purpose); each with its reason in a comment.
 CHANGED: dict[str, tuple[set[str], set[str]]] = {
     "train": (set(), set()),
-    "evaluate": (set(), set()),
+    # Issue 22 item 2: --precision auto|fp32|bf16|fp16 (auto = bf16 where the chip computes it natively).
+    "evaluate": ({"--precision"}, set()),
     # infer.py --export stays as a flag but only refuses, pointing to export.py --format pt2|onnx (issue 19).
     # Issue 20, chunked volumes: --scale/--channel/--time pick the OME-Zarr level, channel and time point of a
     # zarr/N5/HDF5 --input (VolumeOptions, for train.py/evaluate.py later too); --chunks is the y/x chunk shape of
     # .zarr/.h5 outputs.
-    "infer": ({"--scale", "--channel", "--time", "--chunks"}, set()),
+    "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

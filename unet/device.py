@@ -37,6 +37,22 @@ class DeviceOptions:
                                          "with loss scaling)", flags=("--amp-dtype", "--amp_dtype"),
                                    choices=sorted(AMP_DTYPES), group="device")
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# /proc/cpuinfo flags of CPUs that compute bf16 natively: AVX-512 BF16 dot products or AMX tiles (x86), bf16
+# (Arm "Features"). Elsewhere torch emulates bf16 on the CPU, which is slower than fp32.
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """The arithmetic of prediction (infer.py, evaluate.py); training chooses with --amp alone."""
+
+    precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 natively (CPUs with "
+                                    "AVX512_BF16 or AMX, CUDA sm80+, Ascend 910B), else fp32; on ISBI fold 0 bf16 "
+                                    "changed 0.03 %% of mask pixels (docs/benchmarks.md); fp32 opts out",
+                            flags="--precision", choices=PRECISIONS, group="device")
+
+
 # Dense bf16/fp16 matrix peaks (FLOP/s, NVIDIA's datasheets: the sparse figures halved) by device-name fragment
 # (spaces removed), for model-FLOP-utilisation figures. The first fragment found in the name wins, so the
 # specific H100 forms come before the plain "H100" (SXM, e.g. "NVIDIA H100 80GB HBM3").
@@ -114,6 +130,38 @@ def bf16_supported(device_type: str) -> bool:
         check = getattr(device_module("npu"), "is_bf16_supported", None)
         return bool(check and check())
     return False
+
+
+def native_bf16(device_type: str, info: dict[str, str] | None = None) -> bool:
+    """Whether the device computes bf16 natively (on a CPU: its flags; elsewhere :func:`bf16_supported`).
+
+    Args:
+        device_type: ``cpu``, ``cuda`` or ``npu``.
+        info: /proc/cpuinfo fields (tests inject these; default: this machine's).
+    """
+    if device_type != "cpu":
+        return bf16_supported(device_type)
+    info = cpuinfo() if info is None else info
+    return bool(NATIVE_BF16_CPU_FLAGS & set((info.get("flags") or info.get("Features") or "").split()))
+
+
+def prediction_autocast(precision: str, device: DeviceOptions,
+                        info: dict[str, str] | None = None) -> tuple[bool, str | None]:
+    """``(amp, amp_dtype)`` for :func:`setup_device` from ``--precision`` and the device flags.
+
+    ``--amp`` (with ``--amp-dtype``) keeps its meaning from training; ``--precision auto`` is bf16 autocast where
+    :func:`native_bf16`, else fp32.
+
+    Raises:
+        UserError: ``--amp`` together with a ``--precision`` other than auto.
+    """
+    if device.amp:
+        if precision != "auto":
+            raise UserError(f"--amp and --precision {precision} both choose the arithmetic; pass one of them")
+        return True, device.amp_dtype
+    if precision == "auto":
+        return (True, "bf16") if native_bf16(resolve_device_type(device.device), info) else (False, None)
+    return (False, None) if precision == "fp32" else (True, precision)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from unet.atomic import atomic_write
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.data.datasets import DataOptions
-from unet.device import DeviceOptions, setup_device
+from unet.device import DeviceOptions, PrecisionOptions, prediction_autocast, setup_device
 from unet.distributed import env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.evaluation.checkpoints import EvaluateOptions, evaluate_checkpoint, find_checkpoints
@@ -51,6 +51,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_options(parser, EvaluateOptions, skip=("cv_dir",))
     add_options(parser, DataOptions, inherit="the checkpoint")
     add_options(parser, DeviceOptions)
+    add_options(parser, PrecisionOptions)
     add_options(parser, TilingOptions, skip=("memory_budget_mb",))
     add_options(parser, InstanceOptions)
     return parser
@@ -112,7 +113,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dist = env_info()
     paths = _checkpoint_paths(options_from(args, CheckpointArgs).ckpt, options, data)
     device = options_from(args, DeviceOptions)
-    dev = setup_device(device.device, amp=device.amp, amp_dtype=device.amp_dtype, local_rank=dist.local_rank)
+    amp, amp_dtype = prediction_autocast(options_from(args, PrecisionOptions).precision, device)
+    dev = setup_device(device.device, amp=amp, amp_dtype=amp_dtype, local_rank=dist.local_rank)
     say = rank0_printer(dist)
     with process_group(dist, dev.backend, dev.device):
         say(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {dist.world_size} process(es), "

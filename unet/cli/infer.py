@@ -11,7 +11,7 @@ import time
 import torch
 
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
-from unet.device import DeviceOptions, setup_device
+from unet.device import DeviceOptions, PrecisionOptions, prediction_autocast, setup_device
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
@@ -41,6 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_options(parser, InferOptions, only=("compile", "instances"))  # --compile joins the "speed" group
     add_options(parser, InstanceOptions)
     add_options(parser, DeviceOptions)
+    add_options(parser, PrecisionOptions)
     return parser
 
 
@@ -70,7 +71,8 @@ def main(args: argparse.Namespace) -> RunResult:
                      in_channels=model.config.in_channels, instances=settings.instances,
                      volume=options_from(args, VolumeOptions))
     device = options_from(args, DeviceOptions)
-    dev = setup_device(device.device, amp=device.amp, amp_dtype=device.amp_dtype)
+    amp, amp_dtype = prediction_autocast(options_from(args, PrecisionOptions).precision, device)
+    dev = setup_device(device.device, amp=amp, amp_dtype=amp_dtype)
     model = dev.prepare_model(model)
     options = options_from(args, TilingOptions)
     options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))

@@ -1,0 +1,45 @@
+"""--precision (infer.py, evaluate.py): auto is bf16 autocast where the chip computes bf16 natively, else fp32."""
+import pytest
+
+from unet.cli.commands import infer
+from unet.device import DeviceOptions, native_bf16, prediction_autocast  # the real native_bf16 (conftest pins
+from unet.errors import UserError                                        # unet.device's during the tests)
+
+AMX = {"flags": "fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16"}
+AVX2 = {"flags": "fpu sse2 avx2 fma"}
+ARM = {"Features": "fp asimd sve bf16"}
+
+
+@pytest.mark.parametrize("info, native", [(AMX, True), (AVX2, False), (ARM, True), ({}, False)])
+def test_native_bf16_reads_the_cpu_flags(info, native):
+    assert native_bf16("cpu", info) is native
+
+
+@pytest.mark.parametrize("chip_has_bf16, precision, amp, expected", [
+    (True, "auto", False, (True, "bf16")),      # the default on AMX / AVX512_BF16
+    (False, "auto", False, (False, None)),      # elsewhere fp32
+    (True, "fp32", False, (False, None)),       # the opt-out
+    (False, "bf16", False, (True, "bf16")),     # asked for, emulated or not
+    (True, "fp16", False, (True, "fp16")),
+    (True, "auto", True, (True, None)),         # --amp keeps training's meaning (dtype chosen by the device)
+])
+def test_prediction_autocast(chip_has_bf16, precision, amp, expected, monkeypatch):
+    monkeypatch.setattr("unet.device.native_bf16", lambda device_type, info=None: chip_has_bf16)
+    assert prediction_autocast(precision, DeviceOptions(device="cpu", amp=amp)) == expected
+
+
+def test_amp_and_an_explicit_precision_contradict():
+    with pytest.raises(UserError, match="--amp and --precision fp32 both choose the arithmetic; pass one of them"):
+        prediction_autocast("fp32", DeviceOptions(device="cpu", amp=True))
+
+
+@pytest.mark.parametrize("chip_has_bf16, argv, said", [(True, [], "bf16"), (False, [], "fp32"),
+                                                       (True, ["--precision", "fp32"], "fp32")])
+def test_infer_runs_bf16_by_default_on_a_chip_with_native_bf16(chip_has_bf16, argv, said, tmp_path, capsys,
+                                                              monkeypatch):
+    from unet.checkpoint import save_checkpoint
+    from tiny_models import balanced_unet
+    monkeypatch.setattr("unet.device.native_bf16", lambda device_type, info=None: chip_has_bf16)
+    save_checkpoint(tmp_path / "m.pt", balanced_unet())
+    infer(["--ckpt", str(tmp_path / "m.pt"), "--output", str(tmp_path / "m.tif"), "--no-progress", *argv])
+    assert f"(cpu, {said})" in capsys.readouterr().err
