@@ -39,7 +39,7 @@ GROUP = "whole-slice prediction"
 class TilingOptions:
     """How whole slices are cut into tiles and predicted (MONAI's ``SlidingWindowInferer`` bundles the same).
 
-    Built from the command line by :func:`unet.cli.common.tiling_options`; used by training's validation,
+    The single source of tiling settings (each field defines its flag); used by training's validation,
     evaluation and inference alike.
 
     Attributes:
