@@ -1,5 +1,5 @@
-"""Every command's flags survive the house move (issue 19): ``--help`` of each command lists the flags it listed
-before (tests/cli_flags_before.json, recorded from the parsers before the move), apart from the changes made on
+"""Every command's flag names survive the house move (issue 19): ``--help`` of each command lists the flags it
+listed before (tests/cli_flags_before.json, recorded from the parsers before the move), apart from the changes made on
 purpose, which are listed here with their reason."""
 import json
 import re

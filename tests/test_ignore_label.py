@@ -249,3 +249,24 @@ def test_weight_map_gives_ignored_pixels_no_weight():
     assert w[0, 1] > 1 and np.all(w[:, 2] == 0)
     dense = np.array([[0, 1], [1, 1]], dtype=np.uint8)
     assert class_balance_weights(dense).ravel().tolist() == pytest.approx([2, 2 / 3, 2 / 3, 2 / 3])
+
+
+def test_evaluation_skips_ignored_pixels_as_the_loss_does():
+    # Validation (training) and evaluate.py score through SliceScores: a sparse slice whose labelled pixels are
+    # predicted right scores a perfect Dice whatever is predicted on the ignored ones, and its V_Rand / thinned
+    # scores, which need dense truth, are left out (NaN) rather than computed on scribbles.
+    from types import SimpleNamespace
+    from unet.evaluation.slices import SliceScores
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:, 4:] = 1
+    labels[2:6, 2:6] = IGNORE
+    truth = np.where(labels == IGNORE, 0, labels)
+    probs = torch.zeros(2, 8, 8)
+    probs[1] = torch.from_numpy(truth.astype(np.float32))
+    probs[1, 2:6, 2:6] = 1 - probs[1, 2:6, 2:6]  # wrong wherever the label is ignored
+    probs[0] = 1 - probs[1]
+    scores = SliceScores(SimpleNamespace(num_classes=2, class_names=("membrane", "cell")), thinned=True)
+    scores.update(probs, labels)
+    m, _ = scores.compute()
+    assert m["dice_mean"] == 1.0 and m["pixel_error"] == 0.0
+    assert np.isnan(m["v_rand_thinned"]) and np.isnan(m["v_rand"])

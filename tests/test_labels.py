@@ -56,7 +56,7 @@ def test_instances_with_an_ignore_value():
     (np.zeros((2, 2), np.float32), LabelOptions(), "l.tif: labels are float32 but must be integers"),
 ])
 def test_bad_labels_name_the_values_and_the_file(raw, options, message):
-    with pytest.raises(UserError, match=None) as e:
+    with pytest.raises(UserError) as e:
         label_target(raw, "l.tif", options)
     assert str(e.value).startswith(message)
 
@@ -76,10 +76,6 @@ def test_all_ignored_is_refused_and_one_labelled_pixel_is_enough():
     ({"kind": "binary", "num_classes": 3}, "--num-classes 3 needs --label-kind classes"),
 ])
 def test_inconsistent_options_are_refused(kwargs, message):
-    with pytest.raises(UserError, match=None) as e:
+    with pytest.raises(UserError) as e:
         LabelOptions(**kwargs)
     assert str(e.value).startswith(message)
-
-
-def test_classes_count():
-    assert LabelOptions().classes == 2 and LabelOptions(kind="classes", num_classes=4).classes == 4

@@ -24,13 +24,17 @@ def test_native_bf16_reads_the_cpu_flags(info, native):
     (True, "auto", True, (True, None)),         # --amp keeps training's meaning (dtype chosen by the device)
 ])
 def test_prediction_autocast(chip_has_bf16, precision, amp, expected, monkeypatch):
-    monkeypatch.setattr("unet.device.native_bf16", lambda device_type, info=None: chip_has_bf16)
-    assert prediction_autocast(precision, DeviceOptions(device="cpu", amp=amp)) == expected
+    asked = []
+    monkeypatch.setattr("unet.device.native_bf16", lambda device_type, info=None: asked.append(device_type)
+                        or chip_has_bf16)
+    assert prediction_autocast(precision, DeviceOptions(device="auto", amp=amp), "cpu") == expected
+    assert asked == (["cpu"] if precision == "auto" and not amp else [])  # the resolved type, never "auto"
 
 
-def test_amp_and_an_explicit_precision_contradict():
+def test_amp_keeps_its_dtype_and_contradicts_an_explicit_precision():
+    assert prediction_autocast("auto", DeviceOptions(device="cpu", amp=True, amp_dtype="fp16"), "cpu") == (True, "fp16")
     with pytest.raises(UserError, match="--amp and --precision fp32 both choose the arithmetic; pass one of them"):
-        prediction_autocast("fp32", DeviceOptions(device="cpu", amp=True))
+        prediction_autocast("fp32", DeviceOptions(device="cpu", amp=True), "cpu")
 
 
 @pytest.mark.parametrize("chip_has_bf16, argv, said", [(True, [], "bf16"), (False, [], "fp32"),

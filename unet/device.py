@@ -37,7 +37,7 @@ class DeviceOptions:
                                          "with loss scaling)", flags=("--amp-dtype", "--amp_dtype"),
                                    choices=sorted(AMP_DTYPES), group="device")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", *AMP_DTYPES)  # auto: bf16 where native, else fp32
 # /proc/cpuinfo flags of CPUs that compute bf16 natively: AVX-512 BF16 dot products or AMX tiles (x86), bf16
 # (Arm "Features"). Elsewhere torch emulates bf16 on the CPU, which is slower than fp32.
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -49,7 +49,7 @@ class PrecisionOptions:
 
     precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 natively (CPUs with "
                                     "AVX512_BF16 or AMX, CUDA sm80+, Ascend 910B), else fp32; on ISBI fold 0 bf16 "
-                                    "changed 0.03 %% of mask pixels (docs/benchmarks.md); fp32 opts out",
+                                    "changed 0.03 % of mask pixels (docs/benchmarks.md); fp32 opts out",
                             flags="--precision", choices=PRECISIONS, group="device")
 
 
@@ -145,12 +145,12 @@ def native_bf16(device_type: str, info: dict[str, str] | None = None) -> bool:
     return bool(NATIVE_BF16_CPU_FLAGS & set((info.get("flags") or info.get("Features") or "").split()))
 
 
-def prediction_autocast(precision: str, device: DeviceOptions,
+def prediction_autocast(precision: str, device: DeviceOptions, device_type: str,
                         info: dict[str, str] | None = None) -> tuple[bool, str | None]:
     """``(amp, amp_dtype)`` for :func:`setup_device` from ``--precision`` and the device flags.
 
     ``--amp`` (with ``--amp-dtype``) keeps its meaning from training; ``--precision auto`` is bf16 autocast where
-    :func:`native_bf16`, else fp32.
+    :func:`native_bf16` says the resolved ``device_type`` computes it natively, else fp32.
 
     Raises:
         UserError: ``--amp`` together with a ``--precision`` other than auto.
@@ -160,8 +160,15 @@ def prediction_autocast(precision: str, device: DeviceOptions,
             raise UserError(f"--amp and --precision {precision} both choose the arithmetic; pass one of them")
         return True, device.amp_dtype
     if precision == "auto":
-        return (True, "bf16") if native_bf16(resolve_device_type(device.device), info) else (False, None)
+        return (True, "bf16") if native_bf16(device_type, info) else (False, None)
     return (False, None) if precision == "fp32" else (True, precision)
+
+
+def prediction_device(device: DeviceOptions, precision: str, local_rank: int = 0) -> "DeviceSetup":
+    """The device setup of infer.py and evaluate.py: the device resolved once, the precision chosen for it."""
+    device_type = resolve_device_type(device.device)
+    amp, amp_dtype = prediction_autocast(precision, device, device_type)
+    return setup_device(device_type, amp=amp, amp_dtype=amp_dtype, local_rank=local_rank)
 
 
 @dataclass

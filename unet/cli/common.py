@@ -50,7 +50,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
         if f.name in skip or (only is not None and f.name not in only):
             continue
         default = None if inherit else field_default(f)
-        kwargs: dict = {"dest": spec.dest, "default": default, "help": spec.help}
+        # argparse formats help with %: a literal % in an option's help is escaped here, not in the library.
+        kwargs: dict = {"dest": spec.dest, "default": default, "help": spec.help.replace("%", "%%")}
         if inherit:
             kwargs["help"] += f" (default: from {inherit})"
         if spec.switch == "both":
@@ -66,13 +67,13 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
             kwargs.update({k: v for k, v in (("choices", spec.choices), ("nargs", spec.nargs),
                                               ("metavar", spec.metavar)) if v is not None})
             if spec.parse is not None:
-                kwargs["type"] = argparse_type(spec.parse)
+                kwargs["type"] = _argparse_type(spec.parse)
             if spec.required:
                 kwargs["required"] = True
         _group(parser, spec.group).add_argument(*spec.flags, **kwargs)
 
 
-def argparse_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+def _argparse_type(parse: Callable[[str], object]) -> Callable[[str], object]:
     """``parse`` with its ValueError message kept (argparse would print a generic 'invalid value')."""
     if parse in (int, float, str):
         return parse

@@ -19,7 +19,7 @@ import torch
 from unet.atomic import atomic_write
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.data.datasets import DataOptions
-from unet.device import DeviceOptions, PrecisionOptions, prediction_autocast, setup_device
+from unet.device import DeviceOptions, PrecisionOptions, prediction_device
 from unet.distributed import env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.evaluation.checkpoints import EvaluateOptions, evaluate_checkpoint, find_checkpoints
@@ -113,8 +113,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dist = env_info()
     paths = _checkpoint_paths(options_from(args, CheckpointArgs).ckpt, options, data)
     device = options_from(args, DeviceOptions)
-    amp, amp_dtype = prediction_autocast(options_from(args, PrecisionOptions).precision, device)
-    dev = setup_device(device.device, amp=amp, amp_dtype=amp_dtype, local_rank=dist.local_rank)
+    dev = prediction_device(device, options_from(args, PrecisionOptions).precision, dist.local_rank)
     say = rank0_printer(dist)
     with process_group(dist, dev.backend, dev.device):
         say(f"device:     {dev.type} ({dev.name()}), {dev.amp_name}, {dist.world_size} process(es), "

@@ -54,34 +54,35 @@ def main(args: argparse.Namespace) -> Path:
     Raises:
         UserError: an unknown format, not exactly one checkpoint, flags of the other format, or any bad input.
     """
-    if args.format not in FORMATS:
-        raise UserError(f"--format: unknown package format {args.format!r}; choose bioimageio (a model package), "
+    request = options_from(args, ExportArgs)
+    if request.format not in FORMATS:
+        raise UserError(f"--format: unknown package format {request.format!r}; choose bioimageio (a model package), "
                         f"pt2 or onnx (programs)")
     ckpts = options_from(args, CheckpointArgs).ckpt
     if len(ckpts) != 1:
         raise UserError("--ckpt: export.py takes one checkpoint; export the members of an ensemble one by one")
     program = options_from(args, ProgramOptions)
-    if args.format == "bioimageio":
+    if request.format == "bioimageio":
         if program.example_size is not None:
             raise UserError("--example-size is for --format pt2|onnx; a bioimage.io package takes every block size")
-        return _package(args, ckpts[0])
+        return _package(args, request, ckpts[0])
     given = [spec.flags[0] for f, spec in option_fields(PackageOptions)
              if getattr(args, spec.dest) != field_default(f)]
     if given:
-        raise UserError(f"{', '.join(given)}: only for --format bioimageio, not {args.format}")
-    if Path(args.output).suffix.lower() != f".{args.format}":
-        raise UserError(f"{args.output}: --format {args.format} writes a .{args.format} file; end --output in "
-                        f".{args.format}")
+        raise UserError(f"{', '.join(given)}: only for --format bioimageio, not {request.format}")
+    if Path(request.output).suffix.lower() != f".{request.format}":
+        raise UserError(f"{request.output}: --format {request.format} writes a .{request.format} file; end --output in "
+                        f".{request.format}")
     model, _ = load_model(ckpts[0])
-    path = export_model(model, args.output, tile_size=program.example_size, overwrite=args.overwrite)
+    path = export_model(model, request.output, tile_size=program.example_size, overwrite=request.overwrite)
     print(f"exported {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
     return path
 
 
-def _package(args: argparse.Namespace, ckpt: str) -> Path:
+def _package(args: argparse.Namespace, request: ExportArgs, ckpt: str) -> Path:
     """The bioimage.io package of ``export.py --format bioimageio``."""
-    options = options_from(args, PackageOptions, overwrite=args.overwrite)
-    path = build_package(ckpt, args.output, options)
+    options = options_from(args, PackageOptions, overwrite=request.overwrite)
+    path = build_package(ckpt, request.output, options)
     tested = "validated and tested (bioimageio.core test_model)" if options.test else "validated"
     print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB; {', '.join(options.weight_formats)}; {tested})")
     return path

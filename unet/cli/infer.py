@@ -11,7 +11,7 @@ import time
 import torch
 
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
-from unet.device import DeviceOptions, PrecisionOptions, prediction_autocast, setup_device
+from unet.device import DeviceOptions, PrecisionOptions, prediction_device
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
@@ -71,8 +71,7 @@ def main(args: argparse.Namespace) -> RunResult:
                      in_channels=model.config.in_channels, instances=settings.instances,
                      volume=options_from(args, VolumeOptions))
     device = options_from(args, DeviceOptions)
-    amp, amp_dtype = prediction_autocast(options_from(args, PrecisionOptions).precision, device)
-    dev = setup_device(device.device, amp=amp, amp_dtype=amp_dtype)
+    dev = prediction_device(device, options_from(args, PrecisionOptions).precision)
     model = dev.prepare_model(model)
     options = options_from(args, TilingOptions)
     options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))

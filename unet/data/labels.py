@@ -53,11 +53,6 @@ class LabelOptions:
             raise UserError(f"--num-classes {self.num_classes} needs --label-kind classes ({self.kind} labels "
                             f"have 2 classes: membrane and cell)")
 
-    @property
-    def classes(self) -> int:
-        """K: the number of output channels of the model."""
-        return self.num_classes if self.kind == "classes" else 2
-
 
 def label_target(raw: np.ndarray, path: Path | str, options: LabelOptions = LabelOptions()) -> np.ndarray:
     """One raw label slice as a uint8 ``(H, W)`` target: classes 0..K-1, :data:`IGNORE` where ignored.

@@ -84,7 +84,7 @@ def find_checkpoints(cv_dir: str | Path) -> list[Path]:
                 break
     if not found:
         raise UserError(f"--cv-dir {root} holds no */best.pt or */last.pt checkpoints; "
-                        f"pass the --output-dir of your train.py runs, or list files with --ckpt")
+                        f"pass the --model-dir of your train.py runs, or list files with --ckpt")
     return found
 
 

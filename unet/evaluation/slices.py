@@ -12,6 +12,7 @@ import functools
 import numpy as np
 import torch
 
+from unet.data.labels import IGNORE
 from unet.device import DeviceSetup
 from unet.distributed import DistInfo, all_reduce_sum
 from unet.errors import UserError
@@ -39,7 +40,9 @@ class SliceScores:
     """
 
     def __init__(self, config, thinned: bool = False, instances: InstanceOptions | None = None):
-        self.segmentation = SegmentationMetrics(num_classes=config.num_classes, class_names=tuple(config.class_names))
+        # Pixels labelled IGNORE (sparse annotations) count in no metric, as in the loss.
+        self.segmentation = SegmentationMetrics(num_classes=config.num_classes, class_names=tuple(config.class_names),
+                                                ignore_index=IGNORE)
         self.cell = self.segmentation.foreground_class
         self.thinned = ThinnedScores() if thinned else None
         self.instances = (InstanceScores(functools.partial(cell_instances, options=instances))
@@ -54,7 +57,7 @@ class SliceScores:
         if self._parts:
             cell_prob, true_cells = probs[self.cell].float().cpu().numpy(), labels == self.cell
             for part in self._parts:
-                part.update(cell_prob, true_cells)
+                part.update(cell_prob, true_cells, labelled=labels != IGNORE)
 
     def state(self) -> torch.Tensor:
         return torch.cat([self.segmentation.state()] + [torch.from_numpy(p.state()) for p in self._parts])

@@ -9,8 +9,11 @@ import torch
 
 from unet.atomic import make_folder
 from unet.checkpoint import load_checkpoint, save_checkpoint
+from unet.data.datasets import DataOptions
+from unet.device import DeviceOptions
 from unet.distributed import DistInfo, barrier, broadcast_object
 from unet.errors import UserError
+from unet.options import flag_of
 from unet.training.background_save import BackgroundCheckpointer
 from unet.training.config import RUN_IDENTITY, RunConfig, identity_default
 
@@ -34,7 +37,7 @@ def find_run(config: RunConfig, model_dir: Path) -> dict | None:
         return None
     ckpt = load_checkpoint(last)
     saved = {k: ckpt.get("args", {}).get(k, identity_default(k)) for k in RUN_IDENTITY}
-    diff = [f"--{k.replace('_', '-')} {saved[k]!r} there vs {v!r} now" for k, v in config.identity().items()
+    diff = [f"{_setting(k)} {saved[k]!r} there vs {v!r} now" for k, v in config.identity().items()
             if saved[k] != v]
     if diff:
         raise UserError(f"{model_dir} holds a different run ({'; '.join(diff[:3])}); pass the same arguments to "
@@ -84,3 +87,9 @@ def save(path: Path, model: torch.nn.Module, dist: DistInfo, saver: BackgroundCh
         else:
             save_checkpoint(path, model, **state)
     barrier()
+
+
+def _setting(key: str) -> str:
+    """The flag of an identity key, for messages; a plain name for keys no flag sets (world_size)."""
+    flags = (flag_of(cls, key) for cls in (DataOptions, RunConfig, DeviceOptions))
+    return next((f for f in flags if f), key.replace("_", " "))
