@@ -220,9 +220,16 @@ def test_bad_arguments(small_set):
 
 
 @pytest.mark.parametrize("cpus, workers", [(1, 0), (4, 3), (32, 8)])
-def test_default_workers(monkeypatch, cpus, workers):
+def test_default_workers_on_an_accelerator_leave_one_cpu_to_the_trainer(monkeypatch, cpus, workers):
     monkeypatch.setattr("unet.data.sampling.usable_cpus", lambda: cpus)
-    assert default_workers() == workers
+    assert default_workers("cuda") == workers
+    assert default_workers("npu") == workers
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 64])
+def test_default_workers_on_the_cpu_build_batches_in_the_training_process(monkeypatch, cpus):
+    monkeypatch.setattr("unet.data.sampling.usable_cpus", lambda: cpus)
+    assert default_workers("cpu") == 0
 
 
 def test_augment_levels_name_the_configs_the_tests_above_check():

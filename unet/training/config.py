@@ -55,8 +55,9 @@ class RunConfig:
         "full", "with --augment: full (flips, free rotation, elastic, grey values), geometric (no grey-value "
                 "changes) or flips (flips and quarter turns only)", flags=_alias("--augment-level"),
         choices=AUGMENT_LEVELS, group="data", identity=True)
-    workers: int | None = option(None, "data loader processes per rank (default: from CPUs)", name="workers",
-                                 parse=int, group="data")
+    workers: int | None = option(None, "data loader processes per rank (default: 0 when training on the CPU, "
+                                       "whose cores the model's threads use; else one per spare CPU, at most 8)",
+                                 name="workers", parse=int, group="data")
     base_filters: int = option(64, "filters of the first level", flags=_alias("--base-filters"), parse=int,
                                group="model", identity=True)
     depth: int = option(5, "levels including the bottleneck", name="depth", parse=int, group="model",

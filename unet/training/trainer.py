@@ -323,7 +323,7 @@ class Trainer:
             self.step, self.best_dice_nvidia, self.best_step = checkpoints.load_state(resume, self.optimizer,
                                                                                       self.scaler)
         self.forward_loss = self.compiled_step()
-        self.workers = default_workers() if c.workers is None else c.workers
+        self.workers = default_workers(self.dev.type) if c.workers is None else c.workers
         augment = AugmentConfig.level(c.augment_level) if c.augment else False
         stream = TrainTiles(self.train_set, c.input_size, self.output_size, augment=augment, seed=c.data.seed,
                             rank=self.dist.rank, world_size=self.dist.world_size,
