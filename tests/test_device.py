@@ -108,10 +108,27 @@ def test_compile_by_default_on_cuda_only():
     assert DeviceSetup(FakeDevice("npu")).compile_by_default is False  # not measured on an NPU
 
 
-def test_fused_adam_on_cuda_only():
+def test_fused_adam_on_cuda_and_cpu_not_npu():
     assert DeviceSetup(torch.device("cuda", 0)).optimizer_kwargs() == {"fused": True}
-    assert DeviceSetup(torch.device("cpu")).optimizer_kwargs() == {}  # torch's default: CPU results unchanged
+    assert DeviceSetup(torch.device("cpu")).optimizer_kwargs() == {"fused": True}
     assert DeviceSetup(FakeDevice("npu")).optimizer_kwargs() == {}
+
+
+def test_fused_cpu_adam_takes_the_steps_of_torchs_default_adam():
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, 3, 3), torch.randn(64)]
+    runs = []
+    for kwargs in ({}, DeviceSetup(torch.device("cpu")).optimizer_kwargs()):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = torch.optim.Adam(ps, lr=1e-3, weight_decay=5e-4, **kwargs)
+        for k in range(5):
+            for p in ps:
+                p.grad = torch.sin(p.detach() * (k + 1))
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, params[0] if a.dim() == 4 else params[1])  # the steps moved them
 
 
 def test_prefetcher_on_cpu_yields_the_plain_iterators_batches_bit_for_bit():

@@ -229,13 +229,14 @@ class DeviceSetup:
         return self.type == "cuda"
 
     def optimizer_kwargs(self) -> dict:
-        """Adam's implementation switch: ``fused=True`` on CUDA (one kernel per step for all parameters).
+        """Adam's implementation switch: ``fused=True`` on CUDA and CPU (one kernel per step for all parameters).
 
-        Elsewhere torch's default is kept (foreach where the device supports it, the per-tensor loop on CPU,
-        so CPU results are unchanged). NPU: torch_npu's fused optimizers are not used; no NPU here to check
+        On the CPU torch's default is a per-tensor loop: 129 ms per step for the reference model's 34.5 M
+        parameters on 2 cores against 22 ms fused (5 % of a bf16 training step there); the update is the same
+        formula, rounded differently. NPU: torch_npu's fused optimizers are not used; no NPU here to check
         which form its documentation supports for this torch version.
         """
-        return {"fused": True} if self.type == "cuda" else {}
+        return {"fused": True} if self.type in ("cuda", "cpu") else {}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move a model to the device in its fast memory layout."""
