@@ -95,5 +95,7 @@ def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:
         print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))
     if settings.overlay:
         print(f"wrote {sum(len(j.overlay_paths()) for j in jobs)} overlays to {settings.overlay}")
+    for plan in result.plans:
+        print(f"tile plan {plan}")
     print(f"start-up {result.startup_seconds:.2f} s (checkpoint, device), warm-up {result.warmup_seconds:.2f} s")
     print(f"done: {result.slices} slices in {result.seconds:.2f} s ({result.slices_per_s:.2f} slices/s)")

@@ -35,8 +35,11 @@ from unet.errors import UserError
 from unet.prediction.predictor import check_channels, eval_mode, mask_from_probabilities, tile_predictor
 from unet.prediction.tiles import SliceTiles, predict_tiles
 from unet.prediction.tiling import TilePlan, TilingOptions, slice_plan, tile_batch_size
+from unet.prediction.plan_speed import PlanChoice, fastest_plan, time_call
 
-__all__ = ["StackPredictor", "READ_AHEAD", "WRITE_AHEAD"]
+__all__ = ["StackPredictor", "READ_AHEAD", "WRITE_AHEAD", "TILE_PLANS"]
+
+TILE_PLANS = ("speed", "flops")
 
 READ_AHEAD = 4  # slices the reader may prepare before the device needs them
 WRITE_AHEAD = 4  # predicted slices that may wait for the writer
@@ -122,20 +125,51 @@ class StackPredictor:
         dev: the device setup.
         options: tiling options; ``memory_budget_mb`` caps the batch (see :func:`unet.prediction.predictor.free_memory_budget_mb`).
         forward: called instead of ``model`` on the tiles, e.g. ``torch.compile(model)``.
+        tile_plan: ``flops`` = the fewest-FLOP plan; ``speed`` = the fastest of a few plans timed on the device
+            (:mod:`unet.prediction.plan_speed`), where no ``tile_size`` is given and the forward is not compiled
+            (compiling every candidate shape would cost more than it saves).
+        slices: slices the predictor will see (the speed probe spends at most a small share of their time).
     """
 
     def __init__(self, model: torch.nn.Module, dev: DeviceSetup, options: TilingOptions | None = None, *,
-                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None, tile_plan: str = "flops",
+                 slices: int = 1):
+        if tile_plan not in TILE_PLANS:
+            raise ValueError(f"tile_plan must be one of {TILE_PLANS}, got {tile_plan!r}")
         self.model, self.dev = model, dev
         self.options = options or TilingOptions()
         self.predictor = tile_predictor(model, dev, forward)
         self.pad_batches = forward is not None
+        self.measure = tile_plan == "speed" and self.options.tile_size is None and forward is None
+        self.slices = slices
+        self.choices: dict[tuple[int, int], PlanChoice] = {}
 
     def plan(self, height: int, width: int) -> tuple[TilePlan, int]:
-        """The tile plan of a slice size and the tiles per forward pass."""
-        o = self.options
-        plan = slice_plan(height, width, self.model, o)
-        return plan, tile_batch_size(plan, self.model, o)
+        """The tile plan of a slice size and the tiles per forward pass (chosen once per size)."""
+        if (height, width) not in self.choices:
+            o = self.options
+            if self.measure:
+                choice = fastest_plan(height, width, self.model, o, self._time_forward, slices=self.slices)
+            else:
+                plan = slice_plan(height, width, self.model, o)
+                choice = PlanChoice(plan, tile_batch_size(plan, self.model, o))
+            self.choices[(height, width)] = choice
+        choice = self.choices[(height, width)]
+        return choice.plan, choice.batch
+
+    def _time_forward(self, tile_size: int, batch: int) -> float:
+        """Seconds of one forward pass of ``batch`` tiles of ``tile_size`` (zeros) on the device, with what
+        stitching adds per tile (a weighted add into a canvas), so that many small tiles are not flattered."""
+        x = torch.zeros(batch, self.model.config.in_channels, tile_size, tile_size, device=self.dev.device)
+        out = self.model.output_size(tile_size) if self.model.padding == "valid" else tile_size
+        canvas = torch.zeros(self.model.config.num_classes, out, out, device=self.dev.device)
+        weight = torch.ones(out, out, device=self.dev.device)
+
+        def tiles():
+            for p in predict_tiles(self.predictor, x, self.options.tta):
+                canvas.add_(p[:, :out, :out] * weight)
+        with eval_mode(self.model), torch.inference_mode():
+            return time_call(tiles, self.dev.synchronize)
 
     def warm_up(self, height: int, width: int) -> None:
         """One forward of a full batch of that slice size's tiles (kernel choice, compilation), synchronised."""

@@ -30,7 +30,7 @@ from unet.options import option, positive_int
 from unet.prediction.instances import InstanceOptions, cell_instances
 from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
 from unet.prediction.overlay import overlay
-from unet.prediction.pipeline import StackPredictor
+from unet.prediction.pipeline import TILE_PLANS, StackPredictor
 from unet.prediction.tiling import TilingOptions
 
 PROB_DTYPES = ("float32", "uint8")
@@ -54,6 +54,8 @@ class InferOptions:
         compile: ``torch.compile`` the model.
         instances: the cell instance label stack (or folder), or None.
         chunks: y/x chunk shape of chunked (``.zarr``/``.h5``) outputs; chunks are one slice deep.
+        tile_plan: ``speed`` (time candidate plans on the device) or ``flops`` (fewest FLOPs), where no tile size
+            is given.
     """
 
     input: str | None = option(None, "multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, a folder of them, or a "
@@ -86,6 +88,10 @@ class InferOptions:
     chunks: tuple[int, int] = option(DEFAULT_CHUNKS, "y/x chunk shape of .zarr/.h5 outputs, N or HxW pixels (chunks "
                                                      "are one slice deep)", flags="--chunks", parse=chunk_yx,
                                      metavar="N|HxW")
+    tile_plan: str = option("speed", "speed: time a few tile sizes and tile batches on the device and keep the "
+                                     "fastest (printed; pin it with --tile-size/--tile-batch); flops: the "
+                                     "fewest-FLOP tiling that fits the memory budget", flags="--tile-plan",
+                            choices=TILE_PLANS, group="speed")
 
 
 @dataclass
@@ -98,6 +104,8 @@ class RunResult:
         seconds: wall time of the prediction and writing.
         warmup_seconds: the untimed warm-up forward before it (0 when none ran).
         startup_seconds: checkpoint loading and device set-up before that (set by :func:`main`).
+        plans: the tile plan of each slice size, as said to the user (``--tile-plan speed`` timed them within
+            ``seconds``, or within ``warmup_seconds`` when a warm-up ran).
     """
 
     outputs: list[Path] = field(default_factory=list)
@@ -105,6 +113,7 @@ class RunResult:
     seconds: float = 0.0
     warmup_seconds: float = 0.0
     startup_seconds: float = 0.0
+    plans: list[str] = field(default_factory=list)
 
     @property
     def slices_per_s(self) -> float:
@@ -235,13 +244,13 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
         A :class:`RunResult` (``seconds`` excludes the warm-up, which is ``warmup_seconds``).
     """
     settings = settings or InferOptions()
-    predictor = StackPredictor(model, dev, options, forward=forward)
+    total = sum(j.stack.num_slices for j in jobs)
+    predictor = StackPredictor(model, dev, options, forward=forward, tile_plan=settings.tile_plan, slices=total)
     result = RunResult()
     if jobs and (warm_up if warm_up is not None else (dev.type != "cpu" or forward is not None)):
         start = time.perf_counter()
         predictor.warm_up(jobs[0].stack.height, jobs[0].stack.width)
         result.warmup_seconds = time.perf_counter() - start
-    total = sum(j.stack.num_slices for j in jobs)
     start = time.perf_counter()
     with tqdm(total=total, unit="slice", desc="infer", file=sys.stderr, disable=settings.no_progress,
               dynamic_ncols=True) as bar:
@@ -251,4 +260,5 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
             result.slices += job.stack.num_slices
     dev.synchronize()
     result.seconds = time.perf_counter() - start
+    result.plans = [f"{w}x{h}: {choice}" for (h, w), choice in predictor.choices.items()]
     return result
