@@ -30,6 +30,8 @@ setup(
         "test": ["pytest", "ome-zarr"],  # ome-zarr: its Reader opens our OME-Zarr outputs in a test
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
+        # infer.py --backend openvino (CPU); the version measured in docs/benchmarks.md
+        "openvino": ["openvino>=2025.0"],
         # BioImage Model Zoo packages (export.py); the versions tested with spec 0.5.12 (pydantic 2.14 breaks
         # bioimageio.spec 0.5.12's serializer: 'index_key' TypeError on a fresh install, 2026-11-26).
         "bioimageio": ["bioimageio.core==0.11.0", "bioimageio.spec==0.5.12.0", "pydantic<2.14", "onnx", "onnxruntime"],

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 # Pin torch explicitly: an unpinned install makes pip fetch the newest multi-GB CUDA build.
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,onnx,bioimageio]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,onnx,bioimageio,openvino]"
 # A given ISBI_DIR must hold the data (CI's does; the tests fail otherwise). Without one, the stacks are
 # looked for beside the checkout, and the real-data tests are skipped when they are not there.
 if [ -z "${ISBI_DIR:-}" ]; then

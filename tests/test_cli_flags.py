@@ -19,8 +19,9 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # infer.py --export stays as a flag but only refuses, pointing to export.py --format pt2|onnx (issue 19).
     # Issue 20, chunked volumes: --scale/--channel/--time pick the OME-Zarr level, channel and time point of a
     # zarr/N5/HDF5 --input (VolumeOptions, for train.py/evaluate.py later too); --chunks is the y/x chunk shape of
-    # .zarr/.h5 outputs. Issue 22 item 3: --tile-plan speed|flops (speed = time a few plans on the device).
-    "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan"}, set()),
+    # .zarr/.h5 outputs. Issue 22 item 3: --tile-plan speed|flops (speed = time a few plans on the device); item
+    # 4: --backend torch|openvino (OpenVINO measured 1.5-1.75x torch bf16 on an AMX Xeon).
+    "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan", "--backend"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

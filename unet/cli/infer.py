@@ -17,6 +17,7 @@ from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
 from unet.prediction.instances import InstanceOptions
 from unet.prediction.jobs import Job, plan_jobs
+from unet.prediction.openvino_forward import OPENVINO_PRECISIONS, openvino_forward, openvino_version
 from unet.prediction.predictor import free_memory_budget_mb
 from unet.prediction.stacks import InferOptions, RunResult, run_inference
 from unet.prediction.tiling import TilingOptions
@@ -35,10 +36,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.\n"
                     "Deployable programs: python export.py --format pt2|onnx --ckpt model.pt --output model.pt2")
     add_options(parser, CheckpointArgs)
-    add_options(parser, InferOptions, skip=("compile", "instances"))
+    add_options(parser, InferOptions, skip=("compile", "backend", "tile_plan", "instances"))
     add_options(parser, VolumeOptions)
     add_options(parser, TilingOptions)
-    add_options(parser, InferOptions, only=("compile", "instances"))  # --compile joins the "speed" group
+    # --compile, --backend and --tile-plan join the "speed" group
+    add_options(parser, InferOptions, only=("compile", "backend", "tile_plan", "instances"))
     add_options(parser, InstanceOptions)
     add_options(parser, DeviceOptions)
     add_options(parser, PrecisionOptions)
@@ -75,17 +77,34 @@ def main(args: argparse.Namespace) -> RunResult:
     model = dev.prepare_model(model)
     options = options_from(args, TilingOptions)
     options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))
-    forward = torch.compile(model, dynamic=False) if settings.compile else None
+    forward = _forward(model, dev, settings)
     what = "built-in synthetic stack" if settings.input is None else settings.input
     members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
+    backend = f", {settings.backend} {openvino_version()}" if settings.backend == "openvino" else ""
     print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
-          f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+          f"({dev.type}, {dev.amp_name}{members}{backend})", file=sys.stderr)
     startup = time.perf_counter() - start
     result = run_inference(model, dev, jobs, settings, options=options,
                            instance_options=inst_options, forward=forward)
     result.startup_seconds = startup
     _report(jobs, settings, result)
     return result
+
+
+def _forward(model: torch.nn.Module, dev, settings: InferOptions):
+    """What runs the tiles instead of the model itself: torch.compile's graph, OpenVINO, or None (the model)."""
+    if settings.backend == "torch":
+        return torch.compile(model, dynamic=False) if settings.compile else None
+    if settings.compile:
+        raise UserError("--compile is torch's compiler and --backend openvino compiles the model itself: drop one")
+    if dev.type != "cpu":
+        raise UserError(f"--backend openvino runs on the CPU, and this run's device is {dev.type}: add --device cpu "
+                        f"or drop --backend")
+    if dev.amp_name not in OPENVINO_PRECISIONS:
+        raise UserError(f"--backend openvino runs fp32 or bf16, not {dev.amp_name}")
+    if openvino_version() is None:
+        raise UserError("--backend openvino needs OpenVINO, which is not installed: pip install openvino")
+    return openvino_forward(model, dev.amp_name, torch.get_num_threads())
 
 
 def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:

@@ -126,21 +126,23 @@ class StackPredictor:
         options: tiling options; ``memory_budget_mb`` caps the batch (see :func:`unet.prediction.predictor.free_memory_budget_mb`).
         forward: called instead of ``model`` on the tiles, e.g. ``torch.compile(model)``.
         tile_plan: ``flops`` = the fewest-FLOP plan; ``speed`` = the fastest of a few plans timed on the device
-            (:mod:`unet.prediction.plan_speed`), where no ``tile_size`` is given and the forward is not compiled
-            (compiling every candidate shape would cost more than it saves).
+            (:mod:`unet.prediction.plan_speed`), where no ``tile_size`` is given and the forward is the model's
+            own or ``probe_forward`` says it may be timed (compiling every candidate shape with torch.compile
+            would cost more than it saves).
         slices: slices the predictor will see (the speed probe spends at most a small share of their time).
+        probe_forward: the given ``forward`` takes new shapes cheaply enough to be timed by the probe.
     """
 
     def __init__(self, model: torch.nn.Module, dev: DeviceSetup, options: TilingOptions | None = None, *,
                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None, tile_plan: str = "flops",
-                 slices: int = 1):
+                 slices: int = 1, probe_forward: bool = False):
         if tile_plan not in TILE_PLANS:
             raise ValueError(f"tile_plan must be one of {TILE_PLANS}, got {tile_plan!r}")
         self.model, self.dev = model, dev
         self.options = options or TilingOptions()
         self.predictor = tile_predictor(model, dev, forward)
         self.pad_batches = forward is not None
-        self.measure = tile_plan == "speed" and self.options.tile_size is None and forward is None
+        self.measure = tile_plan == "speed" and self.options.tile_size is None and (forward is None or probe_forward)
         self.slices = slices
         self.choices: dict[tuple[int, int], PlanChoice] = {}
 

@@ -34,6 +34,7 @@ from unet.prediction.pipeline import TILE_PLANS, StackPredictor
 from unet.prediction.tiling import TilingOptions
 
 PROB_DTYPES = ("float32", "uint8")
+BACKENDS = ("torch", "openvino")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class InferOptions:
         chunks: y/x chunk shape of chunked (``.zarr``/``.h5``) outputs; chunks are one slice deep.
         tile_plan: ``speed`` (time candidate plans on the device) or ``flops`` (fewest FLOPs), where no tile size
             is given.
+        backend: ``torch`` or ``openvino`` (the caller builds the OpenVINO forward).
     """
 
     input: str | None = option(None, "multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, a folder of them, or a "
@@ -88,6 +90,9 @@ class InferOptions:
     chunks: tuple[int, int] = option(DEFAULT_CHUNKS, "y/x chunk shape of .zarr/.h5 outputs, N or HxW pixels (chunks "
                                                      "are one slice deep)", flags="--chunks", parse=chunk_yx,
                                      metavar="N|HxW")
+    backend: str = option("torch", "runtime of the forward pass: torch, or openvino (CPU only, pip install "
+                                   "openvino; measured 1.5-1.75x torch in bf16 on an AMX Xeon, see "
+                                   "docs/benchmarks.md)", flags="--backend", choices=BACKENDS, group="speed")
     tile_plan: str = option("speed", "speed: time a few tile sizes and tile batches on the device and keep the "
                                      "fastest (printed; pin it with --tile-size/--tile-batch); flops: the "
                                      "fewest-FLOP tiling that fits the memory budget", flags="--tile-plan",
@@ -245,7 +250,9 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
     """
     settings = settings or InferOptions()
     total = sum(j.stack.num_slices for j in jobs)
-    predictor = StackPredictor(model, dev, options, forward=forward, tile_plan=settings.tile_plan, slices=total)
+    # An OpenVINO forward converts each new shape in a second or two: the speed probe may still time it.
+    predictor = StackPredictor(model, dev, options, forward=forward, tile_plan=settings.tile_plan, slices=total,
+                               probe_forward=settings.backend == "openvino")
     result = RunResult()
     if jobs and (warm_up if warm_up is not None else (dev.type != "cpu" or forward is not None)):
         start = time.perf_counter()
