@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from common import REPO, csv_list, device_for, fmt, machine_header, write_json  # noqa: E402
 
 from unet.benchmarking import time_steps  # noqa: E402
+from unet.model import output_size  # noqa: E402
 
 
 def double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -70,13 +71,15 @@ class PlainUNet(nn.Module):
         return self.head(x)
 
 
-def plain_images_per_s(precision: str, batch: int, warmup: int, steps: int) -> float:
+def plain_images_per_s(precision: str, args) -> float:
     """Images/s of the yardstick's training step on random in-memory tensors."""
     torch.manual_seed(0)
-    model = PlainUNet().to(memory_format=torch.channels_last).train()
+    model = PlainUNet(args.base_filters).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, 1, 572, 572).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (batch, 388, 388))
+    batch, size = args.batch_size, args.input_size
+    out = output_size(size)
+    x = torch.rand(batch, 1, size, size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch, out, out))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -85,7 +88,8 @@ def plain_images_per_s(precision: str, batch: int, warmup: int, steps: int) -> f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _, seconds = time_steps(step, warmup, steps, device_for("cpu", "fp32"))
+    _, seconds = time_steps(step, args.warmup, args.steps, device_for("cpu", "fp32"))
+    assert model(x).shape[-1] == out  # the yardstick's geometry is train.py's
     return batch / seconds
 
 
@@ -94,7 +98,8 @@ def train_py_images_per_s(args, precision: str, workers: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(REPO / "train.py"), "--device", "cpu", "--benchmark", "--model-dir", tmp,
                "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-               "--warmup-steps", str(args.warmup), "--no-progress"]
+               "--warmup-steps", str(args.warmup), "--no-progress", "--base-filters", str(args.base_filters),
+               "--input-size", str(args.input_size)]
         cmd += ["--data-dir", args.data_dir] if args.data_dir else []
         cmd += ["--amp", "--amp-dtype", "bf16"] if precision == "bf16" else []
         cmd += [] if workers == "default" else ["--workers", workers]
@@ -116,19 +121,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", type=csv_list, default=["fp32", "bf16"])
     p.add_argument("--workers", type=csv_list, default=["default", "0"],
                    help="train.py --workers settings, 'default' = leave it to train.py")
+    p.add_argument("--base-filters", type=int, default=64, help="both models' first-level filters (64: reference)")
+    p.add_argument("--input-size", type=int, default=572, help="both models' crop (572 -> 388: reference)")
     p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: base 4, 188 -> 4 crops, fp32, 1 step, no warm-up, default workers")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.quick:
+        args.base_filters, args.input_size, args.steps, args.warmup = 4, 188, 1, 0
+        args.precisions, args.workers = ["fp32"], ["default"]
     print(machine_header("train.py vs plain UNet", device_for("cpu", "fp32")))
-    print(f"# batch {args.batch_size}, 572 -> 388, {args.warmup} warmup + {args.steps} timed steps per row; "
-          f"train.py data: {args.data_dir or 'synthetic'}")
+    print(f"# batch {args.batch_size}, base {args.base_filters}, {args.input_size} -> {output_size(args.input_size)}, "
+          f"{args.warmup} warmup + {args.steps} timed steps per row; train.py data: {args.data_dir or 'synthetic'}")
     rows = []
     for precision in args.precisions:
         for workers in args.workers:
-            plain = plain_images_per_s(precision, args.batch_size, args.warmup, args.steps)
+            plain = plain_images_per_s(precision, args)
             ours = train_py_images_per_s(args, precision, workers)
             rows.append({"precision": precision, "workers": workers, "plain_images_per_s": plain,
                          "train_py_images_per_s": ours["images_per_s"],

@@ -156,3 +156,24 @@ def test_gpu_check_quick(tmp_path):
     assert rows["train_py_real_run"]["images_per_s"] > 0
     e2e = rows["infer_end_to_end"]
     assert e2e["slices"] == 3 and e2e["startup_s"] > 0 and e2e["forward_only_s"] > 0
+
+
+def test_train_vs_plain_quick(tmp_path):
+    out = run([sys.executable, str(BENCH / "train_vs_plain.py"), "--quick", "--json", str(tmp_path / "t.json")],
+              tmp_path)
+    assert re.search(r"^# train.py vs plain UNet .* cpu: .* cores: \d+", out, flags=re.M)
+    assert re.search(r"fp32  train.py --workers default: [\d.]+ img/s   plain UNet: [\d.]+ img/s   ratio [\d.]+x", out)
+    assert "0 loader worker(s)" in out  # train.py's own CPU default, as it said it
+    (row,) = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert row["ratio"] == pytest.approx(row["train_py_images_per_s"] / row["plain_images_per_s"])
+
+
+def test_infer_defaults_small(tmp_path):
+    out = run([sys.executable, str(BENCH / "infer_defaults.py"), "--parts", "slices", "--sizes", "300",
+               "--json", str(tmp_path / "d.json")], tmp_path)
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["old default (--tile-plan flops)",
+                                            "--tile-plan flops --memory-budget-mb 500", "default (--tile-plan speed)"]
+    assert all(r["slices"] == 1 and r["peak_rss_mb"] > 0 and r["stream_s"] > 0 for r in rows)
+    assert "fewest FLOPs" in rows[0]["plan"] and "fewest FLOPs" not in rows[2]["plan"]
+    assert "300x300" in out
