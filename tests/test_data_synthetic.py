@@ -48,3 +48,34 @@ def test_default_dataset():
 def test_rejects_tiny():
     with pytest.raises(UserError, match=r"synthetic data needs count >= 1 and a size of at least 16x16"):
         make_synthetic_em(1, 8, 8)
+
+
+def test_three_classes_label_the_organelles_of_the_same_images():
+    images2, labels2 = make_synthetic_em(2, 96, 96, seed=3)
+    images3, labels3 = make_synthetic_em(2, 96, 96, seed=3, classes=3)
+    np.testing.assert_array_equal(images3, images2)
+    assert set(np.unique(labels3)) == {0, 1, 2}
+    np.testing.assert_array_equal(labels3 == 0, labels2 == 0)  # the membranes are the binary set's
+    organelle = labels3 == 2
+    # organelles are the darker blobs inside cells
+    assert images3[organelle].mean() < images3[labels3 == 1].mean() - 20
+
+
+def test_other_class_counts_are_refused():
+    with pytest.raises(UserError, match="synthetic data has 2 classes .* or 3 .*, not 4"):
+        make_synthetic_em(1, 32, 32, classes=4)
+
+
+def test_make_synthetic_script_writes_images_and_labels(tmp_path):
+    import subprocess
+    import sys
+    import tifffile
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
+    done = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "s3"), "--count", "2",
+                           "--size", "64", "--seed", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    images, labels = make_synthetic_em(2, 64, 64, seed=3, classes=3)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s3" / "images.tif"), images)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s3" / "labels.tif"), labels)
+    assert "label shares 0:" in done.stdout

@@ -1,8 +1,8 @@
 """Synthetic EM-like slices with exact membrane labels, for smoke runs and tests without real data.
 
 Each slice: irregular cells (a Voronoi tessellation of a smoothly warped plane), dark membranes of
-varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012),
-per-cell grey levels, uneven illumination, blur and noise.
+varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012, or a
+class of their own with ``classes=3``), per-cell grey levels, uneven illumination, blur and noise.
 
 Pure numpy/scipy: the :class:`~unet.data.datasets.SliceSet` wrapper is :func:`unet.data.datasets.synthetic_dataset`.
 """
@@ -25,7 +25,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return (field - field.mean()) / (field.std() + 1e-8)
 
 
-def _one_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _one_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 image, uint8 membrane label 0/255, bool organelle mask) of one slice."""
     area = height * width
     # ISBI cells are roughly 40-80 px across at 512 x 512; keep a similar density at any size.
     num_cells = max(4, int(area / rng.uniform(1500, 3000)))
@@ -63,26 +64,34 @@ def _one_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     illumination = 1.0 + rng.uniform(0.1, 0.25) * _smooth_noise(rng, (height, width), max(height, width) / 4)
     img = ndi.gaussian_filter(img * illumination, rng.uniform(0.6, 1.2))
     img = img + rng.uniform(0.02, 0.05) * rng.standard_normal((height, width)).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label, blobs
 
 
-def make_synthetic_em(count: int, height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_synthetic_em(count: int, height: int, width: int, seed: int = 0,
+                      classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic EM-like slices and their exact labels.
 
     Args:
         count: number of slices.
         height, width: slice size in pixels (at least 16).
         seed: slices depend only on (seed, slice index), so a longer set extends a shorter one.
+        classes: 2 = membrane labels (ISBI's convention); 3 = class indices 0 = membrane, 1 = cytoplasm,
+            2 = organelle (the same images either way).
 
     Returns:
-        ``(images, labels)``: uint8 ``(count, height, width)`` each; labels 255 = cell interior, 0 = membrane.
+        ``(images, labels)``: uint8 ``(count, height, width)`` each; labels 255 = cell interior, 0 = membrane
+        (``classes=2``) or the class indices above (``classes=3``).
     """
     if count < 1 or height < 16 or width < 16:
         raise UserError(f"synthetic data needs count >= 1 and a size of at least 16x16, "
                         f"got {count} slices of {width}x{height}")
+    if classes not in (2, 3):
+        raise UserError(f"synthetic data has 2 classes (membrane, cell) or 3 (membrane, cytoplasm, organelle), "
+                        f"not {classes}")
     images = np.empty((count, height, width), dtype=np.uint8)
     labels = np.empty((count, height, width), dtype=np.uint8)
     for k in range(count):
-        images[k], labels[k] = _one_slice(np.random.default_rng([seed, k]), height, width)
+        images[k], membrane, organelles = _one_slice(np.random.default_rng([seed, k]), height, width)
+        labels[k] = membrane if classes == 2 else np.where(membrane == 0, 0, np.where(organelles, 2, 1))
     return images, labels
 
