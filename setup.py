@@ -27,7 +27,9 @@ setup(
         "h5py",
     ],
     extras_require={
-        "test": ["pytest", "ome-zarr"],  # ome-zarr: its Reader opens our OME-Zarr outputs in a test
+        # ome-zarr: its Reader opens our OME-Zarr outputs in a test; tensorboard: the event-file tests read back
+        "test": ["pytest", "ome-zarr", "tensorboard"],
+        "tensorboard": ["tensorboard"],  # train.py's event files (off without it)
         "npu": ["torch-npu"],
         "onnx": ["onnx", "onnxscript"],
         # infer.py --backend openvino (CPU); the version measured in docs/benchmarks.md

@@ -1,0 +1,105 @@
+"""TensorBoard event files beside metrics.jsonl: losses, learning rate, validation metrics, a few predictions.
+
+torch-em, pytorch_connectomics and PlantSeg users watch a run in TensorBoard, so a run writes its event files to
+``model_dir/tensorboard`` (``tensorboard --logdir <model_dir>``). metrics.jsonl stays the record the project
+reads back (curves.png, resume); the event files only mirror it. The ``tensorboard`` package is optional: without
+it nothing is written and one line says how to turn it on. A resumed run purges the events logged after the
+checkpoint it resumes from, as metrics.jsonl drops those lines, so a curve never shows a step twice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["TensorBoardLog", "open_tensorboard", "tensorboard_installed", "panel", "FOLDER", "HOW_TO_TURN_ON"]
+
+FOLDER = "tensorboard"
+HOW_TO_TURN_ON = "TensorBoard logging is off: pip install tensorboard to write event files (--no-tensorboard hides this)"
+
+
+def tensorboard_installed() -> bool:
+    """Whether the ``tensorboard`` package (which torch's SummaryWriter writes through) can be imported."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardLog:
+    """Writes metrics.jsonl's records and validation pictures as TensorBoard events.
+
+    Args:
+        folder: the event folder (``model_dir/tensorboard``).
+        resume_step: the step a resumed run restarts from (later events are purged); None for a fresh run.
+    """
+
+    def __init__(self, folder: str | Path, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+        self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+
+    def record(self, record: dict) -> None:
+        """One metrics.jsonl record: ``train`` -> train/loss, train/lr, ...; ``val`` -> val/<metric>."""
+        step = int(record["step"])
+        if record.get("kind") == "train":
+            scalars = {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+        elif record.get("kind") == "val":
+            scalars = {f"val/{k}": v for k, v in record.get("val", {}).items()}
+        else:
+            return
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def pictures(self, step: int, pictures: dict[str, np.ndarray]) -> None:
+        """Validation pictures: name -> ``(H, W, 3)`` uint8 (see :func:`panel`)."""
+        for name, picture in pictures.items():
+            self.writer.add_image(f"val_images/{name}", picture, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_tensorboard(model_dir: Path, wanted: bool | None, resume_step: int | None,
+                     say: Callable[[str], None]) -> TensorBoardLog | None:
+    """The run's TensorBoard log, or None.
+
+    Args:
+        model_dir: the run folder (events go to its ``tensorboard`` subfolder).
+        wanted: True = required, False = off, None = on when the package is installed (else one line says how).
+        resume_step: as for :class:`TensorBoardLog`.
+        say: rank 0's printer.
+
+    Raises:
+        ImportError: ``wanted`` is True and the package is missing (the caller turns it into one line).
+    """
+    if wanted is False:
+        return None
+    if not tensorboard_installed():
+        if wanted:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        say(HOW_TO_TURN_ON)
+        return None
+    return TensorBoardLog(Path(model_dir) / FOLDER, resume_step)
+
+
+def panel(image: np.ndarray, probability: np.ndarray, target: np.ndarray | None, ignore: int = 255) -> np.ndarray:
+    """Input | cell probability | target side by side as one ``(H, 3W, 3)`` uint8 picture.
+
+    Args:
+        image: ``(C, H, W)`` or ``(H, W)`` input in [0, 1] (the first channel is shown).
+        probability: ``(H, W)`` probability of the class shown, in [0, 1].
+        target: ``(H, W)`` class indices (shown spread over the grey range, ignored pixels in red), or None.
+        ignore: the target value of ignored pixels.
+    """
+    grey = image[0] if image.ndim == 3 else image
+    parts = [np.repeat(grey[..., None], 3, axis=2), np.repeat(probability[..., None], 3, axis=2)]
+    if target is not None:
+        known = target != ignore
+        top = max(int(target[known].max()) if known.any() else 1, 1)
+        shown = np.repeat((np.where(known, target, 0) / top)[..., None], 3, axis=2)
+        shown[~known] = (1.0, 0.0, 0.0)
+        parts.append(shown)
+    return (np.clip(np.concatenate(parts, axis=1), 0, 1) * 255 + 0.5).astype(np.uint8)
