@@ -316,3 +316,24 @@ def test_metadata_json_is_plain(package):
     descr = load_model_description(package[1], perform_io_checks=False)
     extra = json.loads(json.dumps(descr.config.model_dump(mode="json")["unet_em"]))
     assert extra["model_config"]["depth"] == 3 and extra["validation_metrics"]["dice_nvidia"] == 0.6123
+
+
+@needs_extra
+def test_multi_class_package_describes_every_class(tmp_path):
+    from bioimageio.spec import load_model_description
+    torch.manual_seed(0)
+    names = ["membrane", "cytoplasm", "organelle"]
+    model = UNet(base_filters=2, depth=2, padding="same", num_classes=3, class_names=names)
+    ckpt = _checkpoint(tmp_path / "m3.pt", model)
+    out = tmp_path / "m3.zip"
+    assert _export(["--ckpt", str(ckpt), "--output", str(out), "--author", "Jane Doe", "--license", "MIT"]) == 0
+    descr = load_model_description(out, perform_io_checks=False)
+    probs, = descr.outputs
+    assert probs.axes[1].channel_names == names
+    assert probs.description == "softmax, one channel per class (channel_names); argmax over channels = the class map"
+    assert descr.name == "unet-em same UNet for EM segmentation (3 classes)"
+    assert "segmenting membrane, cytoplasm, organelle in EM slices" in descr.description
+    assert descr.config.model_dump(mode="json")["bioimageio"]["target_structure"] == names
+    with zipfile.ZipFile(out) as z:
+        readme = z.read("README.md").decode()
+    assert "one probability per class (0 = 'membrane'" in readme and "segments membrane, cytoplasm, organelle" in readme

@@ -166,6 +166,26 @@ def _known(value) -> str:
     return "not recorded" if value is None else str(value)
 
 
+def _targets(config) -> str:
+    """What the model segments, for names and text: membranes (two classes) or its classes."""
+    return "membranes" if config.num_classes == 2 else ", ".join(config.class_names)
+
+
+def _structures(config) -> list[str]:
+    return ["cell membranes"] if config.num_classes == 2 else list(config.class_names)
+
+
+def output_text(config) -> str:
+    """The output tensor described per class, as infer.py writes it."""
+    names = config.class_names
+    if config.num_classes == 2:
+        return (f"softmax over 2 channels, '{names[0]}' and '{names[1]}'; channel '{names[1]}' is exactly what "
+                f"infer.py --probabilities writes, and argmax == 1 is its mask (255)")
+    listed = ", ".join(f"{k} = '{n}'" for k, n in enumerate(names))
+    return (f"softmax over {config.num_classes} channels, one probability per class ({listed}); the argmax over "
+            f"the channels is the class map")
+
+
 def readme_text(name: str, model: UNet, geom: PackageGeometry, facts: dict, sample: Sample) -> str:
     """The package's documentation page (Markdown)."""
     c = model.config
@@ -174,15 +194,14 @@ def readme_text(name: str, model: UNet, geom: PackageGeometry, facts: dict, samp
              else f"multiples of {geom.step} from {geom.min_size} (blocks), halo {geom.halo}")
     return f"""# {name}
 
-A 2D UNet (Ronneberger et al. 2015, as configured in NVIDIA's UNet_Medical) that segments cell membranes
+A 2D UNet (Ronneberger et al. 2015, as configured in NVIDIA's UNet_Medical) that segments {_targets(c)}
 in electron-microscopy slices. Trained with unet-em and exported by its `export.py`.
 
 ## Input and output
 * input `raw`: one {c.in_channels}-channel slice, axes batch, channel, y, x, {sample.dtype}. Preprocessing scales
   it by its data type (uint8 / 255, uint16 / 65535, float as is, i.e. already in [0, 1]); the network
   applies its own normalisation (x - {c.mean}) / {c.std} inside.
-* output `probabilities`: softmax over 2 channels, `{c.class_names[0]}` and `{c.class_names[1]}`; channel
-  `{c.class_names[1]}` is exactly what `infer.py --probabilities` writes, and argmax == 1 is its mask (255).
+* output `probabilities`: {output_text(c)}.
 * tiling: block sizes {sizes}; the slice is mirror-padded (`reflect`). Blocks of these sizes reproduce
   unet-em's own whole-slice prediction (the halo covers the {geom.margin}-pixel context the
   '{c.padding}' network crops itself and keeps blocks on its {geom.step}-pixel pooling grid).
@@ -247,7 +266,9 @@ def _tensors(model: UNet, geom: PackageGeometry, dtype: str, files: dict[str, Pa
     ref = {a: s.SizeReference(tensor_id=s.TensorId("raw"), axis_id=s.AxisId(a)) for a in ("y", "x")}
     out = s.OutputTensorDescr(
         id=s.TensorId("probabilities"),
-        description=f"softmax; channel '{model.config.class_names[1]}' = infer.py --probabilities",
+        description=(f"softmax; channel '{model.config.class_names[1]}' = infer.py --probabilities"
+                     if model.config.num_classes == 2 else
+                     "softmax, one channel per class (channel_names); argmax over channels = the class map"),
         axes=[s.BatchAxis(), s.ChannelAxis(channel_names=list(model.config.class_names)),
               *(s.SpaceOutputAxisWithHalo(id=s.AxisId(a), size=ref[a], halo=geom.halo) for a in ("y", "x"))],
         test_tensor=_file(files["test_output"]),
@@ -292,10 +313,12 @@ def describe(model: UNet, ckpt: dict, options: PackageOptions, sample: Sample, f
     authors, maintainers = _people(options)
     raw, out = _tensors(model, geom, sample.dtype, files)
     facts = checkpoint_facts(ckpt)
-    name = options.name or f"unet-em {model.config.padding} UNet for EM membranes"
+    # bioimageio.spec allows letters, digits, spaces and _+-() in names: class names go to the description
+    what = "membranes" if model.config.num_classes == 2 else f"segmentation ({model.config.num_classes} classes)"
+    name = options.name or f"unet-em {model.config.padding} UNet for EM {what}"
     description = options.description or (
         f"2D UNet ({model.config.depth} levels, {model.config.base_filters} base filters, "
-        f"'{model.config.padding}' convolutions) for membrane segmentation of EM slices; trained on "
+        f"'{model.config.padding}' convolutions) segmenting {_targets(model.config)} in EM slices; trained on "
         f"{facts['data']}, {facts['fold']}.")
     return s.ModelDescr(
         name=name, description=description, authors=authors, maintainers=maintainers,
@@ -304,7 +327,7 @@ def describe(model: UNet, ckpt: dict, options: PackageOptions, sample: Sample, f
         tags=list(TAGS), documentation=_file(files["readme"]), covers=[_file(files["cover"])],
         inputs=[raw], outputs=[out], weights=_weights(model, geom, files),
         config={"bioimageio": {"architecture_type": "UNet", "modality": "electron microscopy",
-                               "target_structure": ["cell membranes"], "task": "semantic segmentation"},
+                               "target_structure": _structures(model.config), "task": "semantic segmentation"},
                 "unet_em": {"model_config": model.config.to_dict(), "geometry": geom.__dict__,
                             "checkpoint_step": facts["step"], "validation_metrics": facts["metrics"]}})
 
