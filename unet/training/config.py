@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from unet.data.augment import AUGMENT_LEVELS
 from unet.data.datasets import DataOptions
+from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
 from unet.errors import UserError
 from unet.model import PADDINGS
@@ -32,7 +33,9 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "weight_decay", "max_steps", "clip_grad", "seed", "compile", "model_dir", "evaluate_every",
                    "log_every", "save_every", "resume", "overwrite", "no_progress", "benchmark", "warmup_steps",
                    "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
-                   "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level")
+                   "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
+                   "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
+                   "num_classes", "ignore_label")
 
 
 def _alias(flag: str) -> tuple[str, str]:
@@ -44,8 +47,8 @@ def _alias(flag: str) -> tuple[str, str]:
 class RunConfig:
     """Everything that defines a training run; built once, never edited (:meth:`resolved` returns a copy).
 
-    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``device_options`` (:class:`DeviceOptions`,
-    the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
+    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``labels`` (:class:`LabelOptions`),
+    ``device_options`` (:class:`DeviceOptions`, the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
     ``amp_dtype`` (the dtype autocast really uses, None without ``--amp``) and ``world_size``.
     """
 
@@ -120,6 +123,7 @@ class RunConfig:
                                              "measured matmul peak on CPU", name="peak_tflops", parse=float,
                                        group="benchmark")
     data: DataOptions = field(default_factory=DataOptions)
+    labels: LabelOptions = field(default_factory=LabelOptions)
     device_options: DeviceOptions = field(default_factory=DeviceOptions)
     tiling: TilingOptions = field(default_factory=TilingOptions)
     amp_dtype: str | None = None
@@ -134,7 +138,8 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         """The flat dict checkpoints store under ``"args"`` (``weights_only`` loads no dataclasses)."""
-        flat = {**asdict(self.data), "device": self.device_options.device, "amp": self.device_options.amp,
+        flat = {**asdict(self.data), **asdict(self.labels), "device": self.device_options.device,
+                "amp": self.device_options.amp,
                 **{k: v for k, v in asdict(self.tiling).items() if k not in TILING_SKIP},
                 **{f.name: getattr(self, f.name) for f, _ in option_fields(self)},
                 "amp_dtype": self.amp_dtype, "world_size": self.world_size}
@@ -148,13 +153,14 @@ class RunConfig:
 
 # Settings that define a run: resuming with any of them changed would silently mix two experiments. The device
 # and the world size are no RunConfig flags, hence named here: the precision autocast really used counts.
-RUN_IDENTITY = identity_fields(DataOptions) + identity_fields(RunConfig) + ("amp", "amp_dtype", "world_size")
+RUN_IDENTITY = (identity_fields(DataOptions) + identity_fields(LabelOptions) + identity_fields(RunConfig)
+                + ("amp", "amp_dtype", "world_size"))
 
 
 def identity_default(key: str):
     """What a checkpoint written before the identity setting ``key`` existed ran with: a key missing from an
     older checkpoint's ``"args"`` means that field's default (the flag's default then and now)."""
-    for cls in (DataOptions, RunConfig):
+    for cls in (DataOptions, LabelOptions, RunConfig):
         for f, _ in option_fields(cls):
             if f.name == key:
                 return field_default(f)

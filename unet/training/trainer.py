@@ -16,8 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unet.data.augment import AugmentConfig
-from unet.data.datasets import load_dataset
-from unet.data.folds import fold_indices
+from unet.data.own_data import load_split
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, env_info, process_group, rank0_printer,
@@ -180,7 +179,7 @@ class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, dev: DeviceSetup):
         self.config, self.dist, self.dev = config, dist, dev
         self.model_dir = Path(config.model_dir)
-        self.data_name = config.data.data_dir or "built-in synthetic EM set"
+        self.data_name = config.data.train_images or config.data.data_dir or "built-in synthetic EM set"
         self.say = rank0_printer(dist)
         self.tiling = config.tiling
         self.global_batch = config.batch_size * dist.world_size
@@ -275,10 +274,8 @@ class Trainer:
 
     def load_data(self) -> None:
         c = self.config
-        d = c.data
-        slices = load_dataset(d.data_dir)
-        train_idx, val_idx = fold_indices(len(slices), d.fold, d.folds, d.fold_scheme, d.seed)
-        self.train_set, self.val_set = slices.subset(train_idx), slices.subset(val_idx)
+        split = load_split(c.data, c.labels)
+        self.train_set, self.val_set, self.held_out = split.train, split.val, split.held_out
         if c.loss == "weighted_ce":
             self.train_weights = self.weight_maps()
 
@@ -294,7 +291,8 @@ class Trainer:
         """Freshly initialised weights, the same on every rank (DDP also broadcasts them)."""
         c = self.config
         self.model_config = ModelConfig(in_channels=self.train_set.images[0].shape[0], base_filters=c.base_filters,
-                                        depth=c.depth, padding=c.padding, batch_norm=c.batch_norm, dropout=c.dropout)
+                                        depth=c.depth, padding=c.padding, batch_norm=c.batch_norm, dropout=c.dropout,
+                                        num_classes=c.labels.class_count, class_names=c.labels.class_names)
         torch.manual_seed(c.data.seed)
         model = UNet(self.model_config)
         try:
@@ -437,13 +435,13 @@ class Trainer:
                    "final_validation": self.last_metrics, "model_dir": str(self.model_dir), "fold": c.data.fold,
                    "fold_scheme": c.data.fold_scheme, "data": str(self.data_name), "loss": c.loss,
                    "compile": c.compile, "compile_mode": c.compile_mode if c.compile else None,
-                   "first_step_s": self.first_step_s}
+                   "first_step_s": self.first_step_s, "held_out": self.held_out}
         self.save("last.pt", self.last_metrics, summary=summary)
         if self.saver is not None:
             self.saver.flush()  # last.pt is on disk before summary.json says the run is done
         if self.dist.is_main:
             write_json(self.model_dir / "summary.json", summary)
             plot_curves(self.log.read(), self.model_dir / "curves.png",
-                        title=f"fold {c.data.fold} ({c.data.fold_scheme}), {self.data_name}")
+                        title=f"{self.held_out}, {self.data_name}")
             self.say(narration.done_line(summary))
         return summary
