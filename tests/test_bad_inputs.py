@@ -216,6 +216,9 @@ CASES = [
          TINY_TRAIN + ["--train-images", "{d}/img.tif", "--train-labels", "{d}/lab.tif", "--ignore-label", "9",
                        "--model-dir", "{d}/m"], "lab.tif: every label pixel has the ignore value",
          setup=lambda d, w: (_stack(d / "img.tif"), _labels(d / "lab.tif", values=(9,)))),
+    Case("train-init-other-architecture", "train",
+         TINY_TRAIN + ["--base-filters", "8", "--init-from", "{w}/good.pt", "--model-dir", "{d}/m"],
+         "good.pt: another architecture than this run's (layer downs.0.conv.0.weight"),
     # ---- train.py: flags and the model folder
     Case("train-tile-size-huge", "train", TINY_TRAIN + ["--tile-size", "1000000", "--model-dir", "{d}/m"],
          "--tile-size"),

@@ -20,7 +20,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         prog="train.py", formatter_class=HelpFormatter, add_help=add_help,
         description="Train a UNet on EM slices (ISBI 2012 layout, images/+labels/ folders, own TIFF stacks, "
                     "folders or zarr/N5/HDF5 volumes, or the built-in synthetic set).\n"
-                    "One device: python train.py ...   Many: torchrun --nproc_per_node=8 train.py ...")
+                    "One device: python train.py ...   Many: torchrun --nproc_per_node=8 train.py ...\n"
+                    "Fine-tune: python train.py --init-from best.pt --train-images x.tif --train-labels y.tif ...")
     add_options(p, DataOptions)
     add_options(p, LabelOptions)
     add_options(p, RunConfig)

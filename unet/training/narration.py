@@ -34,12 +34,19 @@ def opening_lines(trainer) -> list[str]:
         f"model: {sum(p.numel() for p in t.model.parameters()):,} parameters, {cfg.padding} padding, "
         f"base {cfg.base_filters} filters, depth {cfg.depth}, {cfg.num_classes} classes; loss {c.loss}; step "
         + (f"compiled (mode {c.compile_mode})" if c.compile else "eager")
-        + f"; Adam {'fused' if t.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate " + lr]
+        + f"; Adam {'fused' if t.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate " + lr
+        + _freeze(c.freeze_encoder_steps)]
 
 
 def _labels(labels) -> str:
     ignore = f", ignore value {labels.ignore_label}" if labels.ignore_label is not None else ""
     return f"labels {labels.label_kind} ({labels.class_count} classes{ignore})"
+
+
+def _freeze(steps: int) -> str:
+    if not steps:
+        return ""
+    return "; encoder frozen for the whole run" if steps == -1 else f"; encoder frozen for the first {steps} steps"
 
 
 def resuming_line(model_dir: Path, step: int) -> str:
