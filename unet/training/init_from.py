@@ -61,7 +61,8 @@ def read_init(path: str) -> InitSource:
         weights = p / PACKAGE_WEIGHTS
         if not weights.is_file():
             raise UserError(f"--init-from {path}: the folder has no {PACKAGE_WEIGHTS}; give a bioimage.io package "
-                            f"exported by export.py (pytorch_state_dict weights) or a train.py checkpoint")
+                            f"exported by export.py (pytorch_state_dict weights) or a train.py checkpoint file "
+                            f"(e.g. {p / 'best.pt'})")
         return InitSource(path, "bioimageio", file_sha256(weights), _state_dict(weights.read_bytes(), path))
     # A torch checkpoint is a zip archive too: a package is the zip that holds weights.pt.
     data = None
