@@ -20,7 +20,7 @@ def test_binary_with_an_ignore_value():
 
 def test_classes_keep_their_values_and_ignore_becomes_IGNORE():
     raw = np.array([[0, 1, 2], [2, 9, 0]], np.uint16)
-    t = label_target(raw, "l.tif", LabelOptions(kind="classes", num_classes=3, ignore_label=9))
+    t = label_target(raw, "l.tif", LabelOptions(label_kind="classes", num_classes=3, ignore_label=9))
     assert t.dtype == np.uint8 and t.tolist() == [[0, 1, 2], [2, IGNORE, 0]]
 
 
@@ -36,21 +36,21 @@ def test_instances_become_a_membrane_map_that_parts_touching_objects():
                 [0, 0, 0, 0, 0, 0],
                 [0, 0, 0, 0, 0, 0]]
     assert instance_membrane_target(raw).tolist() == expected
-    assert label_target(raw, "l.tif", LabelOptions(kind="instances")).tolist() == expected
+    assert label_target(raw, "l.tif", LabelOptions(label_kind="instances")).tolist() == expected
 
 
 def test_instances_with_an_ignore_value():
     raw = np.array([[5, 5, 3], [5, 5, 3]], np.int32)
-    t = label_target(raw, "l.tif", LabelOptions(kind="instances", ignore_label=3))
+    t = label_target(raw, "l.tif", LabelOptions(label_kind="instances", ignore_label=3))
     # 3 is ignored (not an object): object 5 touches only ignored pixels, which count as background here.
     assert t.tolist() == [[1, 0, IGNORE], [1, 0, IGNORE]]
 
 
 @pytest.mark.parametrize("raw, options, message", [
     (np.array([[0, 3], [255, 0]], np.uint8), LabelOptions(), "l.tif: label values include {3}"),
-    (np.array([[0, 3], [4, 0]], np.uint8), LabelOptions(kind="classes", num_classes=3),
+    (np.array([[0, 3], [4, 0]], np.uint8), LabelOptions(label_kind="classes", num_classes=3),
      "l.tif: label values {3, 4} are outside 0..2; raise --num-classes"),
-    (np.array([[0, 3], [4, 9]], np.uint8), LabelOptions(kind="classes", num_classes=3, ignore_label=9),
+    (np.array([[0, 3], [4, 9]], np.uint8), LabelOptions(label_kind="classes", num_classes=3, ignore_label=9),
      "l.tif: label values {3, 4} are outside 0..2 and not the ignore value 9"),
     (np.zeros((2, 2, 3), np.uint8), LabelOptions(), "l.tif: labels have 2 channels"),
     (np.zeros((2, 2), np.float32), LabelOptions(), "l.tif: labels are float32 but must be integers"),
@@ -71,9 +71,10 @@ def test_all_ignored_is_refused_and_one_labelled_pixel_is_enough():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "blobs"}, "--label-kind must be one of binary, classes, instances"),
-    ({"kind": "classes", "num_classes": 1}, "--num-classes must be from 2 to 255, got 1"),
-    ({"kind": "binary", "num_classes": 3}, "--num-classes 3 needs --label-kind classes"),
+    ({"label_kind": "blobs"}, "--label-kind must be one of binary, classes, instances"),
+    ({"label_kind": "classes", "num_classes": 1}, "--num-classes must be from 2 to 255, got 1"),
+    ({"label_kind": "binary", "num_classes": 3}, "--num-classes 3 needs --label-kind classes"),
+    ({"label_kind": "classes"}, "--label-kind classes needs --num-classes K"),
 ])
 def test_inconsistent_options_are_refused(kwargs, message):
     with pytest.raises(UserError) as e:

@@ -51,7 +51,9 @@ def test_help_lists_group_and_default():
 
 def test_inherit_makes_every_default_none_and_says_so():
     p, args = parse([], DataOptions, inherit="the checkpoint")
-    assert vars(args) == {"data_dir": None, "fold": None, "folds": None, "fold_scheme": None, "seed": None}
+    assert vars(args) == {"data_dir": None, "fold": None, "folds": None, "fold_scheme": None, "seed": None,
+                          "train_images": None, "train_labels": None, "val_images": None, "val_labels": None,
+                          "val_slices": None}
     text = p.format_help()
     assert "(default: from the checkpoint)" in text and "(default: None)" not in text
     _, args = parse(["--fast"], inherit="x")
@@ -78,7 +80,8 @@ def test_skip_and_only_choose_fields():
 
 def test_identity_fields_are_the_marked_ones_in_order():
     assert identity_fields(Toy) == ("mode", "fast")
-    assert identity_fields(DataOptions) == ("data_dir", "fold", "folds", "fold_scheme", "seed")
+    assert identity_fields(DataOptions) == ("data_dir", "fold", "folds", "fold_scheme", "seed", "train_images",
+                                            "train_labels", "val_images", "val_labels", "val_slices")
 
 
 def test_instance_flags_are_prefixed_and_fill_is_inverted():

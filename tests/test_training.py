@@ -69,7 +69,9 @@ PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "wo
 
 
 # Flags added since, stored after world_size (checkpoints without them resume with their defaults).
-NEW_ARGS = ("loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level")
+NEW_ARGS = ("loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level", "train_images",
+            "train_labels", "val_images", "val_labels", "val_slices", "label_kind", "num_classes", "ignore_label",
+            "init_from", "freeze_encoder_steps")
 
 
 def test_run_config_holds_every_flag_and_is_frozen():
@@ -96,6 +98,7 @@ def test_checkpoint_written_before_run_config_resumes_bit_identically(tmp_path):
     assert set(flat) == set(PRE_RUNCONFIG_ARGS)  # and no "loss": it resumes as the ce_dice run it was
     old_args = {k: flat[k] for k in PRE_RUNCONFIG_ARGS}
     old_args["compile"] = False  # a store_true flag then
+    old_args["learning_rate"] = 1e-4  # a plain default then (now None until resolved by --init-from)
     ckpt["args"], ckpt["best_dice"] = old_args, ckpt.pop("best_dice_nvidia")
     torch.save(ckpt, path)
     resumed = run(tmp_path, *common, "--resume", name="old")

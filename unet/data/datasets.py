@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unet.data.folds import SCHEMES
+from unet.data.folds import SCHEMES, parse_slice_range
+from unet.data.labels import LabelOptions, label_target
 from unet.data.synthetic import make_synthetic_em
 from unet.distributed import env_info
 from unet.errors import UserError
@@ -28,8 +29,11 @@ DATA_GROUP = "data"
 class DataOptions:
     """Which data a run reads and which slices it holds out (train.py and evaluate.py spell them alike).
 
-    All five are part of a training run's identity. evaluate.py takes them with every default None, meaning
-    "what the checkpoint was trained with".
+    All are part of a training run's identity. evaluate.py takes them with every default None, meaning
+    "what the checkpoint was trained with". The data is ``--data-dir`` (ISBI layout or images/ + labels/),
+    the built-in synthetic set, or own images and labels (``--train-images`` / ``--train-labels``: each a
+    TIFF stack, a folder of TIFF/PNG files, or a chunked volume such as ``v.zarr/raw`` or ``v.h5/raw``).
+    Validation: a fold, a contiguous z-range (``--val-slices``) or a separate set (``--val-images``).
     """
 
     data_dir: str | None = option(
@@ -44,6 +48,22 @@ class DataOptions:
                               choices=SCHEMES, group=DATA_GROUP, identity=True)
     seed: int = option(0, "seed of the fold permutation and, in training, of weights, data stream and dropout",
                        flags="--seed", parse=int, group=DATA_GROUP, identity=True)
+    train_images: str | None = option(
+        None, "own training images instead of --data-dir: a TIFF stack, a folder of TIFF/PNG files (sorted by "
+              "name), or a chunked volume (v.zarr/raw, img.ome.zarr, v.n5/raw, v.h5/raw)",
+        flags="--train-images", metavar="PATH", group=DATA_GROUP, identity=True)
+    train_labels: str | None = option(None, "labels of --train-images, slice for slice (same forms; see "
+                                            "--label-kind)", flags="--train-labels", metavar="PATH",
+                                      group=DATA_GROUP, identity=True)
+    val_images: str | None = option(None, "own validation images (same forms as --train-images), instead of a "
+                                          "fold or --val-slices", flags="--val-images", metavar="PATH",
+                                    group=DATA_GROUP, identity=True)
+    val_labels: str | None = option(None, "labels of --val-images", flags="--val-labels", metavar="PATH",
+                                    group=DATA_GROUP, identity=True)
+    val_slices: str | None = option(None, "validate on the contiguous slices A to B-1 (0-based) and train on the "
+                                          "rest, instead of a fold (neighbouring EM slices are correlated: a random "
+                                          "split leaks)", flags="--val-slices", parse=parse_slice_range,
+                                    metavar="A:B", group=DATA_GROUP, identity=True)
 
 @dataclass
 class SliceSet:
@@ -51,7 +71,8 @@ class SliceSet:
 
     Args:
         images: float32 ``(C, H, W)`` arrays scaled to [0, 1].
-        labels: uint8 ``(H, W)`` arrays with values {0, 1} (1 = cell interior), or None (no labels).
+        labels: uint8 ``(H, W)`` targets: classes 0..K-1 (binary: 1 = cell interior) or
+            :data:`unet.data.labels.IGNORE`, or None (no labels).
         names: one name per slice (file stem, plus ``_NNN`` page index for multi-page stacks).
         source: the data directory, or ``"synthetic"``.
     """
@@ -134,7 +155,7 @@ def _dataset_files(root: Path, split: str) -> tuple[list[Path], list[Path] | Non
 
 
 def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_labels: bool = True,
-                 channels: int | None = 1) -> SliceSet:
+                 channels: int | None = 1, label_options: LabelOptions | None = None) -> SliceSet:
     """Load and validate a data set of 2D slices and binary labels.
 
     Layouts: ISBI 2012 (``train-volume.tif`` + ``train-labels.tif``; split ``test`` reads ``test-volume.tif``
@@ -146,6 +167,8 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
         split: ``train`` or ``test`` (ISBI layout).
         require_labels: fail when there are no labels (training, evaluation); otherwise labels may be None.
         channels: channels every image must have (1: grayscale); None accepts any consistent count.
+        label_options: the label kind, K and ignore value (:func:`unet.data.labels.label_target`); None: binary
+            {0, 255} / {0, 1} labels as always (and their messages).
 
     Returns:
         A validated :class:`SliceSet`.
@@ -184,7 +207,7 @@ def load_dataset(data_dir: str | Path | None, *, split: str = "train", require_l
                             f"every image slice needs exactly one label")
         labels = []
         for img, raw, lo, io_ in zip(images, raw_labels, label_origin, image_origin):
-            lab = _as_label(raw, lo)
+            lab = _as_label(raw, lo) if label_options is None else label_target(raw, lo, label_options)
             if lab.shape != img.shape[1:]:
                 raise UserError(f"{lo}: label size {lab.shape[1]}x{lab.shape[0]} differs from image size "
                                 f"{img.shape[2]}x{img.shape[1]} of {io_.name}; labels must match their images")

@@ -62,3 +62,46 @@ def fold_indices(n: int, fold: int | None, folds: int = 5, scheme: str = "disjoi
     val = sorted(int(i) for i in parts[fold])
     train = sorted(int(i) for k, part in enumerate(parts) if k != fold for i in part)
     return train, val
+
+
+def parse_slice_range(text: str) -> str:
+    """``--val-slices`` text ``A:B`` (slices A to B-1, 0-based, B > A >= 0), as the canonical ``"A:B"``.
+
+    Kept as text so that checkpoints store and compare it as plain data.
+
+    Raises:
+        ValueError: with the message the user sees after ``argument --val-slices:``.
+    """
+    parts = str(text).split(":")
+    try:
+        start, stop = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"must be A:B (slices A to B-1, e.g. 20:25), got {text!r}") from None
+    if not 0 <= start < stop:
+        raise ValueError(f"must be A:B with 0 <= A < B, got {text!r}")
+    return f"{start}:{stop}"
+
+
+def slice_range_indices(n: int, text: str, where: str) -> tuple[list[int], list[int]]:
+    """Training and validation indices of a contiguous held-out z-range (``--val-slices A:B``).
+
+    Neighbouring EM slices are strongly correlated, so a random slice split leaks; a contiguous block does not
+    (apart from its two edges).
+
+    Args:
+        n: slices in the data.
+        text: ``"A:B"`` (:func:`parse_slice_range`).
+        where: the data, for messages.
+
+    Returns:
+        (training indices, validation indices A..B-1).
+
+    Raises:
+        UserError: the range does not fit the data or leaves nothing to train on.
+    """
+    start, stop = (int(p) for p in parse_slice_range(text).split(":"))
+    if stop > n:
+        raise UserError(f"--val-slices {text}: {where} has {n} slices (0 to {n - 1}); pick a range inside them")
+    if stop - start == n:
+        raise UserError(f"--val-slices {text} holds out all {n} slices of {where}; leave some to train on")
+    return [i for i in range(n) if not start <= i < stop], list(range(start, stop))

@@ -32,26 +32,46 @@ GROUP = "labels"
 
 @dataclass(frozen=True)
 class LabelOptions:
-    """How label files are read into training targets (all three are part of a training run's identity)."""
+    """How label files are read into training targets (all three are part of a training run's identity).
 
-    kind: str = option("binary", "binary: 0 = membrane, 255 (or 1) = cell; classes: values 0..K-1; instances: "
-                                 "one id per object (0 = background), trained as a membrane map",
-                       flags="--label-kind", choices=LABEL_KINDS, group=GROUP, identity=True)
-    num_classes: int = option(2, "classes K the model predicts (--label-kind classes; binary and instances "
-                                 "have 2)", flags="--num-classes", parse=positive_int, group=GROUP,
-                              identity=True)
+    ``num_classes`` None means "not given": 2 for binary and instance labels; with ``--init-from``, a model
+    whose class count differs from the init checkpoint's is refused unless ``--num-classes`` says so.
+    """
+
+    label_kind: str = option("binary", "binary: 0 = membrane, 255 (or 1) = cell; classes: values 0..K-1; "
+                                       "instances: one id per object (0 = background), trained as a membrane map",
+                             flags="--label-kind", choices=LABEL_KINDS, group=GROUP, identity=True)
+    num_classes: int | None = option(None, "classes K the model predicts (needed with --label-kind classes; binary "
+                                           "and instances have 2)", flags="--num-classes", parse=positive_int,
+                                     group=GROUP, identity=True)
     ignore_label: int | None = option(None, "raw label value that counts in no loss term and no metric "
                                             "(sparse annotations, scribbles)", flags="--ignore-label", parse=int,
                                       group=GROUP, identity=True)
 
     def __post_init__(self):
-        if self.kind not in LABEL_KINDS:
-            raise UserError(f"--label-kind must be one of {', '.join(LABEL_KINDS)}, got {self.kind!r}")
+        if self.label_kind not in LABEL_KINDS:
+            raise UserError(f"--label-kind must be one of {', '.join(LABEL_KINDS)}, got {self.label_kind!r}")
+        if self.num_classes is None:
+            if self.label_kind == "classes":
+                raise UserError("--label-kind classes needs --num-classes K (the label values are 0..K-1)")
+            return
         if not 2 <= self.num_classes <= MAX_CLASSES:
             raise UserError(f"--num-classes must be from 2 to {MAX_CLASSES}, got {self.num_classes}")
-        if self.kind != "classes" and self.num_classes != 2:
-            raise UserError(f"--num-classes {self.num_classes} needs --label-kind classes ({self.kind} labels "
-                            f"have 2 classes: membrane and cell)")
+        if self.label_kind != "classes" and self.num_classes != 2:
+            raise UserError(f"--num-classes {self.num_classes} needs --label-kind classes ({self.label_kind} "
+                            f"labels have 2 classes: membrane and cell)")
+
+    @property
+    def class_count(self) -> int:
+        """K: ``num_classes``, or 2 where it was not given."""
+        return 2 if self.num_classes is None else self.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class for the model config and the per-class metric keys (``dice_<name>``)."""
+        if self.label_kind != "classes":
+            return ["membrane", "cell"]
+        return [f"class_{k}" for k in range(self.class_count)]
 
 
 def label_target(raw: np.ndarray, path: Path | str, options: LabelOptions = LabelOptions()) -> np.ndarray:
@@ -71,9 +91,9 @@ def label_target(raw: np.ndarray, path: Path | str, options: LabelOptions = Labe
     """
     raw = _single_channel_integers(raw, path)
     ignored = raw == options.ignore_label if options.ignore_label is not None else np.zeros(raw.shape, bool)
-    if options.kind == "binary":
+    if options.label_kind == "binary":
         target = _binary(raw, ignored, path, options)
-    elif options.kind == "classes":
+    elif options.label_kind == "classes":
         target = _classes(raw, ignored, path, options)
     else:
         target = instance_membrane_target(np.where(ignored, 0, raw)).astype(np.uint8)
@@ -109,10 +129,10 @@ def _binary(raw: np.ndarray, ignored: np.ndarray, path, options: LabelOptions) -
 
 def _classes(raw: np.ndarray, ignored: np.ndarray, path, options: LabelOptions) -> np.ndarray:
     values = np.unique(raw[~ignored])
-    bad = values[(values < 0) | (values >= options.num_classes)]
+    bad = values[(values < 0) | (values >= options.class_count)]
     if bad.size:
         extra = f" and not the ignore value {options.ignore_label}" if options.ignore_label is not None else ""
-        raise UserError(f"{path}: label values {{{_shown(bad)}}} are outside 0..{options.num_classes - 1}{extra}; "
+        raise UserError(f"{path}: label values {{{_shown(bad)}}} are outside 0..{options.class_count - 1}{extra}; "
                         f"raise --num-classes or set --ignore-label")
     return raw.astype(np.uint8)
 

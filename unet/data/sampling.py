@@ -6,6 +6,11 @@ not depend on the number of loader workers, differs between ranks, and ``start_i
 resumes it where a checkpoint left off. Tiles are taken at native resolution from the mirror-padded slice
 (the UNet paper's overlap-tile strategy): the image is the ``input_size`` context around the
 ``output_size`` label crop, and crops near the border see mirrored image and mirrored label.
+
+Sparse labels (pixels with the ignore value): on a slice with ignored pixels the crop centre is a random
+labelled pixel (under augmentation the warped window is shifted so that its centre pixel samples it exactly),
+so every crop's label window holds a labelled pixel, and slices with none are never drawn. Slices without
+ignored pixels draw the centre anywhere, exactly as before.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unet.data.augment import AugmentConfig, intensity, sampling_grid, warp
 from unet.data.datasets import SliceSet
+from unet.data.labels import IGNORE
 from unet.device import usable_cpus
 from unet.errors import UserError
 
@@ -28,6 +34,17 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     period = 2 * (n - 1)
     idx = np.mod(idx, period)
     return np.where(idx >= n, period - idx, idx)
+
+
+def _pinned(grid: torch.Tensor, j: int, pixel: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """``grid`` shifted so that tile pixel ``(j, j)`` samples the centre of source ``pixel`` exactly.
+
+    The elastic deformation adds a displacement of ~10 px at the tile centre; on a slice with a few labelled
+    pixels that would often move the label window off them. A shift keeps the warp's shape.
+    """
+    (y, x), (h, w) = pixel, shape
+    target = torch.tensor([x * (2.0 / max(w - 1, 1)) - 1.0, y * (2.0 / max(h - 1, 1)) - 1.0], dtype=grid.dtype)
+    return grid + (target - grid[0, j, j])
 
 
 class TrainTiles(IterableDataset):
@@ -83,13 +100,17 @@ class TrainTiles(IterableDataset):
             raise ValueError("weights: one map per label slice, of the label's shape")
         self._tweights = ([torch.from_numpy(w)[None] for w in self._weights]
                           if self._weights is not None and self.config is not None else [])
+        # Flat indices of the labelled pixels of each slice with ignored pixels (None: densely labelled).
+        self._labelled = [np.flatnonzero(lab != IGNORE) if (lab == IGNORE).any() else None for lab in self._labels]
+        self._drawable = [k for k, idx in enumerate(self._labelled) if idx is None or idx.size]
+        if not self._drawable:
+            raise UserError(f"{slices.source}: every training label pixel has the ignore value; nothing to train on")
 
     def sample(self, index: int) -> tuple[torch.Tensor, ...]:
         """Sample ``index`` of this rank's stream (a pure function of seed, rank and index)."""
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
-        k = int(rng.integers(len(self._images)))
+        k, (cy, cx) = self._crop_centre(rng)
         _, h, w = self._images[k].shape
-        cy, cx = int(rng.integers(h)), int(rng.integers(w))
         # Label crop [top, top + out) x [left, left + out) is centred on (cy, cx).
         top, left = cy - self.output_size // 2, cx - self.output_size // 2
         if self.config is None:
@@ -97,6 +118,8 @@ class TrainTiles(IterableDataset):
         size, m = self.input_size, self.margin
         centre = (top - m + (size - 1) / 2, left - m + (size - 1) / 2)
         grid = sampling_grid(rng, self.config, size, centre, (h, w))
+        if self._labelled[k] is not None:  # sparse: elastic warps move the window, so pin it to the pixel
+            grid = _pinned(grid, m + self.output_size // 2, (cy, cx), (h, w))
         image = warp(self._timages[k], grid, self.config.interpolation)
         label_grid = grid[:, m:m + self.output_size, m:m + self.output_size]
         label = warp(self._tlabels[k], label_grid, "nearest")[0].to(torch.uint8)
@@ -104,6 +127,18 @@ class TrainTiles(IterableDataset):
         if self._weights is None:
             return tile
         return (*tile, warp(self._tweights[k], label_grid, "bilinear")[0])
+
+    def _crop_centre(self, rng: np.random.Generator) -> tuple[int, tuple[int, int]]:
+        """A slice and a crop centre on it: anywhere on a dense slice, on a labelled pixel of a sparse one."""
+        if len(self._drawable) == len(self._images):  # the draws of dense data sets are the same as ever
+            k = int(rng.integers(len(self._images)))
+        else:
+            k = self._drawable[int(rng.integers(len(self._drawable)))]
+        _, h, w = self._images[k].shape
+        labelled = self._labelled[k]
+        if labelled is None:
+            return k, (int(rng.integers(h)), int(rng.integers(w)))
+        return k, divmod(int(labelled[rng.integers(labelled.size)]), w)
 
     def _crop(self, k: int, top: int, left: int) -> tuple[torch.Tensor, ...]:
         image, label = self._images[k], self._labels[k]

@@ -2,8 +2,9 @@
 ensemble's mean probability) with the settings of :class:`EvaluateOptions`, and :func:`find_checkpoints` (the
 runs of a cross-validation folder). ``evaluate.py`` (:mod:`unet.cli.evaluate`) is the command around them.
 
-Data directory, fold, folds, scheme and seed are :class:`~unet.data.datasets.DataOptions` whose ``None``
-fields mean "as the checkpoint was trained" (else DataOptions' defaults).
+Data directory (or own images and labels), fold (or held-out z-range, or validation set), folds, scheme and seed
+are :class:`~unet.data.datasets.DataOptions` whose ``None`` fields mean "as the checkpoint was trained" (else
+DataOptions' defaults). The label kind, K and ignore value are always the checkpoint's (its model predicts them).
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
-from unet.data.datasets import DATA_GROUP, DataOptions, load_dataset
-from unet.data.folds import fold_indices
+from unet.data.datasets import DATA_GROUP, DataOptions
+from unet.data.folds import fold_indices, slice_range_indices
+from unet.data.labels import LabelOptions
+from unet.data.own_data import load_whole_set, read_pair, source_exists
 from unet.device import DeviceSetup
 from unet.distributed import DistInfo
 from unet.errors import UserError
@@ -29,6 +32,10 @@ from unet.prediction.tiling import TilingOptions
 
 # Every field None: each setting as the checkpoint was trained (else DataOptions' default).
 AS_TRAINED = DataOptions(data_dir=None, fold=None, folds=None, fold_scheme=None, seed=None)
+# Settings chosen together: one given on the command line replaces the checkpoint's whole group (a --data-dir
+# replaces the checkpoint's own images, a --val-slices its fold).
+SOURCE_GROUP = ("data_dir", "train_images", "train_labels")
+VALIDATION_GROUP = ("fold", "val_slices", "val_images", "val_labels")
 _DEFAULTS = DataOptions()  # what a setting is when neither the command line nor the checkpoint gives it
 
 
@@ -89,44 +96,62 @@ def find_checkpoints(cv_dir: str | Path) -> list[Path]:
 
 
 def _resolve_run(data: DataOptions, all_images: bool, ckpt: dict) -> dict[str, Any]:
-    """Data dir, fold, folds, scheme and seed: ``data`` where not None, else the checkpoint's, else the default."""
+    """The data and held-out slices to evaluate: ``data`` where given, else the checkpoint's, else the default.
+
+    Returns:
+        DataOptions' field names (plus ``labels``, a :class:`LabelOptions`), and where the data and the
+        validation choice came from (``data_from``, ``fold_from``).
+    """
     saved = ckpt.get("args") or {}
     if not isinstance(saved, dict):
         saved = {}
-
-    def pick(name):
+    run: dict[str, Any] = {}
+    for group, key in ((SOURCE_GROUP, "data_from"), (VALIDATION_GROUP, "fold_from")):
+        given = any(getattr(data, name) is not None for name in group)
+        recorded = any(saved.get(name) is not None for name in group)
+        run[key] = "command line" if given else "checkpoint" if recorded else "default"
+        run.update({name: getattr(data, name) if given else saved.get(name) for name in group})
+    for name in ("folds", "fold_scheme", "seed"):
         given = getattr(data, name)
-        if given is not None:
-            return given, "command line"
-        if saved.get(name) is not None:
-            return saved[name], "checkpoint"
-        return getattr(_DEFAULTS, name), "default"
-
-    data_dir, data_from = pick("data_dir")
-    fold, fold_from = pick("fold")
-    folds, _ = pick("folds")
-    scheme, _ = pick("fold_scheme")
-    seed, _ = pick("seed")
+        run[name] = given if given is not None else saved.get(name, getattr(_DEFAULTS, name))
     if all_images:
-        fold, fold_from = None, "--all-images"
-    return {"data_dir": None if data_dir is None else str(data_dir), "data_from": data_from,
-            "fold": None if fold is None else int(fold), "fold_from": fold_from, "folds": int(folds),
-            "fold_scheme": str(scheme), "seed": int(seed)}
+        run.update({name: None for name in VALIDATION_GROUP}, fold_from="--all-images")
+    run["data_dir"] = None if run["data_dir"] is None else str(run["data_dir"])
+    run["fold"] = None if run["fold"] is None else int(run["fold"])
+    run.update(folds=int(run["folds"]), fold_scheme=str(run["fold_scheme"]), seed=int(run["seed"]))
+    run["labels"] = LabelOptions(label_kind=saved.get("label_kind", "binary"), num_classes=saved.get("num_classes"),
+                                 ignore_label=saved.get("ignore_label"))
+    return run
+
+
+def _data_options(run: dict) -> DataOptions:
+    return DataOptions(**{f: run[f] for f in ("data_dir", "fold", "folds", "fold_scheme", "seed", "train_images",
+                                              "train_labels", "val_images", "val_labels", "val_slices")})
 
 
 def _load_data(run: dict, ckpt_path: Path, split: str, cache: dict):
-    key = (run["data_dir"], split)
+    """The slices the validation indices refer to: the validation set, or the whole training data."""
+    key = tuple(run[f] for f in SOURCE_GROUP + ("val_images", "val_labels")) + (split, run["labels"])
     if key not in cache:
-        d = run["data_dir"]
-        if d is not None and run["data_from"] == "checkpoint" and not Path(d).exists():
-            raise UserError(f"{d}: the data directory recorded in checkpoint {ckpt_path} does not exist here; "
-                            f"pass --data-dir")
+        for name in ("data_dir", "train_images", "val_images"):
+            d = run[name]
+            if d is not None and run["data_from" if name != "val_images" else "fold_from"] == "checkpoint" \
+                    and not source_exists(d):
+                raise UserError(f"{d}: the data recorded in checkpoint {ckpt_path} does not exist here; pass "
+                                f"--{name.replace('_', '-')}")
         # channels=None: the channel check below names the checkpoint, which the reader cannot.
-        cache[key] = load_dataset(d, split=split, require_labels=True, channels=None)
+        if run["val_images"] is not None:
+            cache[key] = read_pair(run["val_images"], run["val_labels"], run["labels"], channels=None)
+        else:
+            cache[key] = load_whole_set(_data_options(run), run["labels"], split=split, channels=None)
     return cache[key]
 
 
 def _data_description(run: dict, slices) -> str:
+    own = run["val_images"] or run["train_images"]
+    if own is not None:
+        came_from = run["data_from"] if run["val_images"] is None else run["fold_from"]
+        return f"{own} ({len(slices)} slices, from the {came_from})"
     if run["data_dir"] is None:
         h, w = slices.images[0].shape[1:]
         return (f"built-in synthetic EM data ({len(slices)} slices of {w}x{h}; no --data-dir given and "
@@ -135,6 +160,10 @@ def _data_description(run: dict, slices) -> str:
 
 
 def _fold_description(run: dict, n_val: int) -> str:
+    if run["val_images"] is not None:
+        return f"the validation set {run['val_images']}: {n_val} slices"
+    if run["val_slices"] is not None:
+        return f"slices {run['val_slices']} (held out as a z-range): {n_val} validation slices"
     if run["fold"] is None:
         why = ("--all-images" if run["fold_from"] == "--all-images"
                else "the checkpoint was trained on all slices (no fold)")
@@ -152,9 +181,12 @@ def _check_channels(model: torch.nn.Module, slices, path: Path) -> None:
 
 
 def _validation_indices(run: dict, num_slices: int, path: Path) -> list[int]:
+    if run["val_images"] is not None or run["fold"] is None and run["val_slices"] is None:
+        return list(range(num_slices))  # a validation set, or no fold: every slice
+    if run["val_slices"] is not None:
+        return slice_range_indices(num_slices, run["val_slices"], run["train_images"] or run["data_dir"]
+                                   or "the synthetic set")[1]
     _, val = fold_indices(num_slices, run["fold"], run["folds"], run["fold_scheme"], run["seed"])
-    if run["fold"] is None:
-        val = list(range(num_slices))
     if not val:
         raise UserError(f"fold {run['fold']} of checkpoint {path} has no validation slices")
     return val
@@ -171,9 +203,11 @@ def _check_same_fold(paths: list[Path], ckpts: list[dict], num_slices: int) -> N
 
     def held_out(ckpt: dict) -> tuple:
         run = _resolve_run(AS_TRAINED, False, ckpt)
-        data = None if run["data_dir"] is None else str(Path(run["data_dir"]).resolve())
-        _, val = fold_indices(num_slices, run["fold"], run["folds"], run["fold_scheme"], run["seed"])
-        return data or "built-in synthetic data", val
+        source = run["val_images"] or run["train_images"] or run["data_dir"]
+        data = None if source is None else str(Path(source).resolve())
+        if run["val_images"] is None and run["fold"] is None and run["val_slices"] is None:
+            return data or "built-in synthetic data", []  # trained on all slices: nothing held out
+        return data or "built-in synthetic data", _validation_indices(run, num_slices, paths[0])
 
     first = held_out(ckpts[0])
     for path, ckpt in zip(paths[1:], ckpts[1:]):
@@ -247,11 +281,12 @@ def _record(paths: list[Path], run: dict, slices, split: str, subset, val: list[
     """The result record's main part (its key order is the JSON's)."""
     return {
         "checkpoint": " + ".join(map(str, paths)),
-        "data": {"source": "synthetic" if run["data_dir"] is None else run["data_dir"],
+        "data": {"source": run["val_images"] or run["train_images"] or run["data_dir"] or "synthetic",
                  "from": run["data_from"], "split": split, "num_slices": len(slices),
                  "description": _data_description(run, slices)},
         "fold": {"fold": run["fold"], "folds": run["folds"], "scheme": run["fold_scheme"], "seed": run["seed"],
-                 "from": run["fold_from"], "val_indices": val, "val_names": subset.names},
+                 "val_slices": run["val_slices"], "val_images": run["val_images"], "from": run["fold_from"],
+                 "val_indices": val, "val_names": subset.names},
         "tiling": {**_tiling_record(tiling), "plans": plans},
         "metrics": metrics,
         "seconds": seconds,

@@ -16,12 +16,28 @@ CV_METRICS = {"dice_nvidia": "Dice (NVIDIA)", "dice_mean": "Dice (mean)", "iou_m
 STD_KIND = "sample standard deviation over folds (ddof=1)"
 
 
-def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] = tuple(CV_METRICS)) -> dict:
+def metric_columns(per_fold: Sequence[dict[str, float]]) -> dict[str, str]:
+    """:data:`CV_METRICS`, plus one Dice and one IoU column per class when the folds have more than two classes.
+
+    With K > 2 classes the means over classes hide which class fails; with two, ``dice_nvidia`` and the means
+    say enough and the table stays as it always was. Per-class keys are ``dice_<class name>`` /
+    ``iou_<class name>`` (:class:`unet.metrics.segmentation.SegmentationMetrics`).
+    """
+    columns = dict(CV_METRICS)
+    names = [k[len("dice_"):] for k in (per_fold[0] if per_fold else {})
+             if k.startswith("dice_") and k not in CV_METRICS]
+    if len(names) > 2:
+        columns.update({f"dice_{n}": f"Dice {n}" for n in names})
+        columns.update({f"iou_{n}": f"IoU {n}" for n in names})
+    return columns
+
+
+def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] | None = None) -> dict:
     """Mean and sample standard deviation (ddof=1) of metrics over folds.
 
     Args:
         per_fold: one metrics dict per fold.
-        keys: the metrics to summarise.
+        keys: the metrics to summarise (default: :func:`metric_columns`).
 
     Returns:
         ``{"mean": {key: float}, "std": {key: float}, "std_kind": str, "num_folds": int}`` for the keys
@@ -29,6 +45,7 @@ def cv_summary(per_fold: Sequence[dict[str, float]], keys: Sequence[str] = tuple
         than two folds.
     """
     mean, std = {}, {}
+    keys = tuple(metric_columns(per_fold)) if keys is None else keys
     for key in [k for k in keys if all(k in f for f in per_fold)]:  # metrics every fold has
         values = np.array([f[key] for f in per_fold], dtype=np.float64)
         values = values[~np.isnan(values)]
@@ -48,8 +65,9 @@ def cv_markdown(fold_labels: Sequence[str], per_fold: Sequence[dict[str, float]]
     Returns:
         The table as text (no trailing newline).
     """
-    keys = [k for k in CV_METRICS if k in summary["mean"]]
-    lines = ["| Fold | " + " | ".join(CV_METRICS[k] for k in keys) + " |",
+    columns = metric_columns(per_fold)
+    keys = [k for k in columns if k in summary["mean"]]
+    lines = ["| Fold | " + " | ".join(columns[k] for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
     for label, m in zip(fold_labels, per_fold):
         lines.append(f"| {label} | " + " | ".join(fmt(m[k]) for k in keys) + " |")

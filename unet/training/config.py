@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from unet.data.augment import AUGMENT_LEVELS
 from unet.data.datasets import DataOptions
+from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
 from unet.errors import UserError
 from unet.model import PADDINGS
@@ -32,7 +33,12 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "weight_decay", "max_steps", "clip_grad", "seed", "compile", "model_dir", "evaluate_every",
                    "log_every", "save_every", "resume", "overwrite", "no_progress", "benchmark", "warmup_steps",
                    "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
-                   "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level")
+                   "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
+                   "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
+                   "num_classes", "ignore_label", "init_from", "freeze_encoder_steps")
+# Adam's rate without --learning-rate: UNet_Medical's 1e-4 from scratch; a tenth of it when fine-tuning
+# (--init-from), so that a handful of slices adjusts the trained weights instead of overwriting them.
+DEFAULT_LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-4, 1e-5
 
 
 def _alias(flag: str) -> tuple[str, str]:
@@ -44,8 +50,8 @@ def _alias(flag: str) -> tuple[str, str]:
 class RunConfig:
     """Everything that defines a training run; built once, never edited (:meth:`resolved` returns a copy).
 
-    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``device_options`` (:class:`DeviceOptions`,
-    the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
+    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``labels`` (:class:`LabelOptions`),
+    ``device_options`` (:class:`DeviceOptions`, the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
     ``amp_dtype`` (the dtype autocast really uses, None without ``--amp``) and ``world_size``.
     """
 
@@ -74,9 +80,11 @@ class RunConfig:
                                     identity=True)
     batch_size: int = option(8, "crops per step per device", flags=_alias("--batch-size"), parse=positive_int,
                              group="optimisation", identity=True)
-    learning_rate: float = option(1e-4, "Adam learning rate (the peak, with a warm-up or a decaying "
-                                        "--lr-schedule)", flags=_alias("--learning-rate"), parse=float,
-                                  group="optimisation", identity=True)
+    # None on the command line means "by --init-from"; resolved() fills it in.
+    learning_rate: float | None = option(
+        None, f"Adam learning rate (the peak, with a warm-up or a decaying --lr-schedule) (default: "
+              f"{DEFAULT_LEARNING_RATE:g}, or {FINE_TUNE_LEARNING_RATE:g} with --init-from)",
+        flags=_alias("--learning-rate"), parse=float, group="optimisation", identity=True)
     lr_schedule: str = option("constant", "constant (UNet_Medical); cosine or poly (nnU-Net's (1 - t)^0.9) decay "
                                           "to 0 at --max-steps", flags=_alias("--lr-schedule"),
                               choices=LR_SCHEDULES, group="optimisation", identity=True)
@@ -120,22 +128,36 @@ class RunConfig:
     peak_tflops: float | None = option(None, "device peak (TFLOP/s) for MFU; default: known accelerators, "
                                              "measured matmul peak on CPU", name="peak_tflops", parse=float,
                                        group="benchmark")
+    init_from: str | None = option(None, "fine-tune: start from this train.py checkpoint or bioimage.io package "
+                                         "(.zip or folder) of this project; weights load where shapes agree",
+                                   flags="--init-from", metavar="PATH", group="fine-tuning", identity=True)
+    freeze_encoder_steps: int = option(0, "with --init-from: keep the encoder (down path and bottleneck) fixed for "
+                                          "the first N steps (0: never, -1: the whole run)",
+                                       flags="--freeze-encoder-steps", parse=int, group="fine-tuning",
+                                       identity=True)
     data: DataOptions = field(default_factory=DataOptions)
+    labels: LabelOptions = field(default_factory=LabelOptions)
     device_options: DeviceOptions = field(default_factory=DeviceOptions)
     tiling: TilingOptions = field(default_factory=TilingOptions)
     amp_dtype: str | None = None
     world_size: int = 1
 
     def resolved(self, *, world_size: int, amp_dtype: str | None, compile_default: bool = False) -> "RunConfig":
-        """The derived values filled in, in this one place: the crop size by padding, ``compile`` as the flags
-        say or else ``compile_default`` (the device's choice), the dtype autocast uses and the world size."""
+        """The derived values filled in, in this one place: the crop size by padding, the learning rate by
+        ``--init-from``, ``compile`` as the flags say or else ``compile_default`` (the device's choice), the dtype
+        autocast uses and the world size."""
         input_size = self.input_size if self.input_size is not None else (572 if self.padding == "valid" else 256)
+        rate = self.learning_rate
+        if rate is None:
+            rate = FINE_TUNE_LEARNING_RATE if self.init_from is not None else DEFAULT_LEARNING_RATE
         return dataclasses.replace(self, input_size=input_size, world_size=world_size, amp_dtype=amp_dtype,
+                                   learning_rate=rate,
                                    compile=compile_default if self.compile is None else self.compile)
 
     def as_dict(self) -> dict:
         """The flat dict checkpoints store under ``"args"`` (``weights_only`` loads no dataclasses)."""
-        flat = {**asdict(self.data), "device": self.device_options.device, "amp": self.device_options.amp,
+        flat = {**asdict(self.data), **asdict(self.labels), "device": self.device_options.device,
+                "amp": self.device_options.amp,
                 **{k: v for k, v in asdict(self.tiling).items() if k not in TILING_SKIP},
                 **{f.name: getattr(self, f.name) for f, _ in option_fields(self)},
                 "amp_dtype": self.amp_dtype, "world_size": self.world_size}
@@ -149,13 +171,14 @@ class RunConfig:
 
 # Settings that define a run: resuming with any of them changed would silently mix two experiments. The device
 # and the world size are no RunConfig flags, hence named here: the precision autocast really used counts.
-RUN_IDENTITY = identity_fields(DataOptions) + identity_fields(RunConfig) + ("amp", "amp_dtype", "world_size")
+RUN_IDENTITY = (identity_fields(DataOptions) + identity_fields(LabelOptions) + identity_fields(RunConfig)
+                + ("amp", "amp_dtype", "world_size"))
 
 
 def identity_default(key: str):
     """What a checkpoint written before the identity setting ``key`` existed ran with: a key missing from an
     older checkpoint's ``"args"`` means that field's default (the flag's default then and now)."""
-    for cls in (DataOptions, RunConfig):
+    for cls in (DataOptions, LabelOptions, RunConfig):
         for f, _ in option_fields(cls):
             if f.name == key:
                 return field_default(f)
@@ -174,3 +197,9 @@ def check_config(config: RunConfig) -> None:
                         f"got {c.lr_warmup_steps}")
     if c.resume and c.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
+    if c.freeze_encoder_steps < -1:
+        raise UserError(f"--freeze-encoder-steps must be -1 (the whole run), 0 (never) or a step count, got "
+                        f"{c.freeze_encoder_steps}")
+    if c.freeze_encoder_steps and c.init_from is None:
+        raise UserError("--freeze-encoder-steps needs --init-from: a freshly initialised encoder is not worth "
+                        "keeping fixed")

@@ -22,19 +22,31 @@ def opening_lines(trainer) -> list[str]:
         trainer: the built :class:`unet.training.trainer.Trainer`.
     """
     t = trainer
-    c, cfg, ws, data = t.config, t.model_config, t.dist.world_size, t.config.data
+    c, cfg, ws = t.config, t.model_config, t.dist.world_size
     lr = (f"{c.learning_rate:g} {c.lr_schedule}"
           + (f" after {c.lr_warmup_steps} warm-up steps" if c.lr_warmup_steps else ""))
     return [
         f"unet-train: {t.dev.name()} ({t.dev.type}, {t.dev.amp_name}) x {ws} process(es); "
         f"global batch {t.global_batch} = {c.batch_size} per device x {ws}",
         f"data: {t.data_name}: {len(t.train_set)} training / {len(t.val_set)} validation "
-        f"slices (fold {data.fold} of {data.folds}, {data.fold_scheme}); crops {c.input_size} -> "
+        f"slices ({t.held_out}); {_labels(c.labels)}; crops {c.input_size} -> "
         f"{t.output_size}, augment {c.augment_level if c.augment else 'off'}, {t.workers} loader worker(s)",
         f"model: {sum(p.numel() for p in t.model.parameters()):,} parameters, {cfg.padding} padding, "
-        f"base {cfg.base_filters} filters, depth {cfg.depth}; loss {c.loss}; step "
+        f"base {cfg.base_filters} filters, depth {cfg.depth}, {cfg.num_classes} classes; loss {c.loss}; step "
         + (f"compiled (mode {c.compile_mode})" if c.compile else "eager")
-        + f"; Adam {'fused' if t.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate " + lr]
+        + f"; Adam {'fused' if t.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate " + lr
+        + _freeze(c.freeze_encoder_steps)]
+
+
+def _labels(labels) -> str:
+    ignore = f", ignore value {labels.ignore_label}" if labels.ignore_label is not None else ""
+    return f"labels {labels.label_kind} ({labels.class_count} classes{ignore})"
+
+
+def _freeze(steps: int) -> str:
+    if not steps:
+        return ""
+    return "; encoder frozen for the whole run" if steps == -1 else f"; encoder frozen for the first {steps} steps"
 
 
 def resuming_line(model_dir: Path, step: int) -> str:

@@ -10,6 +10,7 @@ import torch
 from unet.atomic import make_folder
 from unet.checkpoint import load_checkpoint, save_checkpoint
 from unet.data.datasets import DataOptions
+from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
 from unet.distributed import DistInfo, barrier, broadcast_object
 from unet.errors import UserError
@@ -91,5 +92,5 @@ def save(path: Path, model: torch.nn.Module, dist: DistInfo, saver: BackgroundCh
 
 def _setting(key: str) -> str:
     """The flag of an identity key, for messages; a plain name for keys no flag sets (world_size)."""
-    flags = (flag_of(cls, key) for cls in (DataOptions, RunConfig, DeviceOptions))
+    flags = (flag_of(cls, key) for cls in (DataOptions, LabelOptions, RunConfig, DeviceOptions))
     return next((f for f in flags if f), key.replace("_", " "))

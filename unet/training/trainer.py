@@ -16,8 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unet.data.augment import AugmentConfig
-from unet.data.datasets import load_dataset
-from unet.data.folds import fold_indices
+from unet.data.own_data import load_split
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, env_info, process_group, rank0_printer,
@@ -32,6 +31,7 @@ from unet.training import narration, resume as checkpoints
 from unet.training.background_save import BackgroundCheckpointer
 from unet.training.benchmark import run_benchmark
 from unet.training.config import LOSSES, WEIGHT_MAP_SIGMA, WEIGHT_MAP_W0, RunConfig, check_config
+from unet.training.init_from import apply_init, encoder_frozen, parameter_groups, read_init
 from unet.training.lr_schedule import learning_rate_at
 from unet.checkpoint import model_from_checkpoint
 from unet.weight_map import unet_weight_map
@@ -180,7 +180,8 @@ class Trainer:
     def __init__(self, config: RunConfig, dist: DistInfo, dev: DeviceSetup):
         self.config, self.dist, self.dev = config, dist, dev
         self.model_dir = Path(config.model_dir)
-        self.data_name = config.data.data_dir or "built-in synthetic EM set"
+        self.data_name = config.data.train_images or config.data.data_dir or "built-in synthetic EM set"
+        self.init: dict | None = None  # --init-from: what the weights started from (path, sha256, ...)
         self.say = rank0_printer(dist)
         self.tiling = config.tiling
         self.global_batch = config.batch_size * dist.world_size
@@ -239,12 +240,14 @@ class Trainer:
                               self.config.clip_grad)
 
     def set_learning_rate(self, step: int) -> None:
-        """The schedule's rate for ``step`` into every param group (a function of the step alone: resumable)."""
+        """The schedule's rate for ``step`` into every param group, 0 for a frozen encoder's (a function of the
+        step alone: resumable)."""
         c = self.config
         self.lr = learning_rate_at(step, peak=c.learning_rate, max_steps=c.max_steps, schedule=c.lr_schedule,
                                    warmup_steps=c.lr_warmup_steps)
+        frozen = encoder_frozen(step, c.freeze_encoder_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = 0.0 if frozen and group.get("encoder") else self.lr
 
     def report_first_step(self, started: float) -> float:
         """The first step's time (it holds torch.compile's compilation): one device sync, printed by rank 0."""
@@ -275,10 +278,8 @@ class Trainer:
 
     def load_data(self) -> None:
         c = self.config
-        d = c.data
-        slices = load_dataset(d.data_dir)
-        train_idx, val_idx = fold_indices(len(slices), d.fold, d.folds, d.fold_scheme, d.seed)
-        self.train_set, self.val_set = slices.subset(train_idx), slices.subset(val_idx)
+        split = load_split(c.data, c.labels)
+        self.train_set, self.val_set, self.held_out = split.train, split.val, split.held_out
         if c.loss == "weighted_ce":
             self.train_weights = self.weight_maps()
 
@@ -291,12 +292,16 @@ class Trainer:
         return maps
 
     def new_model(self) -> UNet:
-        """Freshly initialised weights, the same on every rank (DDP also broadcasts them)."""
+        """Freshly initialised weights (or ``--init-from``'s where they fit), the same on every rank."""
         c = self.config
         self.model_config = ModelConfig(in_channels=self.train_set.images[0].shape[0], base_filters=c.base_filters,
-                                        depth=c.depth, padding=c.padding, batch_norm=c.batch_norm, dropout=c.dropout)
+                                        depth=c.depth, padding=c.padding, batch_norm=c.batch_norm, dropout=c.dropout,
+                                        num_classes=c.labels.class_count, class_names=c.labels.class_names)
         torch.manual_seed(c.data.seed)
         model = UNet(self.model_config)
+        if c.init_from is not None:  # checked before anything is written; a resume then loads last.pt over it
+            self.init, line = apply_init(model, read_init(c.init_from), c.labels)
+            self.say(line)
         try:
             self.output_size = model.output_size(c.input_size)
         except ValueError as e:
@@ -316,12 +321,13 @@ class Trainer:
         if resume is not None:
             model = model_from_checkpoint(resume, self.model_dir / "last.pt")
         self.model = self.dev.prepare_model(model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
-                                          **self.dev.optimizer_kwargs())
+        self.optimizer = torch.optim.Adam(parameter_groups(self.model, c.freeze_encoder_steps), lr=c.learning_rate,
+                                          weight_decay=c.weight_decay, **self.dev.optimizer_kwargs())
         self.scaler = self.dev.grad_scaler()
         if resume is not None:
             self.step, self.best_dice_nvidia, self.best_step = checkpoints.load_state(resume, self.optimizer,
                                                                                       self.scaler)
+            self.init = resume.get("init", self.init)
         self.forward_loss = self.compiled_step()
         self.workers = default_workers(self.dev.type) if c.workers is None else c.workers
         augment = AugmentConfig.level(c.augment_level) if c.augment else False
@@ -424,7 +430,8 @@ class Trainer:
         if self.dist.is_main:  # only rank 0 writes: the others skip gathering the state
             state = dict(step=self.step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          rng=self.dev.rng_state(), args=self.config.as_dict(), metrics=metrics or {},
-                         best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step, summary=summary)
+                         best_dice_nvidia=self.best_dice_nvidia, best_step=self.best_step, summary=summary,
+                         init=self.init)
         checkpoints.save(self.model_dir / name, self.model, self.dist, self.saver, **state)
 
     def finish(self) -> dict:
@@ -437,13 +444,13 @@ class Trainer:
                    "final_validation": self.last_metrics, "model_dir": str(self.model_dir), "fold": c.data.fold,
                    "fold_scheme": c.data.fold_scheme, "data": str(self.data_name), "loss": c.loss,
                    "compile": c.compile, "compile_mode": c.compile_mode if c.compile else None,
-                   "first_step_s": self.first_step_s}
+                   "first_step_s": self.first_step_s, "held_out": self.held_out, "init": self.init}
         self.save("last.pt", self.last_metrics, summary=summary)
         if self.saver is not None:
             self.saver.flush()  # last.pt is on disk before summary.json says the run is done
         if self.dist.is_main:
             write_json(self.model_dir / "summary.json", summary)
             plot_curves(self.log.read(), self.model_dir / "curves.png",
-                        title=f"fold {c.data.fold} ({c.data.fold_scheme}), {self.data_name}")
+                        title=f"{self.held_out}, {self.data_name}")
             self.say(narration.done_line(summary))
         return summary
