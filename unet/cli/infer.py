@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from unet.atomic import file_sha256
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.device import DeviceOptions, PrecisionOptions, prediction_device
 from unet.errors import UserError
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> RunResult:
     jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
                      overlay_dir=settings.overlay, overwrite=settings.overwrite,
                      in_channels=model.config.in_channels, instances=settings.instances,
-                     volume=options_from(args, VolumeOptions))
+                     volume=options_from(args, VolumeOptions), resume=settings.resume)
     device = options_from(args, DeviceOptions)
     dev = prediction_device(device, options_from(args, PrecisionOptions).precision)
     model = dev.prepare_model(model)
@@ -81,15 +82,27 @@ def main(args: argparse.Namespace) -> RunResult:
     print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
           f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
     startup = time.perf_counter() - start
-    result = run_inference(model, dev, jobs, settings, options=options,
-                           instance_options=inst_options, forward=forward)
+    result = run_inference(model, dev, jobs, settings, options=options, instance_options=inst_options,
+                           forward=forward, identity=_run_identity(jobs, ckpts, dev))
     result.startup_seconds = startup
     _report(jobs, settings, result)
     return result
 
 
+def _run_identity(jobs: list[Job], ckpts: tuple[str, ...], dev) -> dict | None:
+    """What a block-wise run's ``--resume`` must find unchanged besides input and tiling: the checkpoints' bytes
+    (SHA-256; a retrained best.pt under the same name is another model) and the precision. None when no job is
+    block-wise (hashing a checkpoint costs a read of it)."""
+    if not any(job.blockwise for job in jobs):
+        return None
+    return {"checkpoints": [file_sha256(c) for c in ckpts], "precision": dev.amp_name}
+
+
 def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:
     """What was written, and the timings (start-up and warm-up apart from the streaming run)."""
+    if result.blocks:
+        print(f"blocks: {result.blocks - result.blocks_skipped} of {result.blocks} predicted"
+              + (f" ({result.blocks_skipped} found complete by --resume)" if result.blocks_skipped else ""))
     for job in jobs:
         extra = [p for p in (job.probabilities, job.instances) if p is not None]
         print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))
