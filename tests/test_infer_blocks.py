@@ -202,3 +202,86 @@ def test_bad_block_size_is_a_usage_error(data, tmp_path, capsys):
         infer(["--ckpt", str(data["ckpts"]["same"]), "--input", str(data["root"] / "em.ome.zarr"), "--output",
                str(tmp_path / "m.zarr"), "--block-size", "0"])
     assert e.value.code == 2 and "argument --block-size: must be N or HxW" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- several processes
+
+def test_two_ranks_share_the_blocks(data, tmp_path, monkeypatch):
+    """The rank protocol in one process: rank 0 creates the outputs, rank 1 (run where rank 0 waits at its second
+    barrier) joins and writes blocks 1, 3, 5, ...; rank 0 writes 0, 2, 4, ... and commits after the last barrier.
+    The result is the one-process (whole-slice) output; the real 2-process torchrun run is the slow test below."""
+    from unet.device import setup_device
+    from unet.distributed import DistInfo
+    from unet.prediction import volume_jobs
+    from unet.prediction.jobs import plan_jobs
+    from unet.prediction.pipeline import StackPredictor
+    from unet.prediction.tiling import TilingOptions
+    from unet.io.volumes import VolumeOptions
+
+    dev = setup_device("cpu")
+    model = dev.prepare_model(balanced_unet("same"))  # as infer.py prepares it (layout), for the same arithmetic
+    predictor = StackPredictor(model, dev, TilingOptions(tile_size=16, tile_batch=1))
+    settings = volume_jobs.BlockJobSettings((16, 16), (16, 16), identity={"checkpoints": ["x"]})
+    job = plan_jobs(data["root"] / "em.ome.zarr", tmp_path / "m.zarr", probabilities=tmp_path / "p.zarr",
+                    volume=VolumeOptions(), processes=2)[0]
+    barriers, marked, stats = [], [], {}
+    real_mark = volume_jobs.BlockRecords.mark
+
+    def mark(self, index):
+        marked.append(index)
+        real_mark(self, index)
+
+    def barrier():
+        barriers.append(len(barriers))
+        if len(barriers) == 2:  # rank 0 made the outputs and the manifest: rank 1 runs now
+            stats[1] = volume_jobs.run_block_job(job, predictor, settings, dist=DistInfo(rank=1, world_size=2))
+
+    monkeypatch.setattr(volume_jobs, "barrier", barrier)
+    monkeypatch.setattr(volume_jobs.BlockRecords, "mark", mark)
+    stats[0] = volume_jobs.run_block_job(job, predictor, settings, dist=DistInfo(rank=0, world_size=2))
+    assert marked == list(range(1, NUM_BLOCKS, 2)) + list(range(0, NUM_BLOCKS, 2))  # each block once, by its rank
+    assert stats[0].predicted == stats[1].predicted == NUM_BLOCKS // 2  # (no process group: no sum here)
+    masks, probs = data["whole"]["same"]
+    np.testing.assert_array_equal(_read(tmp_path / "m.zarr"), masks)
+    np.testing.assert_array_equal(_read(tmp_path / "p.zarr"), probs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "p.zarr"]
+
+
+@pytest.mark.parametrize("outputs, message", [
+    ({"probabilities": "p.h5/prob"}, "p.h5/prob: HDF5 cannot be written by several processes at once"),
+    ({"instances": "c.zarr"}, "torchrun with 2 processes: only block-wise runs are shared"),
+])
+def test_several_processes_refuse_hdf5_and_slice_runs(data, tmp_path, outputs, message):
+    from unet.errors import UserError
+    from unet.io.volumes import VolumeOptions
+    from unet.prediction.jobs import plan_jobs
+    with pytest.raises(UserError, match=re.escape(message)):
+        plan_jobs(data["root"] / "em.ome.zarr", tmp_path / "m.zarr", volume=VolumeOptions(), processes=2,
+                  **{k: tmp_path / v for k, v in outputs.items()})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_torchrun_two_processes_equal_one(data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    common = ["--ckpt", str(data["ckpts"]["same"]), "--input", str(data["root"] / "em.ome.zarr"), "--device", "cpu",
+              "--precision", "fp32", "--no-progress", "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(repo / "infer.py"), *common, "--output", str(tmp_path / "m.zarr"), "--probabilities",
+                          str(tmp_path / "p.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted") == 1  # summed; only rank 0 prints
+    masks, probs = data["whole"]["same"]
+    np.testing.assert_array_equal(_read(tmp_path / "m.zarr"), masks)
+    np.testing.assert_array_equal(_read(tmp_path / "p.zarr"), probs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "p.zarr"]
+    h5 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         str(repo / "infer.py"), *common, "--output", str(tmp_path / "m.h5")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert h5.returncode != 0 and "m.h5: HDF5 cannot be written by several processes at once" in h5.stderr
+    assert not (tmp_path / "m.h5").exists()

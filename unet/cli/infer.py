@@ -13,6 +13,7 @@ import torch
 from unet.atomic import file_sha256
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.device import DeviceOptions, PrecisionOptions, prediction_device
+from unet.distributed import broadcast_object, env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
@@ -66,27 +67,40 @@ def main(args: argparse.Namespace) -> RunResult:
         raise UserError("--output is required (the mask TIFF or .zarr/.h5 volume to write)")
     inst_options = options_from(args, InstanceOptions)  # checked before the checkpoint loads
     start = time.perf_counter()
+    dist = env_info()
     model = load_ensemble(ckpts)[0]  # the UNet itself for one checkpoint
     jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
                      overlay_dir=settings.overlay, overwrite=settings.overwrite,
                      in_channels=model.config.in_channels, instances=settings.instances,
-                     volume=options_from(args, VolumeOptions), resume=settings.resume)
-    device = options_from(args, DeviceOptions)
-    dev = prediction_device(device, options_from(args, PrecisionOptions).precision)
+                     volume=options_from(args, VolumeOptions), resume=settings.resume, processes=dist.world_size)
+    dev = prediction_device(options_from(args, DeviceOptions), options_from(args, PrecisionOptions).precision,
+                            dist.local_rank)
     model = dev.prepare_model(model)
-    options = options_from(args, TilingOptions)
-    options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))
-    forward = torch.compile(model, dynamic=False) if settings.compile else None
-    what = "built-in synthetic stack" if settings.input is None else settings.input
-    members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
-    print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
-          f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
-    startup = time.perf_counter() - start
-    result = run_inference(model, dev, jobs, settings, options=options, instance_options=inst_options,
-                           forward=forward, identity=_run_identity(jobs, ckpts, dev))
+    say = rank0_printer(dist)
+    with process_group(dist, dev.backend, dev.device):
+        options = _tiling(args, dev)
+        forward = torch.compile(model, dynamic=False) if settings.compile else None
+        what = "built-in synthetic stack" if settings.input is None else settings.input
+        members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
+        members += f", {dist.world_size} processes" if dist.distributed else ""
+        say(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
+            f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+        startup = time.perf_counter() - start
+        quiet = settings if dist.is_main else dataclasses.replace(settings, no_progress=True)  # one bar: rank 0's
+        result = run_inference(model, dev, jobs, quiet, options=options, instance_options=inst_options,
+                               forward=forward, identity=_run_identity(jobs, ckpts, dev), dist=dist)
     result.startup_seconds = startup
-    _report(jobs, settings, result)
+    if dist.is_main:
+        _report(jobs, settings, result)
     return result
+
+
+def _tiling(args: argparse.Namespace, dev) -> TilingOptions:
+    """The tiling options, the memory budget filled in from the free device memory: rank 0's on every rank, since
+    the budget can decide the tile size and every rank must tile the volume alike."""
+    options = options_from(args, TilingOptions)
+    budget = broadcast_object(options.memory_budget_mb or free_memory_budget_mb(dev))
+    return dataclasses.replace(options, memory_budget_mb=budget)
 
 
 def _run_identity(jobs: list[Job], ckpts: tuple[str, ...], dev) -> dict | None:

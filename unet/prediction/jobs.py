@@ -129,7 +129,7 @@ def read_info(path: Path) -> StackInfo:
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
               overlay_dir: str | Path | None = None, overwrite: bool = False,
               in_channels: int = 1, instances: str | Path | None = None,
-              volume: VolumeOptions | None = None, resume: bool = False) -> list[Job]:
+              volume: VolumeOptions | None = None, resume: bool = False, processes: int = 1) -> list[Job]:
     """Check the inputs and outputs before any work is done, and pair them.
 
     Args:
@@ -144,6 +144,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         instances: like ``output``, for cell instance label stacks; None = not written.
         volume: scale, channel and time point of a volume input (None: the defaults; refused for other inputs).
         resume: finish an interrupted block-wise run (only for block-wise jobs, see :attr:`Job.blockwise`).
+        processes: torchrun's world size: several processes share only block-wise jobs into zarr outputs.
 
     Returns:
         One :class:`Job` per input stack.
@@ -171,6 +172,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         if not ovl.parent.is_dir():
             raise UserError(f"{ovl}: --overlay folder's parent {ovl.parent} does not exist; create it first")
     _check_resume(jobs, overwrite, resume)
+    _check_processes(jobs, processes)
     _check_outputs(jobs, overwrite, resume)
     # Folders are made only now, after every check passed, so a rejected run leaves nothing behind. A volume's
     # container is made by its writer, and its folder must exist already (checked above).
@@ -232,6 +234,21 @@ def _check_resume(jobs: list[Job], overwrite: bool, resume: bool) -> None:
     if resume and not all(job.blockwise for job in jobs):
         raise UserError("--resume: only block-wise runs can be resumed: a zarr/N5/HDF5 --input with .zarr/.h5 "
                         "outputs, without --instances and --overlay")
+
+
+def _check_processes(jobs: list[Job], processes: int) -> None:
+    """Several processes (torchrun) share the blocks of block-wise jobs, writing zarr only: an HDF5 file has one
+    writer at a time (the writer's lock would stop the second rank mid-run, so it is refused up front)."""
+    if processes < 2:
+        return
+    if not all(job.blockwise for job in jobs):
+        raise UserError(f"torchrun with {processes} processes: only block-wise runs are shared among processes (a "
+                        f"zarr/N5/HDF5 --input with .zarr outputs, without --instances and --overlay); run one process")
+    for job in jobs:
+        for path in (job.output, job.probabilities):
+            if path is not None and parse_volume_path(path).kind == "hdf5":
+                raise UserError(f"{path}: HDF5 cannot be written by several processes at once; write OME-Zarr "
+                                f"(.zarr) under torchrun, or run one process")
 
 
 def _interrupted(job: Job) -> Path | None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unet.distributed import DistInfo
 from unet.errors import UserError
 from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
 from unet.io.writers import COMPRESSIONS, LabelStackWriter, StackWriter, write_png_atomic
@@ -245,7 +246,8 @@ def block_settings(settings: InferOptions, identity: dict | None = None) -> Bloc
 
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferOptions | None = None, *,
                   options: TilingOptions | None = None, instance_options: InstanceOptions | None = None,
-                  forward=None, warm_up: bool | None = None, identity: dict | None = None) -> RunResult:
+                  forward=None, warm_up: bool | None = None, identity: dict | None = None,
+                  dist: DistInfo | None = None) -> RunResult:
     """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
 
     Args:
@@ -256,6 +258,7 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
         forward: called instead of ``model`` on the tiles (e.g. ``torch.compile(model)``).
         warm_up: one untimed forward first (kernel choice, compilation); None = off CPU or with ``forward``.
         identity: what else identifies a block-wise run for ``--resume`` (checkpoints' SHA-256, precision).
+        dist: this process's rank under torchrun (block-wise jobs share their blocks among ranks), None: one.
 
     Returns:
         A :class:`RunResult` (``seconds`` excludes the warm-up, which is ``warmup_seconds``).
@@ -273,7 +276,7 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
               dynamic_ncols=True) as bar:
         for job in jobs:
             if job.blockwise:
-                stats = run_block_job(job, predictor, block_settings(settings, identity), progress=bar)
+                stats = run_block_job(job, predictor, block_settings(settings, identity), progress=bar, dist=dist)
                 result.outputs += job.outputs()
                 result.blocks += stats.blocks
                 result.blocks_skipped += stats.skipped

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from unet.distributed import DistInfo, all_reduce_sum, barrier
 from unet.errors import UserError
 from unet.io.images import as_image, check_finite
 from unet.io.paths import parse_volume_path
@@ -147,34 +148,56 @@ def _finisher(writers: dict[str, VolumeWriter], records: BlockRecords, settings:
     return finish
 
 
-def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSettings, *, progress=None) -> BlockStats:
+def _start(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJobSettings, records: BlockRecords,
+           manifest: dict, dist: DistInfo, opened: contextlib.ExitStack) -> tuple[dict[str, VolumeWriter], bool]:
+    """Open the outputs for this rank: rank 0 creates them (or reopens an interrupted run's), the other ranks join
+    after it; returns the writers and whether the run resumes."""
+    resuming = settings.resume and records.exists()
+    if resuming:
+        records.check(manifest)  # every rank reads the same manifest, so every rank fails alike
+    writers = None
+    if dist.is_main:
+        writers = _open_writers(job, grid, chunks, settings, resuming, opened)
+        if not resuming:
+            records.start(manifest)
+    barrier()  # the outputs and the manifest exist before any other rank opens them
+    if writers is None:
+        writers = _open_writers(job, grid, chunks, settings, True, opened)
+    return writers, resuming
+
+
+def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSettings, *, progress=None,
+                  dist: DistInfo | None = None) -> BlockStats:
     """Predict one chunked volume block by block into its chunked outputs; resumable (see the module docstring).
+
+    Under torchrun every rank calls this: rank ``r`` of ``W`` predicts blocks ``r, r + W, ...`` (those not
+    recorded as complete) and writes them into the shared ``.partial`` zarr outputs (chunk-aligned blocks never
+    share a chunk); only rank 0 creates the outputs and the manifest and, once every rank is done, commits.
 
     Args:
         job: a job whose ``blockwise`` is true (from :func:`unet.prediction.jobs.plan_jobs`).
-        predictor: the stack predictor (model, device, tiling options, forward).
+        predictor: the stack predictor (model, device, tiling options, forward); its tiling must be the same
+            on every rank (infer.py broadcasts rank 0's memory budget).
         settings: chunks, block size, probability dtype, overwrite/resume and the run's identity.
         progress: a tqdm bar advanced by one per finished slice, or None.
+        dist: this process's rank (None: one process).
 
     Returns:
-        :class:`BlockStats`.
+        :class:`BlockStats` (``predicted`` summed over the ranks).
 
     Raises:
         UserError: bad input found while reading, a refused resume, a failed write. The ``.partial`` outputs
             and the records of finished blocks stay for ``--resume``.
     """
+    dist = dist or DistInfo()
     grid, chunks = job_grid(job, predictor, settings)
     manifest = _manifest(job, grid, predictor, settings, chunks)
     records = BlockRecords(parse_volume_path(job.output).container)
-    resuming = settings.resume and records.exists()
-    if resuming:
-        records.check(manifest)
     stats = BlockStats(blocks=len(grid))
+    barrier()  # every rank has checked the outputs (plan_jobs) before rank 0 creates them
     with contextlib.ExitStack() as opened:
-        writers = _open_writers(job, grid, chunks, settings, resuming, opened)
+        writers, resuming = _start(job, grid, chunks, settings, records, manifest, dist, opened)
         done = records.done() if resuming else set()
-        if not resuming:
-            records.start(manifest)
         stats.skipped = len(done)
         if progress is not None:
             progress.update(sum(1 for z in range(grid.shape[0])
@@ -182,12 +205,16 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
         vol = opened.enter_context(job.volume.open(str(job.stack.path)))
         batch = tile_batch_size(grid.plan, predictor.model, predictor.options)
         blend = predictor.options.blend if predictor.model.padding == "same" else None
+        mine = (b for b in grid if b.index % dist.world_size == dist.rank and b.index not in done)
         with eval_mode(predictor.model), torch.inference_mode():
-            predict_blocks((b for b in grid if b.index not in done), grid, _reader(vol, job, predictor),
-                           lambda tiles: predictor.forward_batch(tiles, batch),
+            predict_blocks(mine, grid, _reader(vol, job, predictor), lambda tiles: predictor.forward_batch(tiles, batch),
                            _finisher(writers, records, settings, grid, stats, progress), batch, blend=blend,
                            num_outputs=predictor.model.config.num_classes)
-        for writer in writers.values():
-            writer.commit()
-    records.remove()
+        stats.predicted = int(all_reduce_sum(torch.tensor([stats.predicted]), predictor.dev.device)[0])
+        barrier()  # every rank's blocks are written
+        if dist.is_main:
+            for writer in writers.values():
+                writer.commit()
+    if dist.is_main:
+        records.remove()
     return stats
