@@ -208,9 +208,10 @@ def test_tiled_prediction_matches_infer_py(package, tmp_path):
         print(f"{fmt}: max abs difference {diff[:-band, :-band].max():.2e} (whole slice but infer.py's "
               f"{band}-pixel edge band), {diff.max():.2e} (whole slice)")
         assert diff[:-band, :-band].max() <= TOLERANCE
-        # infer.py predicts this slice as one 552x552 tile, whose bottom/right edge band (UNet.edge_band
-        # rows/columns) reads the transposed convolutions' implicit zeros; the package's halo keeps every
-        # block's band outside the slice, so only there may the two differ.
+        # infer.py used to predict this slice as one 552x552 tile whose bottom/right edge band (UNet.edge_band
+        # rows/columns, reading the transposed convolutions' implicit zeros) fell inside the slice; since the
+        # tiler keeps the band outside (issue 20), the whole slice should agree within TOLERANCE as well. The
+        # looser bound stays until this slow test has run with that fix (not run in the session that made it).
         assert diff.max() < 0.05
 
 

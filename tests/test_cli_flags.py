@@ -27,7 +27,10 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # zarr/N5/HDF5 --input (VolumeOptions, for train.py/evaluate.py later too); --chunks is the y/x chunk shape of
     # .zarr/.h5 outputs. Issue 22 item 3: --tile-plan speed|flops (speed = time a few plans on the device); item
     # 4: --backend torch|openvino (OpenVINO measured 1.5-1.75x torch bf16 on an AMX Xeon).
-    "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan", "--backend"}, set()),
+    # Issue 20 items 2 and 5: --block-size is the y/x size of the chunk-aligned blocks a chunked volume is predicted
+    # in; --resume finishes an interrupted block-wise run, redoing only the blocks not recorded as complete.
+    "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan", "--backend", "--block-size",
+               "--resume"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

@@ -186,8 +186,10 @@ def test_a_failed_run_leaves_no_chunked_output(data, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- bad input
 
-def test_non_finite_pixels_mid_volume_leave_nothing(data, tmp_path, capsys):
-    """Found by the reader at the second slice batch, after the outputs were started: one line, no .partial."""
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_non_finite_pixels_mid_volume(data, tmp_path, capsys, blockwise):
+    """Found by the reader at slice 3, after the outputs were started: one line. A TIFF output leaves nothing; a
+    block-wise run (chunked outputs) keeps its finished blocks for --resume (after the input is mended)."""
     images = data["images"].astype(np.float32) / 255
     images[3, 5, 7] = np.nan
     vol = tmp_path / "in"
@@ -196,9 +198,14 @@ def test_non_finite_pixels_mid_volume_leave_nothing(data, tmp_path, capsys):
         f.create_dataset("raw", data=images, chunks=(1, 40, 56))
     out = tmp_path / "out"
     out.mkdir()
-    line = _refused(capsys, data["ckpt"], out, "--input", vol / "f.h5", "--read-batch", "2",
-                    "--output", out / "m.zarr", "--probabilities", out / "p.h5/prob")
+    outputs = (["--output", out / "m.zarr", "--probabilities", out / "p.h5/prob"] if blockwise
+               else ["--output", out / "m.tif"])
+    line = _refused(capsys, data["ckpt"], vol, "--input", vol / "f.h5", "--read-batch", "2", *outputs)
     assert "in/f.h5: slice 3 has 1 non-finite pixel(s)" in line  # its only dataset: no key needed
+    left = sorted(p.name for p in out.iterdir())
+    assert left == (["m.zarr.partial", "m.zarr.unet_blocks", "p.h5.partial"] if blockwise else [])
+    if blockwise:  # at most slices 0-2 (one block each), as far as their tiles' batches got
+        assert len(list((out / "m.zarr.unet_blocks" / "done").iterdir())) <= 3
 
 
 def test_missing_key_lists_the_keys(data, tmp_path, capsys):

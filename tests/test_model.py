@@ -11,7 +11,7 @@ def test_reference_geometry_and_parameter_count():
         out = model.eval()(torch.rand(1, 1, 572, 572))
     assert out.shape == (1, 2, 388, 388)
     assert model.output_size(572) == 388
-    assert model.output_size(700) == 516  # one tile covers a whole 512x512 ISBI slice
+    assert model.output_size(700) == 516  # covers a 512x512 ISBI slice, but not with its 15-px edge band (716 does)
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (320, 480)])

@@ -64,10 +64,32 @@ def _image(h, w, c=2):
 
 # --- choose_tile_size ---------------------------------------------------------------------------------
 
-def test_reference_unet_512_is_one_700_tile():
+def test_reference_unet_512_is_one_716_tile():
+    # 700 -> 516 would cover the slice, but its last 15 rows/columns (the edge band) would fall inside it.
     plan = choose_tile_size(512, 512, UNet())
-    assert (plan.tile_size, plan.output_size, plan.tiles_y, plan.tiles_x) == (700, 516, 1, 1)
-    assert "700x700" in str(plan)
+    assert (plan.tile_size, plan.output_size, plan.tiles_y, plan.tiles_x) == (716, 532, 1, 1)
+    assert "716x716" in str(plan)
+    assert plan_tiles(512, 512, UNet(), 700).num_tiles == 4  # with a 700 tile: a second, aligned tile per axis
+
+
+@pytest.mark.parametrize("depth", [3, 5])
+def test_no_edge_band_falls_inside_the_slice(depth):
+    """Every valid plan puts the last tile's edge band beyond the slice (it used to fall inside a one-tile slice)."""
+    model = UNet(depth=depth, base_filters=4)
+    band = model.edge_band
+    for length in range(1, 700, 7):
+        for tile in (None, model.input_size_for_output(40), model.input_size_for_output(length)):
+            if tile is None:
+                plan = choose_tile_size(length, 33, model)
+            else:
+                try:
+                    plan = plan_tiles(length, 33, model, tile)
+                except UserError:  # a tile whose output is no wider than the band
+                    continue
+            assert plan.starts_y[-1] + plan.output_size - band >= length, (length, tile, plan)
+            # no gap: every tile starts where the previous tile's clean output still covers
+            clean = plan.output_size - band
+            assert all(b - a <= clean for a, b in zip(plan.starts_y, plan.starts_y[1:]))
 
 
 def _brute_force_cost(h, w, geometry, budget_mb, overlap=0.25):
@@ -229,6 +251,25 @@ def test_valid_unet_tiles_equal_one_pass_over_mirror_padded_image(depth):
     assert full.shape[-2:] == (extent_y, extent_x)
     assert tiled.shape == (2, h, w)
     assert torch.allclose(tiled, full[:, :h, :w], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(40, 40), (45, 61), (29, 52)])
+def test_one_tile_slice_equals_the_same_region_inside_a_larger_image(hw):
+    """The edge band fix: a slice predicted as one tile equals that region of a larger image holding the slice
+    and its mirror image beyond the bottom/right edge (what the mirror padding shows the tile), within the
+    model's context; before the fix the last edge-band rows/columns read the transposed convolutions' zeros."""
+    torch.manual_seed(0)
+    model = UNet(base_filters=4, depth=3, padding="valid").eval()  # edge band 3
+    h, w = hw
+    img = torch.rand(1, h, w)
+    plan = choose_tile_size(h, w, model)
+    assert plan.num_tiles == 1
+    larger = mirror_pad(img, 0, 3 * h, 0, 3 * w)  # slice, then its mirror image: the context the padding gives
+    small = predict_slice(model, img)
+    big = predict_slice(model, larger)[:, :h, :w]
+    assert torch.allclose(small, big, atol=1e-5, rtol=0)
+    band = model.edge_band
+    assert (small[:, -band:] - big[:, -band:]).abs().max() < 1e-5  # the rows the band used to spoil
 
 
 def test_same_unet_single_window_equals_full_pass_and_tiles_are_close():

@@ -10,8 +10,10 @@ import time
 
 import torch
 
+from unet.atomic import file_sha256
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.device import DeviceOptions, PrecisionOptions, prediction_device
+from unet.distributed import broadcast_object, env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
 from unet.prediction.ensemble import load_ensemble
@@ -67,27 +69,32 @@ def main(args: argparse.Namespace) -> RunResult:
         raise UserError("--output is required (the mask TIFF or .zarr/.h5 volume to write)")
     inst_options = options_from(args, InstanceOptions)  # checked before the checkpoint loads
     start = time.perf_counter()
+    dist = env_info()
     model = load_ensemble(ckpts)[0]  # the UNet itself for one checkpoint
     jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
                      overlay_dir=settings.overlay, overwrite=settings.overwrite,
                      in_channels=model.config.in_channels, instances=settings.instances,
-                     volume=options_from(args, VolumeOptions))
-    device = options_from(args, DeviceOptions)
-    dev = prediction_device(device, options_from(args, PrecisionOptions).precision)
+                     volume=options_from(args, VolumeOptions), resume=settings.resume, processes=dist.world_size)
+    dev = prediction_device(options_from(args, DeviceOptions), options_from(args, PrecisionOptions).precision,
+                            dist.local_rank)
     model = dev.prepare_model(model)
-    options = options_from(args, TilingOptions)
-    options = dataclasses.replace(options, memory_budget_mb=options.memory_budget_mb or free_memory_budget_mb(dev))
-    forward = _forward(model, dev, settings)
-    what = "built-in synthetic stack" if settings.input is None else settings.input
-    members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
-    backend = f", {settings.backend} {openvino_version()}" if settings.backend == "openvino" else ""
-    print(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
-          f"({dev.type}, {dev.amp_name}{members}{backend})", file=sys.stderr)
-    startup = time.perf_counter() - start
-    result = run_inference(model, dev, jobs, settings, options=options,
-                           instance_options=inst_options, forward=forward)
+    say = rank0_printer(dist)
+    with process_group(dist, dev.backend, dev.device):
+        options = _tiling(args, dev)
+        forward = _forward(model, dev, settings)
+        what = "built-in synthetic stack" if settings.input is None else settings.input
+        members = f", ensemble of {len(ckpts)} checkpoints" if len(ckpts) > 1 else ""
+        members += f", {dist.world_size} processes" if dist.distributed else ""
+        members += f", {settings.backend} {openvino_version()}" if settings.backend == "openvino" else ""
+        say(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
+            f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+        startup = time.perf_counter() - start
+        quiet = settings if dist.is_main else dataclasses.replace(settings, no_progress=True)  # one bar: rank 0's
+        result = run_inference(model, dev, jobs, quiet, options=options, instance_options=inst_options,
+                               forward=forward, identity=_run_identity(jobs, ckpts, dev), dist=dist)
     result.startup_seconds = startup
-    _report(jobs, settings, result)
+    if dist.is_main:
+        _report(jobs, settings, result)
     return result
 
 
@@ -107,8 +114,28 @@ def _forward(model: torch.nn.Module, dev, settings: InferOptions):
     return openvino_forward(model, dev.amp_name, torch.get_num_threads())
 
 
+def _tiling(args: argparse.Namespace, dev) -> TilingOptions:
+    """The tiling options, the memory budget filled in from the free device memory: rank 0's on every rank, since
+    the budget can decide the tile size and every rank must tile the volume alike."""
+    options = options_from(args, TilingOptions)
+    budget = broadcast_object(options.memory_budget_mb or free_memory_budget_mb(dev))
+    return dataclasses.replace(options, memory_budget_mb=budget)
+
+
+def _run_identity(jobs: list[Job], ckpts: tuple[str, ...], dev) -> dict | None:
+    """What a block-wise run's ``--resume`` must find unchanged besides input and tiling: the checkpoints' bytes
+    (SHA-256; a retrained best.pt under the same name is another model) and the precision. None when no job is
+    block-wise (hashing a checkpoint costs a read of it)."""
+    if not any(job.blockwise for job in jobs):
+        return None
+    return {"checkpoints": [file_sha256(c) for c in ckpts], "precision": dev.amp_name}
+
+
 def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:
     """What was written, and the timings (start-up and warm-up apart from the streaming run)."""
+    if result.blocks:
+        print(f"blocks: {result.blocks - result.blocks_skipped} of {result.blocks} predicted"
+              + (f" ({result.blocks_skipped} found complete by --resume)" if result.blocks_skipped else ""))
     for job in jobs:
         extra = [p for p in (job.probabilities, job.instances) if p is not None]
         print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))

@@ -74,6 +74,20 @@ class VolumeWriter:
     release: Callable[[], None]
     stored_axes: str
     closed: bool = False
+    sync: Callable[[], None] | None = None
+
+    def flush(self) -> None:
+        """Hand what was written to the operating system (HDF5 keeps chunks in its own cache until then), so that
+        a killed process loses none of it; zarr writes each chunk's file at once.
+
+        Raises:
+            UserError: the disk refused the write, naming the volume.
+        """
+        if self.sync is not None:
+            try:
+                self.sync()
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
 
     def write(self, start: tuple[int, ...], block: np.ndarray) -> None:
         """Write ``block`` (``axes`` order) at ``start``; both ends must lie on chunk boundaries or the volume's edge.
@@ -192,7 +206,8 @@ def _hdf5_writer(vp: VolumePath, tmp: Path, fd: int, f: h5py.File, ds: h5py.Data
         f.close()
         _unlock(tmp, fd)
 
-    return VolumeWriter(vp, tuple(ds.shape), np.dtype(ds.dtype), tuple(ds.chunks), axes, store, release, axes)
+    return VolumeWriter(vp, tuple(ds.shape), np.dtype(ds.dtype), tuple(ds.chunks), axes, store, release, axes,
+                        sync=f.flush)
 
 
 def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> VolumeWriter:

@@ -24,6 +24,7 @@ from unet.io.images import (IMAGE_SUFFIXES, TIFF_SUFFIXES, StackInfo, as_image, 
                             list_images, scale_by_dtype, stack_info)
 from unet.io.paths import parse_volume_path
 from unet.io.volumes import VolumeOptions
+from unet.prediction.block_records import MANIFEST, records_path
 
 SYNTHETIC_SHAPE = (4, 256, 256)  # slices, height, width of the built-in stack used without --input
 CHUNKED_KINDS = ("zarr", "n5", "hdf5")  # container kinds read as volumes
@@ -56,6 +57,13 @@ class Job:
             return []
         digits = max(3, len(str(self.stack.num_slices - 1)))
         return [self.overlay_dir / f"{self.stack.name}_{k:0{digits}d}.png" for k in range(self.stack.num_slices)]
+
+    @property
+    def blockwise(self) -> bool:
+        """Predicted block by block (:mod:`unet.prediction.volume_jobs`): a chunked volume in, only chunked
+        outputs, no instances (ids are made slice by slice) and no overlays (PNGs per slice)."""
+        return (self.volume is not None and self.instances is None and self.overlay_dir is None
+                and all(is_volume_path(p) for p in (self.output, self.probabilities) if p is not None))
 
     def outputs(self) -> list[Path]:
         """Every file this job writes."""
@@ -121,7 +129,7 @@ def read_info(path: Path) -> StackInfo:
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
               overlay_dir: str | Path | None = None, overwrite: bool = False,
               in_channels: int = 1, instances: str | Path | None = None,
-              volume: VolumeOptions | None = None) -> list[Job]:
+              volume: VolumeOptions | None = None, resume: bool = False, processes: int = 1) -> list[Job]:
     """Check the inputs and outputs before any work is done, and pair them.
 
     Args:
@@ -135,6 +143,8 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         in_channels: channels the model expects.
         instances: like ``output``, for cell instance label stacks; None = not written.
         volume: scale, channel and time point of a volume input (None: the defaults; refused for other inputs).
+        resume: finish an interrupted block-wise run (only for block-wise jobs, see :attr:`Job.blockwise`).
+        processes: torchrun's world size: several processes share only block-wise jobs into zarr outputs.
 
     Returns:
         One :class:`Job` per input stack.
@@ -161,7 +171,9 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
             raise UserError(f"{ovl}: --overlay must be a folder, but a file has that name")
         if not ovl.parent.is_dir():
             raise UserError(f"{ovl}: --overlay folder's parent {ovl.parent} does not exist; create it first")
-    _check_outputs(jobs, overwrite)
+    _check_resume(jobs, overwrite, resume)
+    _check_processes(jobs, processes)
+    _check_outputs(jobs, overwrite, resume)
     # Folders are made only now, after every check passed, so a rejected run leaves nothing behind. A volume's
     # container is made by its writer, and its folder must exist already (checked above).
     files = [out for j in jobs for out in (j.output, j.probabilities, j.instances)
@@ -214,12 +226,53 @@ def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: P
             for stack in stacks]
 
 
-def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
+def _check_resume(jobs: list[Job], overwrite: bool, resume: bool) -> None:
+    """``--resume`` only for block-wise jobs and not with ``--overwrite``."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: give one (--resume finishes an interrupted run, --overwrite "
+                        "starts over)")
+    if resume and not all(job.blockwise for job in jobs):
+        raise UserError("--resume: only block-wise runs can be resumed: a zarr/N5/HDF5 --input with .zarr/.h5 "
+                        "outputs, without --instances and --overlay")
+
+
+def _check_processes(jobs: list[Job], processes: int) -> None:
+    """Several processes (torchrun) share the blocks of block-wise jobs, writing zarr only: an HDF5 file has one
+    writer at a time (the writer's lock would stop the second rank mid-run, so it is refused up front)."""
+    if processes < 2:
+        return
+    if not all(job.blockwise for job in jobs):
+        raise UserError(f"torchrun with {processes} processes: only block-wise runs are shared among processes (a "
+                        f"zarr/N5/HDF5 --input with .zarr outputs, without --instances and --overlay); run one process")
+    for job in jobs:
+        for path in (job.output, job.probabilities):
+            if path is not None and parse_volume_path(path).kind == "hdf5":
+                raise UserError(f"{path}: HDF5 cannot be written by several processes at once; write OME-Zarr "
+                                f"(.zarr) under torchrun, or run one process")
+
+
+def _interrupted(job: Job) -> Path | None:
+    """The records folder of an interrupted block-wise run into this job's outputs, or None."""
+    if not job.blockwise:
+        return None
+    records = records_path(parse_volume_path(job.output).container)
+    return records if (records / MANIFEST).is_file() else None
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool, resume: bool = False) -> None:
     """No output replaces an input, another output, a folder, or (without ``overwrite``) an existing file.
 
     A volume output occupies its whole container (``out.zarr`` for ``out.zarr/masks``): two outputs cannot share
-    one, and ``overwrite`` replaces it whole.
+    one, and ``overwrite`` replaces it whole. An interrupted block-wise run's records count as an existing
+    output, which ``resume`` continues (even over an older finished output, replaced at the end).
     """
+    for job in jobs:
+        records = _interrupted(job)
+        if records is not None and not (overwrite or resume):
+            raise UserError(f"{job.output}: an interrupted run of this output is recorded in {records}; pass --resume "
+                            f"to finish it or --overwrite to start over")
+        if records is not None and resume:
+            overwrite = True  # the final name is replaced only when the resumed run commits
     inputs = {_container(j.stack.path).resolve() for j in jobs if j.stack.path is not None}
     seen: set[Path] = set()
     for job in jobs:

@@ -232,7 +232,7 @@ class StackPredictor:
                 return state["count"]
             # One copy of the tiles of every slice in the batch, straight from their canvases.
             tiles = torch.stack([v for s, start, n in pieces for v in s.tiles.tile_views(start, start + n)])
-            pred = self._forward(tiles, state["batch"])
+            pred = self.forward_batch(tiles, state["batch"])
             offset = 0
             for s, start, n in pieces:
                 s.tiles.add(start, pred[offset:offset + n])
@@ -241,9 +241,11 @@ class StackPredictor:
             while pending and pending[0].tiles.done:
                 pipe.put(outbox, self._finish(pending.popleft(), keep_probabilities))
 
-    def _forward(self, batch: torch.Tensor, full: int) -> torch.Tensor:
-        """Predict a batch; with a compiled forward a short last batch is padded to the full size, since
-        a graph specialised to one batch size would otherwise be compiled again for the remainder."""
+    def forward_batch(self, batch: torch.Tensor, full: int) -> torch.Tensor:
+        """Predict a batch of tiles (softmax, TTA); with a compiled forward a short last batch is padded to the
+        full size, since a graph specialised to one batch size would otherwise be compiled again for the
+        remainder. Used by the device loop here and by block-wise prediction (:mod:`unet.prediction.volume_jobs`);
+        call it under ``eval_mode`` and ``inference_mode``."""
         n = batch.shape[0]
         if self.pad_batches and n < full:
             batch = torch.cat([batch, batch.new_zeros((full - n, *batch.shape[1:]))])

@@ -6,7 +6,9 @@ it with :class:`unet.prediction.pipeline.StackPredictor` and appends the results
 on the stack depth. Every output is written to a hidden temporary file beside its final name and renamed
 only when complete: an interrupted run never leaves a half-written file. Outputs whose path names a zarr or
 HDF5 container (``out.zarr/masks``, ``out.h5``) are chunked volumes (:mod:`unet.io.volume_stacks`), built under
-``<container>.partial`` and renamed likewise.
+``<container>.partial`` and renamed likewise. A chunked volume input whose outputs are all chunked (and no
+instances or overlays) goes block by block instead (:mod:`unet.prediction.volume_jobs`: bounded by the block,
+resumable with ``--resume``).
 
 Output convention is the training labels': 255 = cell interior, 0 = membrane, one page per input slice.
 :class:`InferOptions` holds infer.py's own settings (the command is :mod:`unet.cli.infer`).
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unet.distributed import DistInfo
 from unet.errors import UserError
 from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
 from unet.io.writers import COMPRESSIONS, LabelStackWriter, StackWriter, write_png_atomic
@@ -32,9 +35,13 @@ from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
 from unet.prediction.overlay import overlay
 from unet.prediction.pipeline import TILE_PLANS, StackPredictor
 from unet.prediction.tiling import TilingOptions
+from unet.prediction.volume_jobs import BlockJobSettings, run_block_job
 
 PROB_DTYPES = ("float32", "uint8")
 BACKENDS = ("torch", "openvino")
+# 4096 x 4096 blocks: 64 MB of float32 input per block plus its halo, and a tile reaching two blocks (computed
+# by both) is rare next to the ~8 x 8 tiles inside one.
+DEFAULT_BLOCK = (4096, 4096)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class InferOptions:
         tile_plan: ``speed`` (time candidate plans on the device) or ``flops`` (fewest FLOPs), where no tile size
             is given.
         backend: ``torch`` or ``openvino`` (the caller builds the OpenVINO forward).
+        block_size: y/x size of the blocks a chunked volume is predicted in (rounded up to whole chunks).
+        resume: finish an interrupted block-wise run, predicting only the blocks not recorded as complete.
     """
 
     input: str | None = option(None, "multi-page TIFF (plain, ImageJ, OME), single TIFF/PNG, a folder of them, or a "
@@ -97,6 +106,13 @@ class InferOptions:
                                      "fastest (printed; pin it with --tile-size/--tile-batch); flops: the "
                                      "fewest-FLOP tiling that fits the memory budget", flags="--tile-plan",
                             choices=TILE_PLANS, group="speed")
+    block_size: tuple[int, int] = option(DEFAULT_BLOCK, "y/x size of the blocks a zarr/N5/HDF5 --input with .zarr/.h5 "
+                                                        "outputs is predicted in, N or HxW pixels, rounded up to "
+                                                        "whole --chunks (memory scales with it, not the slice)",
+                                         flags="--block-size", parse=chunk_yx, metavar="N|HxW")
+    resume: bool = option(False, "finish an interrupted block-wise run (same command): predict only the blocks not "
+                                 "recorded as complete; refused if the checkpoint, tiling, input or outputs differ",
+                          flags="--resume", switch="on")
 
 
 @dataclass
@@ -111,10 +127,14 @@ class RunResult:
         startup_seconds: checkpoint loading and device set-up before that (set by :func:`main`).
         plans: the tile plan of each slice size, as said to the user (``--tile-plan speed`` timed them within
             ``seconds``, or within ``warmup_seconds`` when a warm-up ran).
+        blocks: blocks of the block-wise jobs (0 when none ran block-wise).
+        blocks_skipped: of those, found complete by ``--resume`` and not predicted again.
     """
 
     outputs: list[Path] = field(default_factory=list)
     slices: int = 0
+    blocks: int = 0
+    blocks_skipped: int = 0
     seconds: float = 0.0
     warmup_seconds: float = 0.0
     startup_seconds: float = 0.0
@@ -232,9 +252,16 @@ def run_job(job: Job, model: torch.nn.Module, dev, settings: InferOptions | None
     return job.outputs()
 
 
+def block_settings(settings: InferOptions, identity: dict | None = None) -> BlockJobSettings:
+    """The block-wise job's share of infer.py's settings, with the run's identity (checkpoints, precision)."""
+    return BlockJobSettings(settings.chunks, settings.block_size, settings.prob_dtype, settings.overwrite,
+                            settings.resume, identity)
+
+
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferOptions | None = None, *,
                   options: TilingOptions | None = None, instance_options: InstanceOptions | None = None,
-                  forward=None, warm_up: bool | None = None) -> RunResult:
+                  forward=None, warm_up: bool | None = None, identity: dict | None = None,
+                  dist: DistInfo | None = None) -> RunResult:
     """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
 
     Args:
@@ -244,6 +271,8 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
         settings, options, instance_options: as for :func:`run_job`; ``settings.no_progress`` hides the bar.
         forward: called instead of ``model`` on the tiles (e.g. ``torch.compile(model)``).
         warm_up: one untimed forward first (kernel choice, compilation); None = off CPU or with ``forward``.
+        identity: what else identifies a block-wise run for ``--resume`` (checkpoints' SHA-256, precision).
+        dist: this process's rank under torchrun (block-wise jobs share their blocks among ranks), None: one.
 
     Returns:
         A :class:`RunResult` (``seconds`` excludes the warm-up, which is ``warmup_seconds``).
@@ -262,8 +291,14 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
     with tqdm(total=total, unit="slice", desc="infer", file=sys.stderr, disable=settings.no_progress,
               dynamic_ncols=True) as bar:
         for job in jobs:
-            result.outputs += run_job(job, model, dev, settings, progress=bar, instance_options=instance_options,
-                                      predictor=predictor)
+            if job.blockwise:
+                stats = run_block_job(job, predictor, block_settings(settings, identity), progress=bar, dist=dist)
+                result.outputs += job.outputs()
+                result.blocks += stats.blocks
+                result.blocks_skipped += stats.skipped
+            else:
+                result.outputs += run_job(job, model, dev, settings, progress=bar, instance_options=instance_options,
+                                          predictor=predictor)
             result.slices += job.stack.num_slices
     dev.synchronize()
     result.seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ import torch
 from unet.errors import UserError
 from unet.prediction.tiling import BLENDS, TilePlan, TilingOptions, edge_band, slice_plan, tile_batch_size
 
-__all__ = ["SliceTiles", "mirror_pad", "predict_slice", "predict_tiles"]
+__all__ = ["SliceTiles", "mirror_pad", "predict_slice", "predict_tiles", "reflect_positions", "weight_map"]
 
 
 def _reflect_index(n: int, before: int, after: int, device) -> torch.Tensor:
@@ -25,7 +25,15 @@ def _reflect_index(n: int, before: int, after: int, device) -> torch.Tensor:
     workers, where the torch version is the slower one (572 indices: 11.5 us with torch plus ``.numpy()``
     against 4.1 us with numpy, 1 thread on the 2-core dev machine, 2026-11-26, ``timeit``).
     """
-    i = torch.arange(-before, n + after, device=device)
+    return reflect_positions(torch.arange(-before, n + after, device=device), n)
+
+
+def reflect_positions(i: torch.Tensor, n: int) -> torch.Tensor:
+    """The source index, in ``0..n-1``, of each position ``i`` of a reflect-padded axis of length ``n``.
+
+    A block of a slice (:mod:`unet.prediction.blocks`) cuts its part of the mirror-padded slice with this, so
+    that its tiles hold exactly the pixels the whole slice's tiles hold.
+    """
     if n == 1:
         return torch.zeros_like(i)
     period = 2 * (n - 1)
@@ -55,7 +63,7 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
 
 
 @functools.lru_cache(maxsize=8)
-def _weight_map(size: int, blend: str, device) -> torch.Tensor:
+def weight_map(size: int, blend: str, device) -> torch.Tensor:
     """Blending weights of a window: ones, or a separable Gaussian (sigma = size / 8, as MONAI).
 
     Cached (read only): a stack's slices all use the same map, and building it is ~10 full-size operations.
@@ -236,7 +244,7 @@ class _Stitcher:
 
     def __init__(self, plan: TilePlan, geometry, blend: str, device, num_outputs: int | None):
         self.plan, self.device, self.num_outputs = plan, device, num_outputs
-        self.weights = None if geometry.padding == "valid" else _weight_map(plan.tile_size, blend, device)
+        self.weights = None if geometry.padding == "valid" else weight_map(plan.tile_size, blend, device)
         self.band = edge_band(geometry, plan.tile_size)
         self.out = self.norm = None
 

@@ -7,9 +7,11 @@
   One catch: NVIDIA's up-sampling (3x3 stride-2 transposed convolution, PyTorch ``padding=1,
   output_padding=1``) misses one input row/column at the bottom/right edge of every level, so the last
   ``g - 1`` output rows/columns of a tile depend on what lies beyond it. Those are discarded wherever a
-  neighbouring tile follows (its step is at most ``output - (g - 1)``) and the last tile is pushed past
-  the slice edge when that costs no extra tile. Result: the stitched output equals one forward pass over
-  the mirror-padded slice spanning the same extent (``plan.starts[-1] + plan.output_size``).
+  neighbouring tile follows (its step is at most ``output - (g - 1)``), and the last tile is always placed
+  so that its band lies beyond the slice edge, in the mirror padding (one tile only when its output covers
+  the slice *and* the band; otherwise a further aligned tile, or a larger tile where that costs less).
+  Result: the stitched output equals one forward pass over the mirror-padded slice spanning the same
+  extent (``plan.starts[-1] + plan.output_size``), and no slice pixel comes from a band.
   A geometry may state its defect width as ``edge_band``; a truly valid network has ``edge_band = 0``.
 * ``same`` padding: overlapping windows (``overlap`` fraction) blended with a constant or Gaussian weight
   map (as MONAI's ``sliding_window_inference``); edge windows are snapped inside the slice and slices
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from unet.errors import UserError
 from unet.options import fraction, option, positive_float, positive_int
@@ -123,10 +126,28 @@ def _alignment(geometry, tile_size: int) -> int:
 
 
 def _count(length: int, window: int, step: int) -> float:
-    """Tiles along one axis; infinite when several are needed but the tile has no usable step."""
+    """'same' windows along one axis; infinite when several are needed but the window has no usable step."""
     if length <= window:
         return 1
     return math.ceil((length - window) / step) + 1 if step > 0 else math.inf
+
+
+def _valid_starts(length: int, out: int, step: int, align: int, band: int) -> tuple[int, ...] | None:
+    """Output-tile offsets of a 'valid' tiling along one axis; None when no usable step exists.
+
+    The last tile sits at the smallest aligned offset that puts its edge band beyond the slice (before this, a
+    slice that fitted one tile kept up to ``band`` defective rows inside it); the tiles before it step by
+    ``step`` until their clean outputs (``out - band``) reach that offset, so that no gap is left.
+    """
+    clean = out - band
+    if length <= clean:
+        return (0,)
+    if step <= 0:
+        return None
+    last = math.ceil((length - clean) / align) * align
+    regular = 1 if last <= clean else math.ceil((last - clean) / step) + 1
+    # (regular - 1) * step < last always (step <= clean), so the last tile is a new one.
+    return tuple(k * step for k in range(regular)) + (last,)
 
 
 def edge_band(geometry, tile_size: int) -> int:
@@ -151,6 +172,24 @@ def _steps(geometry, tile_size: int, overlap: float) -> tuple[int, int, int, int
     # Aligned steps keep tiles exact; a tile too small for that still works, only less exactly.
     step = clean - clean % align if clean >= align else max(0, clean)
     return out, step, align, band
+
+
+def _axis_starts(geometry, length: int, out: int, step: int, align: int, band: int) -> tuple[int, ...] | None:
+    """Tile offsets along one axis (None: the tile has no usable step); 'same' edge windows snap inside."""
+    if geometry.padding == "valid":
+        return _valid_starts(length, out, step, align, band)
+    n = _count(length, out, step)
+    if n == math.inf:
+        return None
+    if n == 1:
+        return (0,)
+    return tuple(k * step for k in range(n - 1)) + (length - out,)
+
+
+def _axis_count(geometry, length: int, out: int, step: int, align: int, band: int) -> float:
+    """How many tiles :func:`_axis_starts` places (infinite when it cannot)."""
+    found = _axis_starts(geometry, length, out, step, align, band)
+    return math.inf if found is None else len(found)
 
 
 def check_overlap(overlap: float) -> None:
@@ -241,19 +280,11 @@ def plan_tiles(height: int, width: int, geometry, tile_size: int, options: Tilin
     out, step, align, band = _steps(geometry, tile_size, overlap)
 
     def starts(length: int) -> tuple[int, ...]:
-        n = _count(length, out, step)
-        if n == math.inf:
+        found = _axis_starts(geometry, length, out, step, align, band)
+        if found is None:
             raise UserError(f"tile size {tile_size} is too small to tile a {height}x{width} slice "
                             f"(its output has no pixels beyond the {band}-pixel edge band); use a larger tile")
-        if n == 1:
-            return (0,)
-        if geometry.padding == "valid":
-            # Last tile: an aligned offset whose output reaches the edge, preferably with its edge band
-            # beyond it (in the padding) when that needs no extra tile.
-            last = min((n - 1) * step, math.ceil((length - out + band) / align) * align)
-        else:
-            last = length - out  # snapped inside the slice
-        return tuple(k * step for k in range(n - 1)) + (last,)
+        return found
 
     sy, sx = starts(height), starts(width)
     return TilePlan(tile_size, out, len(sy), len(sx), sy, sx)
@@ -263,7 +294,9 @@ def _candidate_sizes(height: int, width: int, geometry):
     """Valid tile sizes, ascending, from the smallest up to the first that covers the slice in one tile."""
     longest = max(height, width)
     if geometry.padding == "valid":
-        size, last = geometry.input_size_for_output(1), geometry.input_size_for_output(longest)
+        # One tile covers the slice only with its edge band beyond it (see _valid_starts).
+        band = edge_band(geometry, geometry.input_size_for_output(longest))
+        size, last = geometry.input_size_for_output(1), geometry.input_size_for_output(longest + band)
     else:
         size, last = geometry.valid_input_size(1), geometry.valid_input_size(longest)
     while size <= last:
@@ -272,7 +305,8 @@ def _candidate_sizes(height: int, width: int, geometry):
 
 
 def choose_tile_size(height: int, width: int, geometry, options: TilingOptions | None = None, *,
-                     bytes_per_pixel_estimate: int | None = None) -> TilePlan:
+                     bytes_per_pixel_estimate: int | None = None,
+                     cost: Callable[[TilePlan], float] | None = None) -> TilePlan:
     """The square tiling of a slice with the least compute whose tile fits the memory budget.
 
     Compute is estimated as input pixels per tile times number of tiles (convolution FLOPs are
@@ -286,6 +320,8 @@ def choose_tile_size(height: int, width: int, geometry, options: TilingOptions |
         options: its ``memory_budget_mb`` (activation memory allowed for one tile) and ``overlap`` (window
             overlap fraction for ``same`` padding) count here (None: the defaults).
         bytes_per_pixel_estimate: activation bytes per input pixel (default: from ``geometry``).
+        cost: the compute of a candidate plan (default: input pixels per tile times tiles); block-wise
+            prediction (:mod:`unet.prediction.blocks`) counts the tiles every block computes instead.
 
     Returns:
         the chosen :class:`TilePlan`.
@@ -302,10 +338,16 @@ def choose_tile_size(height: int, width: int, geometry, options: TilingOptions |
     for size in _candidate_sizes(height, width, geometry):
         if size * size * bpp > budget:
             break
-        out, step, _, _ = _steps(geometry, size, overlap)
-        cost = size * size * _count(height, out, step) * _count(width, out, step)
-        if cost < best_cost:
-            best, best_cost = size, cost
+        out, step, align, band = _steps(geometry, size, overlap)
+        if cost is None:
+            work = (size * size * _axis_count(geometry, height, out, step, align, band)
+                    * _axis_count(geometry, width, out, step, align, band))
+        elif _axis_count(geometry, max(height, width), out, step, align, band) == math.inf:
+            continue  # too small to tile the slice at all
+        else:
+            work = cost(plan_tiles(height, width, geometry, size, options))
+        if work < best_cost:
+            best, best_cost = size, work
     if best is None:
         smallest = next(_candidate_sizes(height, width, geometry))
         need = smallest * smallest * bpp / 2 ** 20
