@@ -35,8 +35,9 @@ def test_candidates_climb_by_sqrt2_in_output_up_to_the_fewest_flop_tile():
     sizes = candidate_tile_sizes(4096, 4096, SMALL, BIG_BUDGET)
     assert sizes == [256, 368, 512, 736, 1024, 1456, 2048, 2896, 4096]
     assert sizes[-1] == choose_tile_size(4096, 4096, SMALL, BIG_BUDGET).tile_size
-    # valid model: tiles named by their output (256 -> a 444 input tile), the last is the budget's best
-    assert candidate_tile_sizes(512, 512, REFERENCE, BIG_BUDGET) == [444, 556, 700]
+    # valid model: tiles named by their output (256 -> a 444 input tile), the last is the budget's best (716: the
+    # smallest tile whose edge band falls beyond a 512 slice)
+    assert candidate_tile_sizes(512, 512, REFERENCE, BIG_BUDGET) == [444, 556, 700, 716]
 
 
 def test_a_cost_that_jumps_above_1024_pixels_picks_the_1024_tile():
@@ -70,9 +71,10 @@ def test_the_probe_stops_before_a_candidate_that_would_overrun_its_share():
 def test_a_valid_model_never_times_tiles_that_spend_their_input_on_the_margin():
     dev = FakeDevice(lambda tile, batch: 1e-9)
     choice = fastest_plan(512, 512, REFERENCE, BIG_BUDGET, dev.time_forward, slices=30, clock=dev.clock)
-    # 444 and 556 tiles need 4 tiles (2x the compute of one 700 tile): left out, and one candidate is no choice
+    # 444, 556 and 700 tiles need 4 or 9 tiles (2.4x the compute of one 716 tile or more): left out, and one
+    # candidate is no choice
     assert dev.calls == []
-    assert (choice.plan.tile_size, choice.batch, choice.only) == (700, 1, True)
+    assert (choice.plan.tile_size, choice.batch, choice.only) == (716, 1, True)
     assert "nothing timed" in str(choice)
 
 
