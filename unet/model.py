@@ -126,7 +126,14 @@ class _LayoutKeepingCrop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad_in = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        grad_in = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        # Only the margin around the crop is zeroed: the centre is overwritten at once (zeroing the whole
+        # 2 x 64 x 568 x 568 float32 gradient cost 1.5 % of a reference step on 2 cores).
+        top, left = (ctx.shape[-2] - ctx.height) // 2, (ctx.shape[-1] - ctx.width) // 2
+        grad_in[..., :top, :].zero_()
+        grad_in[..., top + ctx.height:, :].zero_()
+        grad_in[..., top:top + ctx.height, :left].zero_()
+        grad_in[..., top:top + ctx.height, left + ctx.width:].zero_()
         center_crop(grad_in, ctx.height, ctx.width).copy_(grad)
         return grad_in, None, None
 
