@@ -6,8 +6,9 @@
 Rows: median seconds of ``--repeats`` forward passes of one tile after one warm-up (reference: 572x572 valid
 tile; small: base 16, 'same', 512x512), batch 1, the same threads for both runtimes; and how far each output's
 cell probability is from torch fp32's (largest difference, and the share of mask pixels that change). The rule
-(issue 22 item 4): OpenVINO becomes an optional backend only if it is at least 1.2x faster than torch bf16 with
-masks equal within the tolerance that bf16 itself is held to (<= 0.1 % of pixels).
+(issue 22 item 4): OpenVINO is an optional backend only if it is at least 1.2x faster than torch bf16 with masks
+as close to fp32's as torch bf16's (<= 0.1 % of pixels on a trained model; random weights put many pixels at
+p ~ 0.5, so here the bound is torch bf16's own change on the same weights).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import MODELS, csv_list, device_for, fmt, machine_header, write_json  # noqa: E402
+
+from unet.prediction.openvino_forward import openvino_forward  # noqa: E402
 
 ADOPT_SPEEDUP = 1.2
 MASK_TOLERANCE = 0.001
@@ -49,18 +52,12 @@ def torch_runner(model: torch.nn.Module, x: torch.Tensor, bf16: bool):
 
 
 def openvino_runner(model: torch.nn.Module, x: torch.Tensor, precision: str):
-    import openvino as ov
-    core = ov.Core()
-    ov_model = ov.convert_model(model, example_input=x)
-    compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                    "PERFORMANCE_HINT": "LATENCY",
-                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    request = compiled.create_infer_request()
-    xn = x.numpy()
+    """infer.py --backend openvino's own forward (unet.prediction.openvino_forward), converted before timing."""
+    forward = openvino_forward(model, precision, torch.get_num_threads())
+    forward(x)  # conversion and compilation happen at the first call of a shape
 
     def run() -> np.ndarray:
-        logits = torch.from_numpy(np.array(request.infer({0: xn})[0]))
-        return logits.float().softmax(1)[0, 1].numpy()
+        return forward(x).softmax(1)[0, 1].numpy()
     return run
 
 
@@ -71,7 +68,7 @@ def bench_model(name: str, repeats: int) -> list[dict]:
     size = 512 if spec.kwargs.get("padding") == "same" else spec.input_size
     x = torch.rand(1, 1, size, size)
     runners = {"torch fp32": torch_runner(model, x, False), "torch bf16": torch_runner(model, x, True),
-               "openvino fp32": openvino_runner(model, x, "f32"), "openvino bf16": openvino_runner(model, x, "bf16")}
+               "openvino fp32": openvino_runner(model, x, "fp32"), "openvino bf16": openvino_runner(model, x, "bf16")}
     reference = runners["torch fp32"]()
     rows = []
     for runtime, run in runners.items():
@@ -101,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         ms = {r["runtime"]: r for r in rows if r["model"] == name}
         speedup = ms["torch bf16"]["ms"] / ms["openvino bf16"]["ms"]
-        ok = ms["openvino bf16"]["mask_pixels_changed"] <= MASK_TOLERANCE
-        print(f"# {name}: openvino bf16 is {speedup:.2f}x torch bf16 "
-              f"(adopt if >= {ADOPT_SPEEDUP}x with masks within {MASK_TOLERANCE:.1%}: "
-              f"{'yes' if speedup >= ADOPT_SPEEDUP and ok else 'no'}); openvino fp32 is "
+        # Random weights leave many pixels at p ~ 0.5, where any bf16 flips masks: OpenVINO's bf16 is held to
+        # torch bf16's own change on the same weights (a trained model's figures: docs/benchmarks.md).
+        bound = max(MASK_TOLERANCE, 1.1 * ms["torch bf16"]["mask_pixels_changed"])
+        ok = ms["openvino bf16"]["mask_pixels_changed"] <= bound
+        print(f"# {name}: openvino bf16 is {speedup:.2f}x torch bf16 (adopt if >= {ADOPT_SPEEDUP}x with masks "
+              f"changed on <= {bound:.2%}: {'yes' if speedup >= ADOPT_SPEEDUP and ok else 'no'}); openvino fp32 is "
               f"{ms['torch fp32']['ms'] / ms['openvino fp32']['ms']:.2f}x torch fp32")
     write_json(args.json, {"benchmark": "openvino_vs_torch", "rows": rows})
     return 0
