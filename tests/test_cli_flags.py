@@ -15,9 +15,11 @@ BEFORE = json.loads((REPO / "tests" / "cli_flags_before.json").read_text())
 CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # Issue 21: own data (--train-images/--train-labels, --val-images/--val-labels: TIFF stacks, folders or
     # chunked volumes) and a contiguous held-out z-range (--val-slices); label kinds, K and the ignore value
-    # (LabelOptions); fine-tuning (--init-from, --freeze-encoder-steps).
+    # (LabelOptions); fine-tuning (--init-from, --freeze-encoder-steps); TensorBoard event files
+    # (--tensorboard / --no-tensorboard, default on when the package is installed).
     "train": ({"--train-images", "--train-labels", "--val-images", "--val-labels", "--val-slices", "--label-kind",
-               "--num-classes", "--ignore-label", "--init-from", "--freeze-encoder-steps"}, set()),
+               "--num-classes", "--ignore-label", "--init-from", "--freeze-encoder-steps", "--tensorboard",
+               "--no-tensorboard"}, set()),
     # Issue 22 item 2: --precision auto|fp32|bf16|fp16 (auto = bf16 where the chip computes it natively).
     # Issue 21: evaluate.py takes DataOptions, so the own-data and z-range flags override the checkpoint's.
     "evaluate": ({"--precision", "--train-images", "--train-labels", "--val-images", "--val-labels",

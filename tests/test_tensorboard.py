@@ -65,3 +65,29 @@ def test_panel_shows_input_probability_and_target_with_ignored_pixels_red():
     np.testing.assert_array_equal(picture[:, 2:4, 0], [[0, 255], [255, 0]])  # the probability
     np.testing.assert_array_equal(picture[1, 4], [255, 0, 0])  # ignored: red
     np.testing.assert_array_equal(picture[0, 5], [255, 255, 255])  # class 1 of 0..1: white
+
+
+def test_train_py_writes_events_by_default_and_none_with_no_tensorboard(tmp_path, capsys):
+    from unet.cli import train as cli_train
+    tiny = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "64", "--batch-size", "4",
+            "--workers", "0", "--no-progress", "--log-every", "2", "--max-steps", "4", "--fold", "0",
+            "--evaluate-every", "2"]
+    cli_train.main(cli_train.get_args_parser().parse_args(tiny + ["--model-dir", str(tmp_path / "on")]))
+    scalars, acc = _scalars(tmp_path / "on" / FOLDER)
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4] and [s for s, _ in scalars["val/dice_nvidia"]] == [2, 4]
+    images = acc.Tags()["images"]
+    assert len(images) == 2 and all(t.startswith("val_images/synthetic_") for t in images)
+    # the pictures are input | probability | target of the 256x256 validation slices
+    assert (acc.Images(images[0])[0].width, acc.Images(images[0])[0].height) == (3 * 256, 256)
+    cli_train.main(cli_train.get_args_parser().parse_args(tiny + ["--model-dir", str(tmp_path / "off"),
+                                                                  "--no-tensorboard"]))
+    assert not (tmp_path / "off" / FOLDER).exists()
+
+
+def test_tensorboard_flag_without_the_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    from unet.errors import UserError
+    from unet.training.config import RunConfig, check_config
+    monkeypatch.setattr("unet.training.config.tensorboard_installed", lambda: False)
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        check_config(RunConfig(model_dir=str(tmp_path / "m"), tensorboard=True))
+    assert not (tmp_path / "m").exists()

@@ -5,6 +5,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,14 +33,17 @@ def jsonable(obj):
 class MetricsLog:
     """One JSON object per line in ``metrics.jsonl``; keeps lines past ``max_step`` out on resume.
 
+    ``mirror``, when given, receives every record after it is written (TensorBoard's event files).
+
     Every write rewrites the whole file through :func:`unet.atomic.atomic_write` (temporary file + rename), so
     a crash or a failed write leaves the previous, whole lines: the file is small (a line per logged step) and
     written every ``--log-every`` steps. Files that earlier versions (which appended) left with a torn last
     line still resume: resuming drops that line (and says so) instead of refusing the run.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, resume_step: int | None = None,
+                 mirror: Callable[[dict], None] | None = None):
+        self.path, self.mirror = Path(path), mirror
         if resume_step is not None and self.path.exists():
             records, torn = _parse(self.path)
             if torn:
@@ -58,6 +62,8 @@ class MetricsLog:
         lines = self._lines + [json.dumps(jsonable(record)) + "\n"]
         self._publish(lines)
         self._lines = lines
+        if self.mirror is not None:  # e.g. TensorBoard's event files, after the record of truth is on disk
+            self.mirror(record)
 
     def _publish(self, lines: list[str]) -> None:
         atomic_write(self.path, lambda f: f.write("".join(lines).encode()))

@@ -18,6 +18,7 @@ from unet.model import PADDINGS
 from unet.options import field_default, identity_fields, option, option_fields, positive_int
 from unet.prediction.tiling import TilingOptions
 from unet.training.lr_schedule import LR_SCHEDULES
+from unet.training.tensorboard import tensorboard_installed
 
 # --loss: NVIDIA UNet_Medical's CE + soft Dice, or the UNet paper's weighted cross-entropy (eq. 1-2).
 LOSSES = ("ce_dice", "weighted_ce")
@@ -35,7 +36,7 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
                    "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
                    "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
-                   "num_classes", "ignore_label", "init_from", "freeze_encoder_steps")
+                   "num_classes", "ignore_label", "init_from", "freeze_encoder_steps", "tensorboard")
 # Adam's rate without --learning-rate: UNet_Medical's 1e-4 from scratch; a tenth of it when fine-tuning
 # (--init-from), so that a handful of slices adjusts the trained weights instead of overwriting them.
 DEFAULT_LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-4, 1e-5
@@ -121,6 +122,10 @@ class RunConfig:
     overwrite: bool = option(False, "start over even if MODEL_DIR holds a run", name="overwrite", switch="on",
                              group="run")
     no_progress: bool = option(False, "no progress bar (logs only)", name="no_progress", switch="on", group="run")
+    tensorboard: bool | None = option(None, "TensorBoard event files in --model-dir/tensorboard (losses, learning "
+                                            "rate, validation metrics and pictures); default: on when the "
+                                            "tensorboard package is installed", name="tensorboard", switch="both",
+                                      group="run")
     benchmark: bool = option(False, "time --max-steps steps after --warmup-steps; no checkpoints, no validation",
                              name="benchmark", switch="on", group="benchmark")
     warmup_steps: int = option(10, "untimed steps before timing in --benchmark mode", flags=_alias("--warmup-steps"),
@@ -197,6 +202,8 @@ def check_config(config: RunConfig) -> None:
                         f"got {c.lr_warmup_steps}")
     if c.resume and c.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
+    if c.tensorboard and not tensorboard_installed():
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if c.freeze_encoder_steps < -1:
         raise UserError(f"--freeze-encoder-steps must be -1 (the whole run), 0 (never) or a step count, got "
                         f"{c.freeze_encoder_steps}")

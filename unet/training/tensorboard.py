@@ -15,7 +15,13 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["TensorBoardLog", "open_tensorboard", "tensorboard_installed", "panel", "FOLDER", "HOW_TO_TURN_ON"]
+from unet.data.labels import IGNORE
+from unet.prediction.predictor import predict_probabilities
+
+__all__ = ["TensorBoardLog", "open_tensorboard", "tensorboard_installed", "panel", "validation_pictures", "FOLDER",
+           "HOW_TO_TURN_ON", "PICTURES"]
+
+PICTURES = 2  # validation slices shown at every validation (each costs one whole-slice prediction)
 
 FOLDER = "tensorboard"
 HOW_TO_TURN_ON = "TensorBoard logging is off: pip install tensorboard to write event files (--no-tensorboard hides this)"
@@ -103,3 +109,26 @@ def panel(image: np.ndarray, probability: np.ndarray, target: np.ndarray | None,
         shown[~known] = (1.0, 0.0, 0.0)
         parts.append(shown)
     return (np.clip(np.concatenate(parts, axis=1), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def validation_pictures(model, slices, dev, options, count: int = PICTURES) -> dict[str, np.ndarray]:
+    """:func:`panel` pictures of the first ``count`` validation slices: input | prediction | target.
+
+    The prediction shown is the cell probability for two classes, the class map (spread over the grey range)
+    for more.
+
+    Args:
+        model: the unwrapped UNet on ``dev.device``.
+        slices: the validation :class:`~unet.data.datasets.SliceSet`.
+        dev: the device setup.
+        options: the run's tiling options.
+        count: how many slices.
+    """
+    pictures = {}
+    for k in range(min(count, len(slices))):
+        probs = predict_probabilities(model, slices.images[k], dev, options).float().cpu()
+        classes = probs.shape[0]
+        shown = probs[1] if classes == 2 else probs.argmax(0).float() / (classes - 1)
+        labels = slices.labels[k] if slices.labels is not None else None
+        pictures[slices.names[k]] = panel(slices.images[k], shown.numpy(), labels, ignore=IGNORE)
+    return pictures

@@ -33,6 +33,7 @@ from unet.training.benchmark import run_benchmark
 from unet.training.config import LOSSES, WEIGHT_MAP_SIGMA, WEIGHT_MAP_W0, RunConfig, check_config
 from unet.training.init_from import apply_init, encoder_frozen, parameter_groups, read_init
 from unet.training.lr_schedule import learning_rate_at
+from unet.training.tensorboard import TensorBoardLog, open_tensorboard, validation_pictures
 from unet.checkpoint import model_from_checkpoint
 from unet.weight_map import unet_weight_map
 
@@ -190,6 +191,7 @@ class Trainer:
         self.best_dice_nvidia, self.best_step = -math.inf, None
         self.last_metrics: dict | None = None
         self.log: MetricsLog | None = None
+        self.board: TensorBoardLog | None = None
         self.saver: BackgroundCheckpointer | None = None  # rank 0's checkpoint writer, while training
         self.train_weights: list | None = None  # --loss weighted_ce: one weight map per training slice
         self.first_step_s: float | None = None
@@ -213,7 +215,9 @@ class Trainer:
     def train(self, resumed: bool) -> None:
         """The loop: a step, then the log / validation / checkpoint due after it, until ``max_steps``."""
         if self.dist.is_main:
-            self.log = MetricsLog(self.model_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
+            self.board = self.open_board(resumed)
+            self.log = MetricsLog(self.model_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
+                                  mirror=self.board.record if self.board else None)
         losses = LossTracker(self.dev.device, fp16=self.scaler.is_enabled())
         bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main or self.config.no_progress, smoothing=0.1)
@@ -367,6 +371,10 @@ class Trainer:
         if resumed:
             self.say(narration.resuming_line(self.model_dir, self.step))
 
+    def open_board(self, resumed: bool) -> TensorBoardLog | None:
+        """TensorBoard's event files (rank 0), or None (check_config refused --tensorboard without the package)."""
+        return open_tensorboard(self.model_dir, self.config.tensorboard, self.step if resumed else None, self.say)
+
     # -------------------------------------------------------------------------------------- the loop
 
     def after_step(self, losses: LossTracker, bar) -> None:
@@ -418,6 +426,8 @@ class Trainer:
         metrics = evaluate_slices(self.model, self.val_set, self.dev, dist=self.dist, options=self.tiling)
         if self.log:
             self.log.write({"kind": "val", "step": self.step, "val": metrics})
+        if self.board:  # rank 0 only; the other ranks do not wait for it
+            self.board.pictures(self.step, validation_pictures(self.model, self.val_set, self.dev, self.tiling))
         self.say(narration.validation_line(self.step, metrics))
         if metrics["dice_nvidia"] > self.best_dice_nvidia:
             self.best_dice_nvidia, self.best_step = metrics["dice_nvidia"], self.step
@@ -450,6 +460,8 @@ class Trainer:
             self.saver.flush()  # last.pt is on disk before summary.json says the run is done
         if self.dist.is_main:
             write_json(self.model_dir / "summary.json", summary)
+            if self.board:
+                self.board.close()
             plot_curves(self.log.read(), self.model_dir / "curves.png",
                         title=f"{self.held_out}, {self.data_name}")
             self.say(narration.done_line(summary))
