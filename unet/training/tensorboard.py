@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from unet.atomic import write_error
 from unet.data.labels import IGNORE
 from unet.prediction.predictor import predict_probabilities
 
@@ -80,6 +81,7 @@ def open_tensorboard(model_dir: Path, wanted: bool | None, resume_step: int | No
 
     Raises:
         ImportError: ``wanted`` is True and the package is missing (the caller turns it into one line).
+        UserError: the event folder cannot be written (naming it).
     """
     if wanted is False:
         return None
@@ -88,7 +90,11 @@ def open_tensorboard(model_dir: Path, wanted: bool | None, resume_step: int | No
             raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard")
         say(HOW_TO_TURN_ON)
         return None
-    return TensorBoardLog(Path(model_dir) / FOLDER, resume_step)
+    folder = Path(model_dir) / FOLDER
+    try:
+        return TensorBoardLog(folder, resume_step)
+    except OSError as e:  # a read-only or full --model-dir: one line, as for metrics.jsonl and checkpoints
+        raise write_error(folder, e) from None
 
 
 def panel(image: np.ndarray, probability: np.ndarray, target: np.ndarray | None, ignore: int = 255) -> np.ndarray:

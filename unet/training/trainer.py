@@ -215,9 +215,9 @@ class Trainer:
     def train(self, resumed: bool) -> None:
         """The loop: a step, then the log / validation / checkpoint due after it, until ``max_steps``."""
         if self.dist.is_main:
-            self.board = self.open_board(resumed)
-            self.log = MetricsLog(self.model_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
-                                  mirror=self.board.record if self.board else None)
+            self.log = MetricsLog(self.model_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
+            self.board = self.open_board(resumed)  # after the log: a read-only folder is refused by the log first
+            self.log.mirror = self.board.record if self.board else None
         losses = LossTracker(self.dev.device, fp16=self.scaler.is_enabled())
         bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main or self.config.no_progress, smoothing=0.1)
