@@ -37,7 +37,8 @@ def test_torchrun_two_ranks_agree_and_match_single_process_evaluation(tmp_path):
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]  # written once, by rank 0
     assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
-                                                           "summary.json"]
+                                                           "summary.json", "tensorboard"]
+    assert len(list((model_dir / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     logged = [r for r in records if r["kind"] == "val"][-1]["val"]
     out = tmp_path / "eval.json"
     ev = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--ckpt", str(model_dir / "last.pt"),
@@ -79,7 +80,7 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_corrupt_last_pt(tmp_pat
         assert ckpt["step"] > step, (attempt, ckpt["step"], step)
         step = ckpt["step"]
         assert all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
-    leftovers = [p.name for p in model_dir.iterdir() if p.name != "last.pt"]
+    leftovers = [p.name for p in model_dir.iterdir() if p.name not in ("last.pt", "tensorboard")]
     assert all(p.startswith(".last.pt.") and p.endswith(".tmp.pt") for p in leftovers), leftovers
     assert len(leftovers) <= 4  # a killed write may leave its temporary file, never a bad last.pt
 
