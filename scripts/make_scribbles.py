@@ -20,6 +20,7 @@ import tifffile  # noqa: E402
 
 from unet.atomic import atomic_path  # noqa: E402
 from unet.data.scribbles import scribble_stack  # noqa: E402
+from unet.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         sparse = scribble_stack(dense, args.fraction, args.ignore, args.seed)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {args.labels}: {e}\n")
-    with atomic_path(Path(args.output)) as tmp:
-        tifffile.imwrite(tmp, sparse, photometric="minisblack", compression="zlib")
+    try:
+        with atomic_path(Path(args.output)) as tmp:
+            tifffile.imwrite(tmp, sparse, photometric="minisblack", compression="zlib")
+    except UserError as e:  # e.g. the output's folder does not exist: one line, nothing written
+        p.exit(2, f"{p.prog}: error: {e}\n")
     kept = sparse != args.ignore
     shares = ", ".join(f"class {c}: {np.mean(sparse == c):.2%}" for c in np.unique(dense))
     print(f"wrote {args.output}: {kept.mean():.2%} of {dense.size} pixels labelled ({shares}); "

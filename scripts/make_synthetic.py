@@ -36,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"{p.prog}: error: {e}\n")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for name, stack in (("images.tif", images), ("labels.tif", labels)):
-        with atomic_path(out / name) as tmp:
-            tifffile.imwrite(tmp, stack, photometric="minisblack", compression="zlib")
+    try:
+        for name, stack in (("images.tif", images), ("labels.tif", labels)):
+            with atomic_path(out / name) as tmp:
+                tifffile.imwrite(tmp, stack, photometric="minisblack", compression="zlib")
+    except UserError as e:  # a failed write: one line
+        p.exit(2, f"{p.prog}: error: {e}\n")
     shares = ", ".join(f"{v}: {np.mean(labels == v):.1%}" for v in np.unique(labels))
     print(f"wrote {out / 'images.tif'} and {out / 'labels.tif'}: {args.count} slices of {args.size}x{args.size}, "
           f"label shares {shares}")

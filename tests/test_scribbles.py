@@ -67,3 +67,12 @@ def test_make_scribbles_script_writes_the_stack(dense, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "ignore value 255 is one of the label values [0, 255]" in bad.stderr
     assert not (tmp_path / "b.tif").exists()
+
+
+def test_make_scribbles_into_a_missing_folder_is_one_line(dense, tmp_path):
+    tifffile.imwrite(tmp_path / "labels.tif", (dense * 255).astype(np.uint8), photometric="minisblack")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_scribbles.py"), "--labels",
+                           str(tmp_path / "labels.tif"), "--output", str(tmp_path / "no" / "s.tif")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("make_scribbles.py: error: cannot write")
