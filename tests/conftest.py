@@ -23,6 +23,30 @@ def _fp32_prediction():
         yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    convolutions run fastest single-threaded, and the CI machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def volume_reads(monkeypatch) -> list:
+    """The ``(z, y, x)`` of every ``Volume.read`` during the test, in order (the reads themselves stay real)."""
+    from unet.io import volumes
+    reads, real_read = [], volumes.Volume.read
+
+    def read(self, z=slice(None), y=slice(None), x=slice(None)):
+        reads.append((z, y, x))
+        return real_read(self, z, y, x)
+
+    monkeypatch.setattr(volumes.Volume, "read", read)
+    return reads
+
+
 @pytest.fixture(scope="session")
 def isbi_dir() -> Path:
     """The directory with train-volume.tif / train-labels.tif; skips when ISBI_DIR is not set."""

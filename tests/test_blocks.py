@@ -11,12 +11,7 @@ from unet.prediction.tiles import predict_slice, predict_tiles
 from unet.prediction.tiling import TilingOptions, edge_band, slice_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions; the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
 
 
 def _model(padding: str, depth: int = 3) -> UNet:

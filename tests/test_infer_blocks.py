@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.data.synthetic import make_synthetic_em
-from unet.io import volume_writers, volumes
+from unet.io import volume_writers
 from unet.io.volume_writers import create_volume
 from unet.io.volumes import open_volume
 from tiny_models import balanced_unet
@@ -21,12 +20,7 @@ BLOCKS = ["--chunks", "16", "--block-size", "16"]  # 3 x 4 blocks per slice, 36 
 NUM_BLOCKS = 36
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions; the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
 
 
 def _volume(path: Path, images: np.ndarray) -> Path:
@@ -84,15 +78,8 @@ def _blocks_line(capsys) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("padding, tile", [("same", "16"), ("valid", "36")])
-def test_blockwise_outputs_equal_whole_slice_prediction(data, tmp_path, monkeypatch, capsys, padding, tile):
-    reads = []
-    real_read = volumes.Volume.read
-
-    def read(self, z=slice(None), y=slice(None), x=slice(None)):
-        reads.append((z, y, x))
-        return real_read(self, z, y, x)
-
-    monkeypatch.setattr(volumes.Volume, "read", read)
+def test_blockwise_outputs_equal_whole_slice_prediction(data, tmp_path, volume_reads, capsys, padding, tile):
+    reads = volume_reads  # conftest: every Volume.read of the test
     capsys.readouterr()
     _run(data["ckpts"][padding], "--input", data["root"] / "em.ome.zarr", "--output", tmp_path / "m.zarr",
          "--probabilities", tmp_path / "p.h5/prob", "--tile-size", tile, "--tile-batch", "1", *BLOCKS)

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import tifffile
-import torch
 import zarr
 
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
 from unet.data.synthetic import make_synthetic_em
-from unet.io import volumes
 from unet.io.volume_writers import create_volume
 from unet.io.volumes import open_volume
 from unet.prediction import stacks
@@ -22,12 +20,7 @@ from tiny_models import balanced_unet
 SHAPE = (5, 40, 56)  # odd depth, so the last slice batch of --read-batch 2 is short
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions; the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +81,8 @@ def _refused(capsys, ckpt: Path, folder: Path, *argv) -> str:
 # ------------------------------------------------------------------------------------------------ inputs
 
 @pytest.mark.parametrize("spec", ["em.ome.zarr", "plain.zarr/raw", "em.n5/raw", "em.h5/volumes/raw"])
-def test_volume_inputs_give_the_masks_of_the_tiff_stack(data, tmp_path, monkeypatch, spec):
-    reads = []
-    real_read = volumes.Volume.read
-
-    def read(self, z=slice(None), y=slice(None), x=slice(None)):
-        reads.append((z, y, x))
-        return real_read(self, z, y, x)
-
-    monkeypatch.setattr(volumes.Volume, "read", read)
+def test_volume_inputs_give_the_masks_of_the_tiff_stack(data, tmp_path, volume_reads, spec):
+    reads = volume_reads
     _run(data["ckpt"], "--input", data["root"] / spec, "--output", tmp_path / "m.tif", "--read-batch", "2")
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), data["masks"])
     # Streamed: whole slices, two at a time, never the whole volume at once.

@@ -25,13 +25,7 @@ from tiny_models import balanced_unet
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions run fastest single-threaded, and the CI machine's cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
 
 
 @pytest.fixture(scope="module")

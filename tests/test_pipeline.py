@@ -16,7 +16,8 @@ from unet.prediction.tiling import TilingOptions
 
 
 from tiny_models import balanced_unet  # noqa: E402
-from test_inference import _one_thread  # noqa: E402,F401  (tiny convolutions run fastest on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
 
 
 def predict_pages(model, dev, chunks, *, source="input", options=None):

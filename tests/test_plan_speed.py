@@ -1,7 +1,6 @@
 """The tile plan chosen by measured speed (unet.prediction.plan_speed), with stand-in timers and clocks."""
 import numpy as np
 import pytest
-import torch
 
 from tiny_models import balanced_unet
 from unet.device import setup_device
@@ -128,4 +127,3 @@ def test_a_given_tile_size_or_a_compiled_forward_is_never_probed():
     assert StackPredictor(model, dev, TilingOptions(), tile_plan="speed").measure
     with pytest.raises(ValueError, match="tile_plan must be one of"):
         StackPredictor(model, dev, TilingOptions(), tile_plan="fast")
-    torch.manual_seed(0)

@@ -33,7 +33,7 @@ def jsonable(obj):
 class MetricsLog:
     """One JSON object per line in ``metrics.jsonl``; keeps lines past ``max_step`` out on resume.
 
-    ``mirror``, when given, receives every record after it is written (TensorBoard's event files).
+    ``mirror``, when set, receives every record after it is written (TensorBoard's event files).
 
     Every write rewrites the whole file through :func:`unet.atomic.atomic_write` (temporary file + rename), so
     a crash or a failed write leaves the previous, whole lines: the file is small (a line per logged step) and
@@ -41,9 +41,9 @@ class MetricsLog:
     line still resume: resuming drops that line (and says so) instead of refusing the run.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None,
-                 mirror: Callable[[dict], None] | None = None):
-        self.path, self.mirror = Path(path), mirror
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.mirror: Callable[[dict], None] | None = None
         if resume_step is not None and self.path.exists():
             records, torn = _parse(self.path)
             if torn:
