@@ -107,8 +107,10 @@ def train_py_images_per_s(args, precision: str, workers: str) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"train.py failed ({done.returncode}): {done.stderr.strip()[-400:]}")
         workers_line = [ln for ln in done.stdout.splitlines() if "loader worker" in ln]
+        layout_line = [ln for ln in done.stdout.splitlines() if ln.startswith("memory layout")]
         result = json.loads((Path(tmp) / "benchmark.json").read_text())
-    return {"images_per_s": result["images_per_s"], "loader": workers_line[0].strip() if workers_line else ""}
+    return {"images_per_s": result["images_per_s"], "loader": workers_line[0].strip() if workers_line else "",
+            "layout": layout_line[0].strip() if layout_line else ""}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -144,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             ours = train_py_images_per_s(args, precision, workers)
             rows.append({"precision": precision, "workers": workers, "plain_images_per_s": plain,
                          "train_py_images_per_s": ours["images_per_s"],
-                         "ratio": ours["images_per_s"] / plain, "loader": ours["loader"]})
+                         "ratio": ours["images_per_s"] / plain, "loader": ours["loader"], "layout": ours["layout"]})
             r = rows[-1]
             print(f"{precision:>5}  train.py --workers {workers:>7}: {fmt(r['train_py_images_per_s'], '.3f')} img/s"
-                  f"   plain UNet: {fmt(plain, '.3f')} img/s   ratio {r['ratio']:.2f}x   {r['loader']}", flush=True)
+                  f"   plain UNet: {fmt(plain, '.3f')} img/s   ratio {r['ratio']:.2f}x   {r['loader']}"
+                  + (f"\n       train.py's {r['layout']}" if r["layout"] else ""), flush=True)
     write_json(args.json, {"benchmark": "train_vs_plain", "batch_size": args.batch_size, "rows": rows})
     return 0
 

@@ -23,6 +23,17 @@ def _fp32_prediction():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _channels_last_training():
+    """train.py's --memory-format auto times a step in each layout on the CPU and keeps the faster: in-process
+    tests would then train in whichever layout the machine's noise favoured, so they train as the measurement
+    that always favours channels_last (the layout before the probe) says. tests/test_layout.py tests the probe."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("unet.training.layout.measure_layouts",
+                   lambda model, dev, shape: {"channels_last": 1.0, "contiguous": 2.0})
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny

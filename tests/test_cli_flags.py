@@ -19,7 +19,9 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # (--tensorboard / --no-tensorboard, default on when the package is installed).
     "train": ({"--train-images", "--train-labels", "--val-images", "--val-labels", "--val-slices", "--label-kind",
                "--num-classes", "--ignore-label", "--init-from", "--freeze-encoder-steps", "--tensorboard",
-               "--no-tensorboard"}, set()),
+               "--no-tensorboard",
+               # Issue 22 item 1: the training layout, measured on the CPU by default (unet.training.layout).
+               "--memory-format", "--memory_format"}, set()),
     # Issue 22 item 2: --precision auto|fp32|bf16|fp16 (auto = bf16 where the chip computes it natively).
     # Issue 21: evaluate.py takes DataOptions, so the own-data and z-range flags override the checkpoint's.
     "evaluate": ({"--precision", "--train-images", "--train-labels", "--val-images", "--val-labels",

@@ -17,6 +17,7 @@ from unet.errors import UserError
 from unet.model import PADDINGS
 from unet.options import field_default, identity_fields, option, option_fields, positive_int
 from unet.prediction.tiling import TilingOptions
+from unet.training.layout import LAYOUT_CHOICES
 from unet.training.lr_schedule import LR_SCHEDULES
 from unet.training.tensorboard import tensorboard_installed
 
@@ -36,7 +37,8 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "peak_tflops", "device", "amp", "amp_dtype", "tile_size", "tile_batch", "overlap", "blend",
                    "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
                    "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
-                   "num_classes", "ignore_label", "init_from", "freeze_encoder_steps", "tensorboard")
+                   "num_classes", "ignore_label", "init_from", "freeze_encoder_steps", "tensorboard",
+                   "memory_format")
 # Adam's rate without --learning-rate: UNet_Medical's 1e-4 from scratch; a tenth of it when fine-tuning
 # (--init-from), so that a handful of slices adjusts the trained weights instead of overwriting them.
 DEFAULT_LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-4, 1e-5
@@ -109,6 +111,10 @@ class RunConfig:
     compile_mode: str = option("default", "torch.compile mode when compiling (torch's default; the GPU check "
                                           "measures the others)", flags=_alias("--compile-mode"),
                                choices=COMPILE_MODES, group="optimisation")
+    memory_format: str = option("auto", "tensor layout of the model and batches: auto = channels_last on CUDA, NCHW "
+                                        "on the NPU, and on the CPU whichever of the two one training step measures "
+                                        "faster at the start (printed; a resumed run keeps its layout)",
+                                flags=_alias("--memory-format"), choices=LAYOUT_CHOICES, group="optimisation")
     model_dir: str = option("results", "checkpoints, logs and curves go here", flags=_alias("--model-dir"),
                             group="run")
     evaluate_every: int = option(0, "validate every N steps (0: only at the end)", flags=_alias("--evaluate-every"),

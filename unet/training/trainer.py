@@ -6,6 +6,7 @@ Rank 0 alone prints, logs and writes; validation metrics are summed over ranks b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -19,8 +20,8 @@ from unet.data.augment import AugmentConfig
 from unet.data.own_data import load_split
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
-from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, env_info, process_group, rank0_printer,
-                              same_on_all_ranks)
+from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, broadcast_object, env_info, process_group,
+                              rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
 from unet.evaluation.slices import evaluate_slices
 from unet.losses import ce_dice_loss, weighted_cross_entropy
@@ -32,6 +33,7 @@ from unet.training.background_save import BackgroundCheckpointer
 from unet.training.benchmark import run_benchmark
 from unet.training.config import LOSSES, WEIGHT_MAP_SIGMA, WEIGHT_MAP_W0, RunConfig, check_config
 from unet.training.init_from import apply_init, encoder_frozen, parameter_groups, read_init
+from unet.training.layout import MEMORY_FORMATS, choose_layout
 from unet.training.lr_schedule import learning_rate_at
 from unet.training.tensorboard import TensorBoardLog, open_tensorboard, validation_pictures
 from unet.checkpoint import model_from_checkpoint
@@ -324,6 +326,7 @@ class Trainer:
         c = self.config
         if resume is not None:
             model = model_from_checkpoint(resume, self.model_dir / "last.pt")
+        self.choose_memory_format(model, resume)
         self.model = self.dev.prepare_model(model)
         self.optimizer = torch.optim.Adam(parameter_groups(self.model, c.freeze_encoder_steps), lr=c.learning_rate,
                                           weight_decay=c.weight_decay, **self.dev.optimizer_kwargs())
@@ -345,6 +348,19 @@ class Trainer:
             self.dev.set_rng_state(resume["rng"])
         else:
             torch.manual_seed(c.data.seed + 1)  # dropout stream, independent of how many weights were drawn
+
+    def choose_memory_format(self, model: UNet, resume: dict | None) -> None:
+        """The run's layout (:mod:`unet.training.layout`): as asked, as the resumed run had it, or measured on the
+        CPU; rank 0's choice on every rank (DDP's buckets expect the same strides everywhere)."""
+        c = self.config
+        recorded = resume["args"].get("memory_format") if resume is not None else None
+        shape = (c.batch_size, self.model_config.in_channels, c.input_size, c.input_size)
+        name, line = choose_layout(c.memory_format, recorded, model.to(self.dev.device), self.dev, shape)
+        name = broadcast_object(name)
+        if line:
+            self.say(line)
+        self.config = dataclasses.replace(c, memory_format=name)
+        self.dev = dataclasses.replace(self.dev, memory_format=MEMORY_FORMATS[name])
 
     def compiled_step(self):
         """``forward_loss`` of the (DDP-wrapped) model; with ``--compile``, compiled as one function.
