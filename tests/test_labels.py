@@ -4,6 +4,7 @@ import pytest
 
 from unet.data.labels import IGNORE, LabelOptions, check_some_labelled, instance_membrane_target, label_target
 from unet.errors import UserError
+from unet.metrics.cells import label_cells
 
 
 @pytest.mark.parametrize("cell", [1, 255])
@@ -25,15 +26,15 @@ def test_classes_keep_their_values_and_ignore_becomes_IGNORE():
 
 
 def test_instances_become_a_membrane_map_that_parts_touching_objects():
-    # Objects 1 and 2 touch along a vertical line; 0 is background. Every object pixel with a 4-neighbour of
-    # another id is boundary (0); the rest of each object is 1.
+    # Objects 1 and 2 touch along a vertical line; 0 is background. Every object pixel with a 4-neighbour in
+    # another object is boundary (0); the rest of each object is 1, next to the background too.
     raw = np.array([[1, 1, 1, 2, 2, 2],
                     [1, 1, 1, 2, 2, 2],
                     [1, 1, 1, 2, 2, 2],
                     [0, 0, 0, 0, 0, 0]], np.int32)
     expected = [[1, 1, 0, 0, 1, 1],
                 [1, 1, 0, 0, 1, 1],
-                [0, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 1, 1],
                 [0, 0, 0, 0, 0, 0]]
     assert instance_membrane_target(raw).tolist() == expected
     assert label_target(raw, "l.tif", LabelOptions(label_kind="instances")).tolist() == expected
@@ -43,7 +44,19 @@ def test_instances_with_an_ignore_value():
     raw = np.array([[5, 5, 3], [5, 5, 3]], np.int32)
     t = label_target(raw, "l.tif", LabelOptions(label_kind="instances", ignore_label=3))
     # 3 is ignored (not an object): object 5 touches only ignored pixels, which count as background here.
-    assert t.tolist() == [[1, 0, IGNORE], [1, 0, IGNORE]]
+    assert t.tolist() == [[1, 1, IGNORE], [1, 1, IGNORE]]
+
+
+def test_diagonal_contact_is_no_boundary_and_connected_components_give_back_the_binary_labels():
+    # Cells kept apart by membrane pixels, as in ISBI 2012: their 4-connected components as instance labels
+    # must train on exactly the binary labels (objects 1 and 2 meet only at a corner, which is no 4-contact).
+    binary = np.array([[1, 1, 0, 0],
+                       [1, 1, 0, 0],
+                       [0, 0, 1, 1],
+                       [0, 1, 1, 0]], np.uint8)
+    instances = label_cells(binary > 0)
+    assert instances.max() == 2
+    assert instance_membrane_target(instances).tolist() == binary.tolist()
 
 
 @pytest.mark.parametrize("raw, options, message", [
