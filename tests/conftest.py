@@ -34,6 +34,24 @@ def _channels_last_training():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fewest_flop_tile_plans():
+    """infer.py's --tile-plan speed times candidate plans and keeps the fastest, and a 'same' model's output depends
+    on the plan: on a busy machine in-process tests would compare the plan the noise favoured with references tiled
+    by the fewest-FLOP plan. So they get the fewest-FLOP plan (what the probe picks when it finds no clearly
+    faster one); tests/test_plan_speed.py puts the timed choice back and tests it."""
+    from unet.prediction.plan_speed import PlanChoice
+    from unet.prediction.tiling import slice_plan, tile_batch_size
+
+    def fewest_flops(height, width, geometry, options, *args, **kwargs):
+        plan = slice_plan(height, width, geometry, options)
+        return PlanChoice(plan, tile_batch_size(plan, geometry, options))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("unet.prediction.pipeline.fastest_plan", fewest_flops)
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny

@@ -9,6 +9,13 @@ from unet.prediction.pipeline import StackPredictor
 from unet.prediction.plan_speed import PROBE_SHARE, candidate_tile_sizes, fastest_plan, time_call
 from unet.prediction.tiling import TilingOptions, choose_tile_size, plan_tiles
 
+
+@pytest.fixture(autouse=True)
+def _timed_plans(monkeypatch):
+    """conftest gives other tests the fewest-FLOP plan; here StackPredictor times its candidates for real."""
+    monkeypatch.setattr("unet.prediction.pipeline.fastest_plan", fastest_plan)
+
+
 SMALL = UNet(base_filters=8, padding="same")  # size arithmetic only; never run here
 REFERENCE = UNet()
 BIG_BUDGET = TilingOptions(memory_budget_mb=20000)
