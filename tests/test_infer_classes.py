@@ -15,7 +15,7 @@ from unet.cli.commands import infer
 from unet.data.synthetic import make_synthetic_em
 from unet.device import setup_device
 from unet.io.images import scale_by_dtype
-from unet.io.volume_writers import create_volume
+from unet.io.volume_writers import create_volume, open_partial_volume
 from unet.io.volumes import open_volume
 from unet.io.writers import HyperstackWriter
 from unet.prediction.ensemble import load_ensemble
@@ -143,6 +143,20 @@ def _check_probability_layout(spec: Path) -> None:
             assert [d.label for d in ds.dims] == list("czyx")
             shape, chunks = ds.shape, ds.chunks
     assert shape == stored and chunks == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("spec", ["p.zarr", "p.h5/prob"])
+def test_channel_volume_reopened_for_resume_keeps_the_memory_order(tmp_path, spec):
+    """A (Z, C, H, W) output stored c, z, y, x: a resumed run's writer (open_partial_volume) takes blocks in z, c, y, x
+    order as the first run's did."""
+    probs = np.random.default_rng(0).random((2, K, 8, 12), dtype=np.float32)
+    with create_volume(str(tmp_path / spec), probs.shape, np.float32, (1, 1, 8, 12)) as first:
+        first.write((0, 0, 0, 0), probs[:1])
+    with open_partial_volume(str(tmp_path / spec)) as resumed:
+        assert (resumed.axes, resumed.stored_axes, resumed.shape) == ("zcyx", "czyx", probs.shape)
+        resumed.write((1, 0, 0, 0), probs[1:])
+        resumed.commit()
+    np.testing.assert_array_equal(_read(tmp_path / spec), probs)
 
 
 @pytest.mark.parametrize("masks, probs", [("m.ome.zarr", "p.ome.zarr"), ("pred.h5/classes", "prob.h5/probs")])
