@@ -35,7 +35,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "  python infer.py --ckpt fold0.pt fold1.pt fold2.pt --input stack.tif --output masks.tif\n"
                     "  python infer.py --ckpt model.pt --input volume.zarr/raw --output pred.ome.zarr\n"
                     "  python infer.py --ckpt model.pt --input data.h5/volumes/raw --output pred.h5/masks\n\n"
-                    "Masks: uint8, 255 = cell interior, 0 = membrane, one page per input slice.\n"
+                    "Masks: uint8, one page per input slice: 255 = cell interior, 0 = membrane (two-class\n"
+                    "models); the class map 0..K-1 and, with --probabilities, all K class probabilities\n"
+                    "(K-class models).\n"
                     "Deployable programs: python export.py --format pt2|onnx --ckpt model.pt --output model.pt2")
     add_options(parser, CheckpointArgs)
     add_options(parser, InferOptions, skip=("compile", "backend", "tile_plan", "instances"))
@@ -74,7 +76,8 @@ def main(args: argparse.Namespace) -> RunResult:
     jobs = plan_jobs(settings.input, settings.output, probabilities=settings.probabilities,
                      overlay_dir=settings.overlay, overwrite=settings.overwrite,
                      in_channels=model.config.in_channels, instances=settings.instances,
-                     volume=options_from(args, VolumeOptions), resume=settings.resume, processes=dist.world_size)
+                     volume=options_from(args, VolumeOptions), resume=settings.resume, processes=dist.world_size,
+                     num_classes=model.config.num_classes)
     dev = prediction_device(options_from(args, DeviceOptions), options_from(args, PrecisionOptions).precision,
                             dist.local_rank)
     model = dev.prepare_model(model)

@@ -225,10 +225,11 @@ def write_weights(net: BioimageioUNet, formats: tuple[str, ...], folder: Path, e
 
 
 def write_cover(net: BioimageioUNet, sample: Sample, path: Path) -> None:
-    """Cover picture: the sample slice beside infer.py's ``--overlay`` of it (predicted membranes in red)."""
+    """Cover picture: the sample slice beside infer.py's ``--overlay`` of it (predicted membranes in red; a K-class
+    model's classes in their colours)."""
     image = scale_by_dtype(sample.raw)
     probs = predict_probabilities(net.unet, image, setup_device("cpu"))
     mask = mask_from_probabilities(probs).numpy()
-    picture = overlay(image, mask)
+    picture = overlay(image, mask, net.unet.config.num_classes)
     plain = overlay(image, np.full_like(mask, 255))  # the same contrast stretch, nothing drawn
     Image.fromarray(np.concatenate([plain, picture], axis=1), mode="RGB").save(path, format="PNG")

@@ -40,29 +40,31 @@ def chunk_yx(text: str) -> tuple[int, int]:
 
 
 class VolumeStackWriter:
-    """Append ``(H, W)`` pages to a new ``(Z, H, W)`` chunked volume; commit on success, abort on exceptions.
+    """Append ``(H, W)`` pages to a new ``(Z, H, W)`` chunked volume, or ``(C, H, W)`` slices to a ``(Z, C, H, W)``
+    one (a K-class model's probabilities; stored as OME-NGFF's ``czyx``, see :func:`create_volume`); commit on
+    success, abort on exceptions.
 
     Args:
         spec: the final volume path (``out.zarr``, ``out.zarr/masks``, ``out.h5/masks``, ``out.h5``).
-        shape: ``(Z, H, W)``.
+        shape: ``(Z, H, W)`` or ``(Z, C, H, W)``.
         dtype: the stored pixel type.
-        chunk_yx: y/x chunk shape (clamped to the slice); chunks are one slice deep.
+        chunk_yx: y/x chunk shape (clamped to the slice); chunks are one slice (and one channel) deep.
         overwrite: replace an existing output at commit instead of refusing it.
     """
 
-    def __init__(self, spec: str, shape: tuple[int, int, int], dtype, chunk_yx: tuple[int, int] = DEFAULT_CHUNKS, *,
+    def __init__(self, spec: str, shape: tuple[int, ...], dtype, chunk_yx: tuple[int, int] = DEFAULT_CHUNKS, *,
                  overwrite: bool = False):
-        chunks = (1,) + tuple(min(c, n) for c, n in zip(chunk_yx, shape[1:]))
+        chunks = (1,) * (len(shape) - 2) + tuple(min(c, n) for c, n in zip(chunk_yx, shape[-2:]))
         self.path = parse_volume_path(spec)
         self.writer = create_volume(spec, shape, dtype, chunks, overwrite=overwrite)
         self.pages = 0
 
     def append(self, pages: np.ndarray) -> None:
-        """Write one ``(H, W)`` page or a ``(n, H, W)`` batch at the next slice(s)."""
-        pages = pages[None] if pages.ndim == 2 else pages
+        """Write one slice (``(H, W)``, or ``(C, H, W)`` with channels) or a batch of them at the next slice(s)."""
+        pages = pages[None] if pages.ndim == len(self.writer.shape) - 1 else pages
         if self.pages + len(pages) > self.writer.shape[0]:
             raise ValueError(f"{self.path}: more than {self.writer.shape[0]} slices appended")
-        self.writer.write((self.pages, 0, 0), np.ascontiguousarray(pages))
+        self.writer.write((self.pages,) + (0,) * (pages.ndim - 1), np.ascontiguousarray(pages))
         self.pages += len(pages)
 
     def commit(self) -> None:

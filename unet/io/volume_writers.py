@@ -17,9 +17,9 @@ when the process ends, even by SIGKILL) and a second writer, in this process or 
 Formats follow the path (:mod:`unet.io.paths`): ``.zarr`` -> OME-Zarr image (v0.4 in a zarr v2 store by
 default, the version most viewers read; ``zarr_format=3`` writes v0.5), level 0 only, Blosc-zstd compressed,
 at the key (the store's root when none); ``.h5`` -> an HDF5 dataset at the key (``data`` when none), gzip.
-Axis order in memory is ``zyx`` or ``zcyx``; OME-Zarr stores ``zcyx`` as ``czyx`` (the spec puts channels
-before space), and HDF5 datasets get dimension labels, so :func:`unet.io.volumes.open_volume` reads both back
-in the writer's order.
+Axis order in memory is ``zyx`` or ``zcyx``; both formats store ``zcyx`` as ``czyx`` (OME-NGFF puts channels
+before space; HDF5 follows, so that a channel's volume is one contiguous block as in the zarr), and HDF5
+datasets get dimension labels, so :func:`unet.io.volumes.open_volume` reads both back in the writer's order.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class VolumeWriter:
         axes: ``"zyx"`` or ``"zcyx"``.
         store: (stored-order index, stored-order block) -> writes it.
         release: closes files and locks.
-        stored_axes: the axis order on disk (``czyx`` for an OME-Zarr ``zcyx`` volume, else ``axes``).
+        stored_axes: the axis order on disk (``czyx`` for a ``zcyx`` volume, else ``axes``).
     """
 
     path: VolumePath
@@ -136,25 +136,36 @@ class VolumeWriter:
         self.close()
 
 
-# ----------------------------------------------------------------------------------------------- OME-Zarr
+# ----------------------------------------------------------------------------------------------------- axes
 
-def _ome_store_axes(axes: str) -> str:
+def _stored_axes(axes: str) -> str:
     return "czyx" if axes == "zcyx" else axes
 
+
+def _memory_axes(stored: str) -> str:
+    return "zcyx" if stored == "czyx" else stored
+
+
+def _in_memory_order(stored_shape: tuple, stored: str, axes: str) -> tuple:
+    """A shape (or chunk shape) given in ``stored`` axis order, in ``axes`` order."""
+    return tuple(stored_shape[stored.index(a)] for a in axes)
+
+
+# ----------------------------------------------------------------------------------------------- OME-Zarr
 
 def _zarr_writer(vp: VolumePath, arr: zarr.Array, axes: str) -> VolumeWriter:
     def store(index, block):
         arr[index] = block
 
-    stored = _ome_store_axes(axes)
-    perm = [stored.index(a) for a in axes]
-    return VolumeWriter(vp, tuple(arr.shape[k] for k in perm), np.dtype(arr.dtype),
-                        tuple(arr.chunks[k] for k in perm), axes, store, release=lambda: None, stored_axes=stored)
+    stored = _stored_axes(axes)
+    return VolumeWriter(vp, _in_memory_order(arr.shape, stored, axes), np.dtype(arr.dtype),
+                        _in_memory_order(arr.chunks, stored, axes), axes, store, release=lambda: None,
+                        stored_axes=stored)
 
 
 def _create_zarr(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str, zarr_format: int,
                  voxel_size) -> VolumeWriter:
-    stored = _ome_store_axes(axes)
+    stored = _stored_axes(axes)
     perm = [axes.index(a) for a in stored]
     root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
     group = root.require_group(vp.key) if vp.key else root
@@ -206,17 +217,21 @@ def _hdf5_writer(vp: VolumePath, tmp: Path, fd: int, f: h5py.File, ds: h5py.Data
         f.close()
         _unlock(tmp, fd)
 
-    return VolumeWriter(vp, tuple(ds.shape), np.dtype(ds.dtype), tuple(ds.chunks), axes, store, release, axes,
-                        sync=f.flush)
+    stored = "".join(d.label for d in ds.dims)  # the file's own order, whichever version wrote it
+    return VolumeWriter(vp, _in_memory_order(ds.shape, stored, axes), np.dtype(ds.dtype),
+                        _in_memory_order(ds.chunks, stored, axes), axes, store, release, stored, sync=f.flush)
 
 
 def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> VolumeWriter:
+    stored = _stored_axes(axes)
+    perm = [axes.index(a) for a in stored]
     fd = _lock(vp, tmp)
     try:
         f = h5py.File(tmp, "w")
-        ds = f.create_dataset(vp.key or DEFAULT_HDF5_KEY, shape=shape, dtype=dtype, chunks=tuple(chunks),
-                              compression="gzip", compression_opts=4, shuffle=True, fillvalue=0)
-        for k, a in enumerate(axes):
+        ds = f.create_dataset(vp.key or DEFAULT_HDF5_KEY, shape=tuple(shape[k] for k in perm), dtype=dtype,
+                              chunks=tuple(chunks[k] for k in perm), compression="gzip", compression_opts=4,
+                              shuffle=True, fillvalue=0)
+        for k, a in enumerate(stored):
             ds.dims[k].label = a
     except BaseException:
         _unlock(tmp, fd)
@@ -296,12 +311,12 @@ def open_partial_volume(spec: str) -> VolumeWriter:
         try:
             f = h5py.File(tmp, "r+")
             ds = f[vp.key or DEFAULT_HDF5_KEY]
-            axes = "".join(d.label for d in ds.dims)
+            axes = _memory_axes("".join(d.label for d in ds.dims))
         except BaseException:
             _unlock(tmp, fd)
             raise
         return _hdf5_writer(vp, tmp, fd, f, ds, axes)
     group = zarr.open_group(str(tmp), path=vp.key, mode="r+")
     level = ome_level(group.attrs.asdict(), 0, str(vp))
-    axes = "zcyx" if level.axes == "czyx" else level.axes
+    axes = _memory_axes(level.axes)
     return _zarr_writer(vp, group[level.path], axes)

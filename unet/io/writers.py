@@ -5,7 +5,9 @@ hyperstack header, because ImageJ's own reader only handles *uncompressed* hyper
 IFD and assumes contiguous pages; tifffile's documentation: "ImageJ hyperstacks do not support BigTIFF or
 compression"), whereas it opens a plain deflate-compressed multi-page TIFF as a stack (Fiji File > Open, or
 Bio-Formats). ``compression="none"`` writes uncompressed pages instead. Each page is written as it
-arrives, so memory never grows with the number of pages.
+arrives, so memory never grows with the number of pages. The one exception is :class:`HyperstackWriter`
+(several channels per slice, e.g. the class probabilities of a K-class model): channels need the hyperstack
+header, so it writes the uncompressed hyperstack ImageJ reads.
 """
 from __future__ import annotations
 
@@ -113,6 +115,36 @@ class StackWriter(_CommitOnExit):
             self._tif.close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
+
+
+class HyperstackWriter(StackWriter):
+    """Append ``(C, H, W)`` slices to an ImageJ hyperstack (axes ZCYX) under a temporary name; atomic like
+    :class:`StackWriter`. Fiji's *File > Open* shows the channels (e.g. one per class) with a C slider.
+
+    Uncompressed, whatever ``--compression`` says: ImageJ's reader takes a hyperstack's pixels as one block
+    after the first page (tifffile: "ImageJ hyperstacks do not support BigTIFF or compression"), and tifffile
+    streams such a series slice by slice only in its contiguous, uncompressed mode. Each slice is written as it
+    arrives; the header (``images``, ``channels``, ``slices``) and the page directory follow at :meth:`commit`.
+    Past 4 GB tifffile keeps only the first page's directory, the ImageJ layout for such files (not tested here).
+
+    Args:
+        path: final file name; its folder must exist.
+    """
+
+    def __init__(self, path: str | Path):
+        # StackWriter's fields, but an ImageJ TiffWriter: no BigTIFF or compression to choose (see above).
+        self.path = Path(path)
+        self.tmp = temporary_path(self.path)
+        self.pages = 0
+        self._tif = tifffile.TiffWriter(self.tmp, imagej=True)
+
+    def append(self, slices: np.ndarray) -> None:
+        """Write one ``(C, H, W)`` slice or a ``(n, C, H, W)`` batch (``pages`` counts slices)."""
+        slices = slices[None] if slices.ndim == 3 else slices
+        for channels in slices:
+            # contiguous: the slice extends the first write's series, whose shape the header gives at close.
+            self._tif.write(np.ascontiguousarray(channels), contiguous=True, photometric="minisblack")
+            self.pages += 1
 
 
 class LabelStackWriter(_CommitOnExit):

@@ -129,7 +129,8 @@ def read_info(path: Path) -> StackInfo:
 def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilities: str | Path | None = None,
               overlay_dir: str | Path | None = None, overwrite: bool = False,
               in_channels: int = 1, instances: str | Path | None = None,
-              volume: VolumeOptions | None = None, resume: bool = False, processes: int = 1) -> list[Job]:
+              volume: VolumeOptions | None = None, resume: bool = False, processes: int = 1,
+              num_classes: int = 2) -> list[Job]:
     """Check the inputs and outputs before any work is done, and pair them.
 
     Args:
@@ -145,6 +146,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
         volume: scale, channel and time point of a volume input (None: the defaults; refused for other inputs).
         resume: finish an interrupted block-wise run (only for block-wise jobs, see :attr:`Job.blockwise`).
         processes: torchrun's world size: several processes share only block-wise jobs into zarr outputs.
+        num_classes: classes the model predicts (instances need a two-class membrane/cell model).
 
     Returns:
         One :class:`Job` per input stack.
@@ -152,6 +154,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
     Raises:
         UserError: any bad input, an existing output without ``overwrite``, or an output in a missing folder.
     """
+    _check_classes(num_classes, instances)
     output = Path(output)
     prob = Path(probabilities) if probabilities is not None else None
     ovl = Path(overlay_dir) if overlay_dir is not None else None
@@ -224,6 +227,16 @@ def _folder_jobs(input_dir: Path, stacks: list[StackInfo], output: Path, prob: P
     return [Job(stack, out_dir / f"{stack.name}.tif", prob_dir / f"{stack.name}.tif" if prob_dir else None, ovl,
                 inst_dir / f"{stack.name}.tif" if inst_dir else None)
             for stack in stacks]
+
+
+def _check_classes(num_classes: int, instances: str | Path | None) -> None:
+    """Cells are the seeded watershed of the cell probability, which only a two-class membrane/cell model gives;
+    the classes of a K-class model are not split into objects (connected components of a class map would merge
+    every touching object of a class, so no instance meaning is guessed)."""
+    if instances is not None and num_classes != 2:
+        raise UserError(f"--instances: cells are made from a two-class (membrane, cell) model's cell probability, but "
+                        f"this checkpoint predicts {num_classes} classes; drop --instances (--output writes the class "
+                        f"map)")
 
 
 def _check_resume(jobs: list[Job], overwrite: bool, resume: bool) -> None:

@@ -4,7 +4,7 @@
 
     reader thread   raw pages -> [0, 1] float slices (pinned host memory off CPU)   --READ_AHEAD slices-->
     main thread     host -> device (non_blocking) -> tiles of as many slices as a batch takes -> model
-                    -> stitched slice -> uint8 mask on the device (+ the cell probability only when asked)
+                    -> stitched slice -> uint8 mask on the device (+ the probabilities only when asked)
                     -> device -> pinned host (non_blocking) + an event                 --WRITE_AHEAD slices-->
     writer thread   waits for the event, then the sink: TIFF compression, PNG overlays, instances
 
@@ -32,7 +32,8 @@ import torch
 from unet.io.images import as_image
 from unet.device import DeviceSetup
 from unet.errors import UserError
-from unet.prediction.predictor import check_channels, eval_mode, mask_from_probabilities, tile_predictor
+from unet.prediction.predictor import (check_channels, eval_mode, mask_from_probabilities, tile_predictor,
+                                      written_probabilities)
 from unet.prediction.tiles import SliceTiles, predict_tiles
 from unet.prediction.tiling import TilePlan, TilingOptions, slice_plan, tile_batch_size
 from unet.prediction.plan_speed import PlanChoice, fastest_plan, time_call
@@ -46,8 +47,9 @@ WRITE_AHEAD = 4  # predicted slices that may wait for the writer
 _POLL_S = 0.1  # how often a blocked stage looks whether another one failed
 _END = object()
 
-# sink(k, image, mask, probability): image (C, H, W) float32 or None, mask (H, W) uint8, probability
-# (H, W) float32 cell probability or None; called in the writer thread, in slice order.
+# sink(k, image, mask, probability): image (C, H, W) float32 or None, mask (H, W) uint8 (mask_from_probabilities),
+# probability float32 or None: (H, W) cell probability of a two-class model, (K, H, W) of a K-class one
+# (written_probabilities); called in the writer thread, in slice order.
 Sink = Callable[[int, "np.ndarray | None", np.ndarray, "np.ndarray | None"], None]
 
 
@@ -190,7 +192,7 @@ class StackPredictor:
             sink: receives ``(k, image, mask, probability)`` per slice, in order (see :data:`Sink`).
             source: file name for error messages.
             keep_images: pass the [0, 1] input to the sink (else None).
-            keep_probabilities: copy the cell probability to the host for the sink (else None).
+            keep_probabilities: copy the probabilities infer.py writes to the host for the sink (else None).
 
         Returns:
             The number of slices predicted.
@@ -291,7 +293,7 @@ class StackPredictor:
         """A predicted slice's mask (and probability) on their way to the host, with the event to wait for."""
         probs = s.tiles.result()
         image, s.image, s.host = s.image, None, None  # the input is no longer needed here
-        out = [mask_from_probabilities(probs)] + ([probs[1]] if keep_probabilities else [])
+        out = [mask_from_probabilities(probs)] + ([written_probabilities(probs)] if keep_probabilities else [])
         if self.dev.type == "cpu":
             return s.index, image, out, None
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]

@@ -54,15 +54,28 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tens
 
 
 def mask_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
-    """uint8 mask in the label convention (255 = cell interior = class 1, 0 = everything else).
+    """What infer.py writes as ``--output`` for ``(K, H, W)`` probabilities: a ``(H, W)`` uint8 picture.
 
-    ``argmax(0) == 1``; for two classes computed as ``probs[1] > probs[0]`` (2 passes instead of 4), which is
-    the same at ties (argmax takes the first, class 0) and at NaN (softmax makes both classes NaN together,
-    where argmax gives class 0 and ``>`` False).
+    Two classes: the binary label convention, 255 = cell interior (class 1), 0 = membrane. Computed as
+    ``probs[1] > probs[0]`` (2 passes instead of argmax's 4), which is ``argmax(0) == 1`` at ties too (argmax
+    takes the first, class 0) and at NaN (softmax makes both classes NaN together, where argmax gives class 0
+    and ``>`` False). K > 2 classes: the class map, ``argmax(0)`` = 0..K-1 (K <= 255, as the labels allow).
     """
     if probs.shape[0] == 2:
         return (probs[1] > probs[0]).view(torch.uint8) * 255
-    return (probs.argmax(0) == 1).to(torch.uint8) * 255
+    return probs.argmax(0).to(torch.uint8)
+
+
+def written_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """What infer.py writes as ``--probabilities``: the cell probability ``(H, W)`` of a two-class model (class 0
+    is one minus it), every class ``(K, H, W)`` of a K-class one."""
+    return probs[1] if probs.shape[0] == 2 else probs
+
+
+def probability_shape(shape: tuple[int, int, int], num_classes: int) -> tuple[int, ...]:
+    """The ``--probabilities`` volume of a ``(Z, H, W)`` stack: ``(Z, H, W)`` for two classes, else
+    ``(Z, K, H, W)`` (a channel per class; chunked writers store it as OME-NGFF's ``czyx``)."""
+    return tuple(shape) if num_classes == 2 else (shape[0], num_classes, *shape[1:])
 
 
 def check_channels(model: torch.nn.Module, image: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Inference: image stacks in, uint8 masks (plus optional probabilities, instances and overlay PNGs) out, streaming.
+"""Inference: image stacks in, uint8 masks or class maps (plus optional probabilities, instances and overlay PNGs)
+out, streaming.
 
 :func:`run_inference` reads each job's stack (:mod:`unet.prediction.jobs`) a few pages at a time, predicts
 it with :class:`unet.prediction.pipeline.StackPredictor` and appends the results to the output files
@@ -10,7 +11,9 @@ HDF5 container (``out.zarr/masks``, ``out.h5``) are chunked volumes (:mod:`unet.
 instances or overlays) goes block by block instead (:mod:`unet.prediction.volume_jobs`: bounded by the block,
 resumable with ``--resume``).
 
-Output convention is the training labels': 255 = cell interior, 0 = membrane, one page per input slice.
+Output convention is the training labels', one page per input slice: for a two-class model 255 = cell interior,
+0 = membrane, and ``--probabilities`` the cell probability; for a K-class model the class map 0..K-1, and all K
+class probabilities (an ImageJ hyperstack ZCYX in TIFF, a ``czyx`` volume in OME-Zarr / HDF5).
 :class:`InferOptions` holds infer.py's own settings (the command is :mod:`unet.cli.infer`).
 """
 from __future__ import annotations
@@ -28,12 +31,13 @@ from tqdm import tqdm
 from unet.distributed import DistInfo
 from unet.errors import UserError
 from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
-from unet.io.writers import COMPRESSIONS, LabelStackWriter, StackWriter, write_png_atomic
+from unet.io.writers import COMPRESSIONS, HyperstackWriter, LabelStackWriter, StackWriter, write_png_atomic
 from unet.options import option, positive_int
 from unet.prediction.instances import InstanceOptions, cell_instances
 from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
 from unet.prediction.overlay import overlay
 from unet.prediction.pipeline import TILE_PLANS, StackPredictor
+from unet.prediction.predictor import probability_shape
 from unet.prediction.tiling import TilingOptions
 from unet.prediction.volume_jobs import BlockJobSettings, run_block_job
 
@@ -73,15 +77,20 @@ class InferOptions:
                                      "volume in a zarr/OME-Zarr, N5 or HDF5 container (volume.zarr/raw, "
                                      "image.ome.zarr, data.n5/raw, data.h5/volumes/raw); None = the built-in "
                                      "synthetic stack of 4 slices of 256x256", flags="--input")
-    output: str | None = option(None, "masks to write: a TIFF (.tif), an OME-Zarr (out.zarr or out.zarr/KEY) or an "
-                                      "HDF5 dataset (out.h5/KEY, key 'data' when none); a folder of TIFFs when "
-                                      "--input is a folder; --probabilities and --instances alike", flags="--output")
-    probabilities: str | None = option(None, "also write the cell-interior probability stack here (a folder for "
-                                             "folder input)", flags="--probabilities")
+    output: str | None = option(None, "masks to write, uint8, one page per slice: 255 = cell, 0 = membrane for a "
+                                      "two-class model, the class map 0..K-1 for a K-class one; a TIFF (.tif), an "
+                                      "OME-Zarr (out.zarr or out.zarr/KEY) or an HDF5 dataset (out.h5/KEY, key "
+                                      "'data' when none); a folder of TIFFs when --input is a folder; "
+                                      "--probabilities and --instances alike", flags="--output")
+    probabilities: str | None = option(None, "also write probabilities here: the cell probability (one page per "
+                                             "slice) of a two-class model, all K of a K-class one (TIFF: an "
+                                             "uncompressed ImageJ hyperstack ZCYX, K channels; .zarr/.h5: axes "
+                                             "c, z, y, x); a folder for folder input", flags="--probabilities")
     prob_dtype: str = option("float32", "probability pixels: float32 in [0, 1], or uint8 scaled 0..255",
                              flags="--prob-dtype", choices=PROB_DTYPES)
     overlay: str | None = option(None, "write one PNG per slice with predicted membranes drawn in red over the "
-                                       "input", flags="--overlay", metavar="DIR")
+                                       "input (a K-class model: each class in its own colour)", flags="--overlay",
+                                 metavar="DIR")
     compression: str = option(COMPRESSIONS[0], "TIFF compression of the outputs (zlib = deflate, read by Fiji, "
                                                "tifffile, Pillow)", flags="--compression", choices=COMPRESSIONS)
     read_batch: int = option(8, "input pages read at a time (host memory scales with this, not the stack depth)",
@@ -94,7 +103,8 @@ class InferOptions:
                                   "stacks)", flags="--compile", switch="on", group="speed")
     instances: str | None = option(None, "also write a label stack: one id per cell, unique over the stack, "
                                          "0 = membrane; uint16, or uint32 above 65535 cells (a folder for folder "
-                                         "input; always uint32 in .zarr/.h5 outputs); settings below",
+                                         "input; always uint32 in .zarr/.h5 outputs); two-class models only; "
+                                         "settings below",
                                  flags="--instances", metavar="OUT.tif")
     chunks: tuple[int, int] = option(DEFAULT_CHUNKS, "y/x chunk shape of .zarr/.h5 outputs, N or HxW pixels (chunks "
                                                      "are one slice deep)", flags="--chunks", parse=chunk_yx,
@@ -154,12 +164,13 @@ class _JobSink:
         prob_dtype: ``float32`` or ``uint8``.
         instance_options: seeded-watershed settings when ``instances`` is written.
         progress: tqdm bar or None.
+        num_classes: the model's K (how overlays draw the mask).
     """
 
     def __init__(self, job: Job, writers: dict, prob_dtype: str, instance_options: InstanceOptions | None,
-                 progress):
+                 progress, num_classes: int):
         self.job, self.writers, self.prob_dtype = job, writers, prob_dtype
-        self.instance_options, self.progress = instance_options, progress
+        self.instance_options, self.progress, self.num_classes = instance_options, progress, num_classes
         self.overlay_paths = job.overlay_paths()
         self.written: list[Path] = []
         self.source = str(job.stack.path) if job.stack.path is not None else "synthetic"
@@ -174,7 +185,7 @@ class _JobSink:
         if "instances" in self.writers:
             self.writers["instances"].append(cell_instances(prob, self.instance_options))
         if self.overlay_paths:
-            write_png_atomic(self.overlay_paths[k], overlay(image, mask))
+            write_png_atomic(self.overlay_paths[k], overlay(image, mask, self.num_classes))
             self.written.append(self.overlay_paths[k])
         if self.progress is not None:
             self.progress.update(1)
@@ -184,19 +195,22 @@ class _JobSink:
                          f"{self.job.stack.num_slices}); keep inputs unchanged while infer.py runs")
 
 
-def _open_writers(job: Job, stack: contextlib.ExitStack, settings: InferOptions) -> dict:
+def _open_writers(job: Job, stack: contextlib.ExitStack, settings: InferOptions, num_classes: int) -> dict:
     """The job's writers (TIFF, or chunked volumes by the path), entered on ``stack`` so that any failure deletes
-    their temporary files."""
+    their temporary files. A K-class model's probabilities have a channel per class (:func:`probability_shape`)."""
     shape = (job.stack.num_slices, job.stack.height, job.stack.width)
     pixels, compression = int(np.prod(shape)), settings.compression
-    targets = {"masks": (job.output, np.dtype(np.uint8)), "probabilities": (job.probabilities,
-                                                                            np.dtype(settings.prob_dtype))}
+    targets = {"masks": (job.output, np.dtype(np.uint8), shape),
+               "probabilities": (job.probabilities, np.dtype(settings.prob_dtype),
+                                 probability_shape(shape, num_classes))}
     writers = {}
-    for kind, (path, dtype) in targets.items():
+    for kind, (path, dtype, volume) in targets.items():
         if path is None:
             continue
         if is_volume_path(path):
-            writer = VolumeStackWriter(str(path), shape, dtype, settings.chunks, overwrite=settings.overwrite)
+            writer = VolumeStackWriter(str(path), volume, dtype, settings.chunks, overwrite=settings.overwrite)
+        elif len(volume) == 4:
+            writer = HyperstackWriter(path)
         else:
             writer = StackWriter(path, expected_bytes=pixels * dtype.itemsize, compression=compression)
         writers[kind] = stack.enter_context(writer)
@@ -235,8 +249,9 @@ def run_job(job: Job, model: torch.nn.Module, dev, settings: InferOptions | None
     sink = None
     try:
         with contextlib.ExitStack() as writers:
-            sink = _JobSink(job, _open_writers(job, writers, settings),
-                            settings.prob_dtype, instance_options or InstanceOptions(), progress)
+            classes = model.config.num_classes
+            sink = _JobSink(job, _open_writers(job, writers, settings, classes),
+                            settings.prob_dtype, instance_options or InstanceOptions(), progress, classes)
             count = predictor.run(iter_job_pages(job, settings.read_batch), sink, source=sink.source,
                                   keep_images=bool(sink.overlay_paths),
                                   keep_probabilities=job.probabilities is not None or job.instances is not None)

@@ -28,7 +28,8 @@ from unet.prediction.block_records import BlockRecords
 from unet.prediction.blocks import Block, BlockGrid, block_grid, block_shape_for, predict_blocks
 from unet.prediction.jobs import Job
 from unet.prediction.pipeline import StackPredictor
-from unet.prediction.predictor import check_channels, eval_mode, mask_from_probabilities
+from unet.prediction.predictor import (check_channels, eval_mode, mask_from_probabilities, probability_shape,
+                                      written_probabilities)
 from unet.prediction.tiling import tile_batch_size
 
 __all__ = ["BlockJobSettings", "BlockStats", "run_block_job", "job_grid"]
@@ -88,25 +89,30 @@ def _manifest(job: Job, grid: BlockGrid, predictor: StackPredictor, settings: Bl
             **(settings.identity or {})}
 
 
-def _targets(job: Job, settings: BlockJobSettings) -> dict[str, tuple[Path, np.dtype]]:
-    targets = {"masks": (job.output, np.dtype(np.uint8))}
+def _targets(job: Job, settings: BlockJobSettings, shape: tuple[int, int, int],
+             num_classes: int) -> dict[str, tuple[Path, np.dtype, tuple[int, ...]]]:
+    """Each output's path, dtype and shape (a K-class model's probabilities have a channel axis)."""
+    targets = {"masks": (job.output, np.dtype(np.uint8), shape)}
     if job.probabilities is not None:
-        targets["probabilities"] = (job.probabilities, np.dtype(settings.prob_dtype))
+        targets["probabilities"] = (job.probabilities, np.dtype(settings.prob_dtype),
+                                    probability_shape(shape, num_classes))
     return targets
 
 
 def _open_writers(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJobSettings,
-                  resuming: bool, opened: contextlib.ExitStack) -> dict[str, VolumeWriter]:
+                  resuming: bool, opened: contextlib.ExitStack, num_classes: int) -> dict[str, VolumeWriter]:
     """Each output's writer: the interrupted run's ``.partial`` when resuming, else a new one."""
     writers = {}
-    for kind, (path, dtype) in _targets(job, settings).items():
+    for kind, (path, dtype, shape) in _targets(job, settings, grid.shape, num_classes).items():
         if resuming:
             if not partial_path(parse_volume_path(path).container).exists():
                 raise UserError(f"--resume: {partial_path(parse_volume_path(path).container)} of the interrupted run "
                                 f"is missing; pass --overwrite to start over")
             writer = open_partial_volume(str(path))
         else:
-            writer = create_volume(str(path), grid.shape, dtype, (1, *chunks), overwrite=settings.overwrite)
+            # Chunks one slice (and one channel) deep.
+            writer = create_volume(str(path), shape, dtype, (1,) * (len(shape) - 2) + chunks,
+                                   overwrite=settings.overwrite)
         writers[kind] = opened.enter_context(writer)
     return writers
 
@@ -129,15 +135,15 @@ def _reader(vol, job: Job, predictor: StackPredictor) -> Callable[[Block], torch
 
 def _finisher(writers: dict[str, VolumeWriter], records: BlockRecords, settings: BlockJobSettings, grid: BlockGrid,
               stats: BlockStats, progress) -> Callable[[Block, torch.Tensor], None]:
-    """Block result -> its mask (and probability) chunks in the outputs, then its completion record."""
+    """Block result -> its mask (class map) and probability chunks in the outputs, then its completion record."""
     def finish(block: Block, probs: torch.Tensor) -> None:
         y0, _, x0, _ = block.write_box
         writers["masks"].write((block.z, y0, x0), mask_from_probabilities(probs).cpu().numpy()[None])
         if "probabilities" in writers:
-            prob = probs[1].cpu().numpy()
+            prob = written_probabilities(probs).cpu().numpy()
             if settings.prob_dtype == "uint8":
                 prob = np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)
-            writers["probabilities"].write((block.z, y0, x0), prob[None])
+            writers["probabilities"].write((block.z,) + (0,) * (prob.ndim - 2) + (y0, x0), prob[None])
         for writer in writers.values():
             writer.flush()
         records.mark(block.index)  # only now: the block's chunks are with the operating system
@@ -149,7 +155,8 @@ def _finisher(writers: dict[str, VolumeWriter], records: BlockRecords, settings:
 
 
 def _start(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJobSettings, records: BlockRecords,
-           manifest: dict, dist: DistInfo, opened: contextlib.ExitStack) -> tuple[dict[str, VolumeWriter], bool]:
+           manifest: dict, dist: DistInfo, opened: contextlib.ExitStack,
+           num_classes: int) -> tuple[dict[str, VolumeWriter], bool]:
     """Open the outputs for this rank: rank 0 creates them (or reopens an interrupted run's), the other ranks join
     after it; returns the writers and whether the run resumes."""
     resuming = settings.resume and records.exists()
@@ -157,12 +164,12 @@ def _start(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJo
         records.check(manifest)  # every rank reads the same manifest, so every rank fails alike
     writers = None
     if dist.is_main:
-        writers = _open_writers(job, grid, chunks, settings, resuming, opened)
+        writers = _open_writers(job, grid, chunks, settings, resuming, opened, num_classes)
         if not resuming:
             records.start(manifest)
     barrier()  # the outputs and the manifest exist before any other rank opens them
     if writers is None:
-        writers = _open_writers(job, grid, chunks, settings, True, opened)
+        writers = _open_writers(job, grid, chunks, settings, True, opened, num_classes)
     return writers, resuming
 
 
@@ -196,7 +203,8 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
     stats = BlockStats(blocks=len(grid))
     barrier()  # every rank has checked the outputs (plan_jobs) before rank 0 creates them
     with contextlib.ExitStack() as opened:
-        writers, resuming = _start(job, grid, chunks, settings, records, manifest, dist, opened)
+        writers, resuming = _start(job, grid, chunks, settings, records, manifest, dist, opened,
+                                   predictor.model.config.num_classes)
         done = records.done() if resuming else set()
         stats.skipped = len(done)
         if progress is not None:
