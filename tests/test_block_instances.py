@@ -135,12 +135,28 @@ def test_discs_with_fill_agree_on_cells_and_almost_everywhere(tmp_path):
 
 def test_synthetic_cells_agree_with_the_whole_slice(tmp_path):
     """(a), a bound on realistic cells (the synthetic EM set's label maps, smoothed, as the cell probability):
-    block-wise instances agree with the whole-slice watershed on >= 99 % of pixels (best matching)."""
+    block-wise instances agree with the whole-slice watershed on >= 99 % of pixels (best matching; measured 99.85 %,
+    99.2 % with an 8-px halo)."""
     _, labels = make_synthetic_em(2, 256, 256, seed=1)
     from scipy import ndimage
     probs = np.stack([ndimage.gaussian_filter((lab > 0).astype(np.float32), 1.5) for lab in labels])
     got, _ = _stitched(tmp_path, probs)
     assert _agreement(got, instance_stack(probs)) >= 0.99
+    _unique_and_consecutive(got)
+
+
+def test_isbi_cells_agree_with_the_whole_slice(tmp_path, isbi_dir):
+    """(a) on real cell shapes: ISBI 2012 training labels (smoothed) as the cell probability, 512 x 512 slices in
+    128-px blocks with the default 64-px halo: the same number of cells as the whole-slice watershed and >= 99.9 %
+    of pixels agreeing under the best matching (measured 99.95 % on the first 4 slices; 99.72 % with a 16-px halo)."""
+    import tifffile
+    from scipy import ndimage
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[:2]
+    probs = np.stack([ndimage.gaussian_filter((lab > 0).astype(np.float32), 1.5) for lab in labels])
+    got, stats = _stitched(tmp_path, probs, 128)
+    whole = instance_stack(probs)
+    assert stats.cells == len(np.unique(whole)) - 1
+    assert _agreement(got, whole) >= 0.999
     _unique_and_consecutive(got)
 
 
@@ -354,14 +370,16 @@ def test_torchrun_two_processes_equal_one(data, reference, tmp_path):
 # ------------------------------------------------------------------------------------------------ memory
 
 def test_traced_memory_of_instances_depends_on_the_block_not_the_slice(tmp_path):
-    """Item 7 with --instances: the traced peak of a block-wise run with instances grows by much less than one
-    float32 slice when the slices get 4x wider (every pass holds a block and its halo, the merge one slice's ids)."""
+    """Item 7 with --instances: the traced (numpy and Python) peak of a block-wise run with instances grows by less
+    than a quarter of one float32 slice when the slices get 4x wider: every pass holds a block and its halo, the
+    merge one slice's ids. (With one block per slice, i.e. the whole slice in one watershed, the same check fails:
+    2.8 MB -> 10.8 MB, the watershed's ~140 bytes per pixel.)"""
     import tracemalloc
     ckpt = tmp_path / "s.pt"
     save_checkpoint(ckpt, balanced_unet("same"))
     peaks = []
-    for width in (512, 2048):
-        images = np.random.default_rng(0).integers(0, 256, (1, 96, width), dtype=np.uint8)
+    for width in (256, 1024):
+        images = np.random.default_rng(0).integers(0, 256, (1, 64, width), dtype=np.uint8)
         w = create_volume(str(tmp_path / f"in{width}.zarr"), images.shape, np.uint8, (1, 32, 32))
         w.write((0, 0, 0), images)
         w.commit()
@@ -372,4 +390,4 @@ def test_traced_memory_of_instances_depends_on_the_block_not_the_slice(tmp_path)
                       "--device", "cpu", "--precision", "fp32", "--no-progress"]) == 0
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    assert peaks[1] - peaks[0] < 96 * 2048 * 4 / 4, peaks
+    assert peaks[1] - peaks[0] < 64 * 1024 * 4 / 4, peaks
