@@ -33,8 +33,10 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # 4: --backend torch|openvino (OpenVINO measured 1.5-1.75x torch bf16 on an AMX Xeon).
     # Issue 20 items 2 and 5: --block-size is the y/x size of the chunk-aligned blocks a chunked volume is predicted
     # in; --resume finishes an interrupted block-wise run, redoing only the blocks not recorded as complete.
+    # Issue 20 item 6: --instance-halo (context of a block's watershed) and --instance-stitch-iou (the IoU above which
+    # two blocks' ids of a cell are joined) for --instances of a block-wise run.
     "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan", "--backend", "--block-size",
-               "--resume"}, set()),
+               "--resume", "--instance-halo", "--instance-stitch-iou"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

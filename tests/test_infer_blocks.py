@@ -177,7 +177,7 @@ def test_resume_without_an_interrupted_run_starts_fresh(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--output", "OUT/m.tif", "--resume"], "--resume: only block-wise runs can be resumed"),
-    (["--output", "OUT/m.zarr", "--instances", "OUT/c.zarr", "--resume"], "--resume: only block-wise runs"),
+    (["--output", "OUT/m.zarr", "--instances", "OUT/c.tif", "--resume"], "--resume: only block-wise runs"),
     (["--output", "OUT/m.zarr", "--resume", "--overwrite"], "--resume and --overwrite: give one"),
 ])
 def test_bad_resume_arguments(data, tmp_path, capsys, argv, message):
@@ -239,7 +239,8 @@ def test_two_ranks_share_the_blocks(data, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("outputs, message", [
     ({"probabilities": "p.h5/prob"}, "p.h5/prob: HDF5 cannot be written by several processes at once"),
-    ({"instances": "c.zarr"}, "torchrun with 2 processes: only block-wise runs are shared"),
+    ({"instances": "c.tif"}, "torchrun with 2 processes: only block-wise runs are shared"),
+    ({"instances": "c.h5"}, "c.h5: HDF5 cannot be written by several processes at once"),
 ])
 def test_several_processes_refuse_hdf5_and_slice_runs(data, tmp_path, outputs, message):
     from unet.errors import UserError

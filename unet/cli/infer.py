@@ -16,6 +16,7 @@ from unet.device import DeviceOptions, PrecisionOptions, prediction_device
 from unet.distributed import broadcast_object, env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
+from unet.prediction.block_instances import StitchOptions
 from unet.prediction.ensemble import load_ensemble
 from unet.prediction.instances import InstanceOptions
 from unet.prediction.jobs import Job, plan_jobs
@@ -46,6 +47,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # --compile, --backend and --tile-plan join the "speed" group
     add_options(parser, InferOptions, only=("compile", "backend", "tile_plan", "instances"))
     add_options(parser, InstanceOptions)
+    add_options(parser, StitchOptions)
     add_options(parser, DeviceOptions)
     add_options(parser, PrecisionOptions)
     return parser
@@ -70,6 +72,7 @@ def main(args: argparse.Namespace) -> RunResult:
     if settings.output is None:
         raise UserError("--output is required (the mask TIFF or .zarr/.h5 volume to write)")
     inst_options = options_from(args, InstanceOptions)  # checked before the checkpoint loads
+    stitch = options_from(args, StitchOptions)
     start = time.perf_counter()
     dist = env_info()
     model = load_ensemble(ckpts)[0]  # the UNet itself for one checkpoint
@@ -94,7 +97,7 @@ def main(args: argparse.Namespace) -> RunResult:
         startup = time.perf_counter() - start
         quiet = settings if dist.is_main else dataclasses.replace(settings, no_progress=True)  # one bar: rank 0's
         result = run_inference(model, dev, jobs, quiet, options=options, instance_options=inst_options,
-                               forward=forward, identity=_run_identity(jobs, ckpts, dev), dist=dist)
+                               forward=forward, identity=_run_identity(jobs, ckpts, dev), dist=dist, stitch=stitch)
     result.startup_seconds = startup
     if dist.is_main:
         _report(jobs, settings, result)

@@ -63,6 +63,8 @@ class VolumeWriter:
         store: (stored-order index, stored-order block) -> writes it.
         release: closes files and locks.
         stored_axes: the axis order on disk (``czyx`` for a ``zcyx`` volume, else ``axes``).
+        sync: hands buffered writes to the operating system (HDF5), or None.
+        load: (stored-order index) -> the stored region, for :meth:`read`.
     """
 
     path: VolumePath
@@ -75,6 +77,7 @@ class VolumeWriter:
     stored_axes: str
     closed: bool = False
     sync: Callable[[], None] | None = None
+    load: Callable[[tuple], np.ndarray] | None = None
 
     def flush(self) -> None:
         """Hand what was written to the operating system (HDF5 keeps chunks in its own cache until then), so that
@@ -111,6 +114,13 @@ class VolumeWriter:
             self.store(index, np.transpose(block, perm).astype(self.dtype, copy=False))
         except OSError as exc:
             raise write_error(self.path, exc) from None
+
+    def read(self, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """Read back a region (``axes`` order, any alignment) of what was written: a later pass of a block-wise run
+        reads its own earlier output through the writer that holds the file (HDF5's lock admits no second opener)."""
+        perm = [self.axes.index(a) for a in self.stored_axes]
+        index = tuple(slice(start[k], start[k] + shape[k]) for k in perm)
+        return np.transpose(self.load(index), np.argsort(perm))
 
     def close(self) -> None:
         """Release files and locks without committing (the ``.partial`` container stays for a resume)."""
@@ -160,7 +170,8 @@ def _zarr_writer(vp: VolumePath, arr: zarr.Array, axes: str) -> VolumeWriter:
     stored = _stored_axes(axes)
     return VolumeWriter(vp, _in_memory_order(arr.shape, stored, axes), np.dtype(arr.dtype),
                         _in_memory_order(arr.chunks, stored, axes), axes, store, release=lambda: None,
-                        stored_axes=stored)
+                        stored_axes=stored,
+                        load=arr.__getitem__)
 
 
 def _create_zarr(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str, zarr_format: int,
@@ -219,7 +230,8 @@ def _hdf5_writer(vp: VolumePath, tmp: Path, fd: int, f: h5py.File, ds: h5py.Data
 
     stored = "".join(d.label for d in ds.dims)  # the file's own order, whichever version wrote it
     return VolumeWriter(vp, _in_memory_order(ds.shape, stored, axes), np.dtype(ds.dtype),
-                        _in_memory_order(ds.chunks, stored, axes), axes, store, release, stored, sync=f.flush)
+                        _in_memory_order(ds.chunks, stored, axes), axes, store, release, stored, sync=f.flush,
+                        load=ds.__getitem__)
 
 
 def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> VolumeWriter:

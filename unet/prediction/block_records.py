@@ -11,6 +11,9 @@ the finished output:
 * ``done/<index>``: one empty file per block, created only after the block's chunks were handed to every output
   (HDF5 flushed), so a record never claims a block whose chunks a crash could still lose from the process.
   Creating an empty file is atomic: the record either exists or not.
+* Later passes of the same run (the cell instances of :mod:`unet.prediction.block_instances`) keep their own
+  stage folders, ``<stage>/<index>`` (blocks or slices), the same way; a record may carry the pass's small result
+  (``<index>.npz``: written under a hidden name and renamed, so it is complete or absent).
 
 The folder is removed once every output is committed under its final name.
 """
@@ -21,16 +24,20 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from unet.atomic import atomic_write, write_error
 from unet.errors import UserError
 
 RECORDS_SUFFIX = ".unet_blocks"
 MANIFEST = "manifest.json"
+DONE = "done"  # the prediction pass's stage (its folder name predates the later passes)
 VERSION = 1
 # What a differing top-level manifest entry means to the user.
 _MEANING = {"input": "another input", "checkpoints": "another checkpoint", "precision": "another precision",
             "tiling": "another tiling", "outputs": "other outputs", "chunks": "another --chunks",
-            "block_size": "another --block-size", "blocks": "another block count", "version": "another version"}
+            "block_size": "another --block-size", "blocks": "another block count", "version": "another version",
+            "instances": "other instance settings"}
 
 
 def records_path(container: Path) -> Path:
@@ -80,7 +87,7 @@ class BlockRecords:
 
     def __init__(self, container: Path):
         self.folder = records_path(container)
-        self.done_dir = self.folder / "done"
+        self.done_dir = self.folder / DONE
 
     def exists(self) -> bool:
         """True when an interrupted run left a manifest."""
@@ -113,21 +120,34 @@ class BlockRecords:
             raise UserError(f"--resume: the interrupted run in {self.folder} used {difference}; rerun it with its "
                             f"settings or pass --overwrite to start over")
 
-    def done(self) -> set[int]:
-        """Indices of the blocks recorded as complete."""
+    def done(self, stage: str = DONE) -> set[int]:
+        """Indices of the blocks (or slices) recorded as complete in ``stage``."""
         try:
-            names = os.listdir(self.done_dir)
+            names = os.listdir(self.folder / stage)
         except FileNotFoundError:
             return set()
-        return {int(n) for n in names if n.isdigit()}
+        stems = (n.split(".", 1)[0] for n in names)  # "12" or "12.npz"; hidden temporaries give ""
+        return {int(s) for s in stems if s.isdigit()}
 
-    def mark(self, index: int) -> None:
-        """Record block ``index`` as complete (call only after its chunks are written)."""
-        path = self.done_dir / str(index)
+    def mark(self, index: int, stage: str = DONE, data: dict[str, np.ndarray] | None = None) -> None:
+        """Record block (or slice) ``index`` as complete in ``stage`` (call only after its results are written),
+        with ``data`` (small arrays) kept in the record itself."""
+        folder = self.folder / stage
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+            folder.mkdir(exist_ok=True)
+            if data is None:
+                os.close(os.open(folder / str(index), os.O_CREAT | os.O_WRONLY, 0o666))
+                return
+            tmp = folder / f".{index}.{os.getpid()}.tmp.npz"
+            np.savez_compressed(tmp, **data)
+            os.replace(tmp, folder / f"{index}.npz")  # the record appears whole or not at all
         except OSError as exc:
-            raise write_error(path, exc) from None
+            raise write_error(folder / str(index), exc) from None
+
+    def read(self, index: int, stage: str, key: str) -> np.ndarray:
+        """One array of the data kept in record ``index`` of ``stage``."""
+        with np.load(self.folder / stage / f"{index}.npz") as record:
+            return record[key]
 
     def remove(self) -> None:
         """Delete the records (the run is committed)."""

@@ -61,9 +61,10 @@ class Job:
     @property
     def blockwise(self) -> bool:
         """Predicted block by block (:mod:`unet.prediction.volume_jobs`): a chunked volume in, only chunked
-        outputs, no instances (ids are made slice by slice) and no overlays (PNGs per slice)."""
-        return (self.volume is not None and self.instances is None and self.overlay_dir is None
-                and all(is_volume_path(p) for p in (self.output, self.probabilities) if p is not None))
+        outputs (instances too: stitched across blocks by :mod:`unet.prediction.block_instances`) and no overlays
+        (PNGs per slice)."""
+        return (self.volume is not None and self.overlay_dir is None
+                and all(is_volume_path(p) for p in (self.output, self.probabilities, self.instances) if p is not None))
 
     def outputs(self) -> list[Path]:
         """Every file this job writes."""
@@ -246,7 +247,7 @@ def _check_resume(jobs: list[Job], overwrite: bool, resume: bool) -> None:
                         "starts over)")
     if resume and not all(job.blockwise for job in jobs):
         raise UserError("--resume: only block-wise runs can be resumed: a zarr/N5/HDF5 --input with .zarr/.h5 "
-                        "outputs, without --instances and --overlay")
+                        "outputs (--instances too), without --overlay")
 
 
 def _check_processes(jobs: list[Job], processes: int) -> None:
@@ -256,9 +257,10 @@ def _check_processes(jobs: list[Job], processes: int) -> None:
         return
     if not all(job.blockwise for job in jobs):
         raise UserError(f"torchrun with {processes} processes: only block-wise runs are shared among processes (a "
-                        f"zarr/N5/HDF5 --input with .zarr outputs, without --instances and --overlay); run one process")
+                        f"zarr/N5/HDF5 --input with .zarr outputs, --instances too, without --overlay); run one "
+                        f"process")
     for job in jobs:
-        for path in (job.output, job.probabilities):
+        for path in (job.output, job.probabilities, job.instances):
             if path is not None and parse_volume_path(path).kind == "hdf5":
                 raise UserError(f"{path}: HDF5 cannot be written by several processes at once; write OME-Zarr "
                                 f"(.zarr) under torchrun, or run one process")

@@ -7,9 +7,9 @@ it with :class:`unet.prediction.pipeline.StackPredictor` and appends the results
 on the stack depth. Every output is written to a hidden temporary file beside its final name and renamed
 only when complete: an interrupted run never leaves a half-written file. Outputs whose path names a zarr or
 HDF5 container (``out.zarr/masks``, ``out.h5``) are chunked volumes (:mod:`unet.io.volume_stacks`), built under
-``<container>.partial`` and renamed likewise. A chunked volume input whose outputs are all chunked (and no
-instances or overlays) goes block by block instead (:mod:`unet.prediction.volume_jobs`: bounded by the block,
-resumable with ``--resume``).
+``<container>.partial`` and renamed likewise. A chunked volume input whose outputs are all chunked (instances
+too, and no overlays) goes block by block instead (:mod:`unet.prediction.volume_jobs`: bounded by the block,
+resumable with ``--resume``; instances stitched across blocks by :mod:`unet.prediction.block_instances`).
 
 Output convention is the training labels', one page per input slice: for a two-class model 255 = cell interior,
 0 = membrane, and ``--probabilities`` the cell probability; for a K-class model the class map 0..K-1, and all K
@@ -33,6 +33,7 @@ from unet.errors import UserError
 from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
 from unet.io.writers import COMPRESSIONS, HyperstackWriter, LabelStackWriter, StackWriter, write_png_atomic
 from unet.options import option, positive_int
+from unet.prediction.block_instances import BlockInstanceSettings, StitchOptions
 from unet.prediction.instances import InstanceOptions, cell_instances
 from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
 from unet.prediction.overlay import overlay
@@ -276,7 +277,7 @@ def block_settings(settings: InferOptions, identity: dict | None = None) -> Bloc
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferOptions | None = None, *,
                   options: TilingOptions | None = None, instance_options: InstanceOptions | None = None,
                   forward=None, warm_up: bool | None = None, identity: dict | None = None,
-                  dist: DistInfo | None = None) -> RunResult:
+                  dist: DistInfo | None = None, stitch: StitchOptions | None = None) -> RunResult:
     """Run :func:`run_job` for every job with one progress bar over all slices (stderr).
 
     Args:
@@ -288,6 +289,7 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
         warm_up: one untimed forward first (kernel choice, compilation); None = off CPU or with ``forward``.
         identity: what else identifies a block-wise run for ``--resume`` (checkpoints' SHA-256, precision).
         dist: this process's rank under torchrun (block-wise jobs share their blocks among ranks), None: one.
+        stitch: how a block-wise job's instances are joined across blocks (None: the defaults).
 
     Returns:
         A :class:`RunResult` (``seconds`` excludes the warm-up, which is ``warmup_seconds``).
@@ -307,7 +309,9 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
               dynamic_ncols=True) as bar:
         for job in jobs:
             if job.blockwise:
-                stats = run_block_job(job, predictor, block_settings(settings, identity), progress=bar, dist=dist)
+                stats = run_block_job(job, predictor, block_settings(settings, identity), progress=bar, dist=dist,
+                                      instances=BlockInstanceSettings(instance_options or InstanceOptions(),
+                                                                      stitch or StitchOptions()))
                 result.outputs += job.outputs()
                 result.blocks += stats.blocks
                 result.blocks_skipped += stats.skipped

@@ -1,5 +1,6 @@
 """Block-wise, resumable inference of one chunked volume into chunked outputs (infer.py's path when ``--input`` is a
-zarr/N5/HDF5 volume and every output is ``.zarr``/``.h5``, without ``--instances`` or ``--overlay``).
+zarr/N5/HDF5 volume and every output is ``.zarr``/``.h5``, without ``--overlay``; ``--instances`` are stitched
+across blocks by :mod:`unet.prediction.block_instances`).
 
 Each slice is cut into blocks of whole output chunks (:mod:`unet.prediction.blocks`); a block reads only its read
 box (write box + halo) from the input, so host and device memory depend on the block size and the tile batch,
@@ -24,6 +25,7 @@ from unet.errors import UserError
 from unet.io.images import as_image, check_finite
 from unet.io.paths import parse_volume_path
 from unet.io.volume_writers import VolumeWriter, create_volume, open_partial_volume, partial_path
+from unet.prediction.block_instances import BlockInstanceSettings, InstancePasses
 from unet.prediction.block_records import BlockRecords
 from unet.prediction.blocks import Block, BlockGrid, block_grid, block_shape_for, predict_blocks
 from unet.prediction.jobs import Job
@@ -173,13 +175,36 @@ def _start(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJo
     return writers, resuming
 
 
+def _found_done(records: BlockRecords, resuming: bool, grid: BlockGrid, stats: BlockStats, progress) -> set[int]:
+    """The blocks an interrupted run finished (none for a new run), counted and shown on the bar as whole slices."""
+    done = records.done() if resuming else set()
+    stats.skipped = len(done)
+    if progress is not None:
+        progress.update(sum(1 for z in range(grid.shape[0])
+                            if all(z * grid.blocks_per_slice + k in done for k in range(grid.blocks_per_slice))))
+    return done
+
+
+def _instance_passes(job: Job, grid: BlockGrid, chunks: tuple[int, int], records: BlockRecords,
+                     settings: BlockJobSettings, instances: BlockInstanceSettings | None, dist: DistInfo,
+                     manifest: dict) -> InstancePasses | None:
+    """The cell-instance passes of a job with ``--instances`` (None without), their settings added to the manifest."""
+    if job.instances is None:
+        return None
+    passes = InstancePasses(job.instances, grid, chunks, records, instances or BlockInstanceSettings(), dist,
+                            settings.overwrite)
+    manifest["instances"] = passes.identity()
+    return passes
+
+
 def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSettings, *, progress=None,
-                  dist: DistInfo | None = None) -> BlockStats:
+                  dist: DistInfo | None = None, instances: BlockInstanceSettings | None = None) -> BlockStats:
     """Predict one chunked volume block by block into its chunked outputs; resumable (see the module docstring).
 
     Under torchrun every rank calls this: rank ``r`` of ``W`` predicts blocks ``r, r + W, ...`` (those not
     recorded as complete) and writes them into the shared ``.partial`` zarr outputs (chunk-aligned blocks never
     share a chunk); only rank 0 creates the outputs and the manifest and, once every rank is done, commits.
+    With ``job.instances`` the cell instances follow in passes of their own (:mod:`unet.prediction.block_instances`).
 
     Args:
         job: a job whose ``blockwise`` is true (from :func:`unet.prediction.jobs.plan_jobs`).
@@ -188,6 +213,7 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
         settings: chunks, block size, probability dtype, overwrite/resume and the run's identity.
         progress: a tqdm bar advanced by one per finished slice, or None.
         dist: this process's rank (None: one process).
+        instances: the watershed and stitching settings of ``job.instances`` (None: the defaults).
 
     Returns:
         :class:`BlockStats` (``predicted`` summed over the ranks).
@@ -200,29 +226,37 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
     grid, chunks = job_grid(job, predictor, settings)
     manifest = _manifest(job, grid, predictor, settings, chunks)
     records = BlockRecords(parse_volume_path(job.output).container)
+    passes = _instance_passes(job, grid, chunks, records, settings, instances, dist, manifest)
     stats = BlockStats(blocks=len(grid))
     barrier()  # every rank has checked the outputs (plan_jobs) before rank 0 creates them
     with contextlib.ExitStack() as opened:
         writers, resuming = _start(job, grid, chunks, settings, records, manifest, dist, opened,
                                    predictor.model.config.num_classes)
-        done = records.done() if resuming else set()
-        stats.skipped = len(done)
-        if progress is not None:
-            progress.update(sum(1 for z in range(grid.shape[0])
-                                if all(z * grid.blocks_per_slice + k in done for k in range(grid.blocks_per_slice))))
+        done = _found_done(records, resuming, grid, stats, progress)
+        finish = _finisher(writers, records, settings, grid, stats, progress)
+        if passes is not None:
+            finish = passes.open(_float_cell_probabilities(writers, settings), resuming, opened, finish)
         vol = opened.enter_context(job.volume.open(str(job.stack.path)))
         batch = tile_batch_size(grid.plan, predictor.model, predictor.options)
         blend = predictor.options.blend if predictor.model.padding == "same" else None
         mine = (b for b in grid if b.index % dist.world_size == dist.rank and b.index not in done)
         with eval_mode(predictor.model), torch.inference_mode():
             predict_blocks(mine, grid, _reader(vol, job, predictor), lambda tiles: predictor.forward_batch(tiles, batch),
-                           _finisher(writers, records, settings, grid, stats, progress), batch, blend=blend,
-                           num_outputs=predictor.model.config.num_classes)
+                           finish, batch, blend=blend, num_outputs=predictor.model.config.num_classes)
         stats.predicted = int(all_reduce_sum(torch.tensor([stats.predicted]), predictor.dev.device)[0])
         barrier()  # every rank's blocks are written
+        if passes is not None:
+            passes.run()  # the instances, in passes of their own, shared among the ranks like the blocks
         if dist.is_main:
-            for writer in writers.values():
+            for writer in [*writers.values(), *([passes.output] if passes is not None else [])]:
                 writer.commit()
     if dist.is_main:
         records.remove()
     return stats
+
+
+def _float_cell_probabilities(writers: dict[str, VolumeWriter], settings: BlockJobSettings) -> VolumeWriter | None:
+    """The probability output when it holds the float32 cell probabilities the watershed reads, else None."""
+    writer = writers.get("probabilities")
+    usable = writer is not None and settings.prob_dtype == "float32" and writer.axes == "zyx"
+    return writer if usable else None
