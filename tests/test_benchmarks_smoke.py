@@ -177,3 +177,16 @@ def test_infer_defaults_small(tmp_path):
     assert all(r["slices"] == 1 and r["peak_rss_mb"] > 0 and r["stream_s"] > 0 for r in rows)
     assert "fewest FLOPs" in rows[0]["plan"] and "fewest FLOPs" not in rows[2]["plan"]
     assert "300x300" in out
+
+
+def test_large_volume_quick(tmp_path):
+    out = run([sys.executable, str(BENCH / "large_volume.py"), "--quick", "--work", str(tmp_path / "lv"),
+               "--json", str(tmp_path / "lv.json")], tmp_path, timeout=600)
+    rows = json.loads((tmp_path / "lv.json").read_text())["rows"]
+    throughput = [r for r in rows if r["part"] == "throughput"]
+    assert [r["format"] for r in throughput] == ["OME-Zarr", "HDF5"]
+    assert all(r["blocks"] == 2 * 4 and r["forwards"] > 0 and r["ratio"] > 0 for r in throughput)
+    assert [r["size"] for r in rows if r["part"] == "memory"] == [512, 1024]
+    assert [r["nproc"] for r in rows if r["part"] == "ranks"] == [1, 2]
+    assert all(r["peak_rss_mb"] > 0 for r in rows)
+    assert "peak RSS 1024^2 / 512^2 = " in out
