@@ -13,6 +13,7 @@ from unet.data.synthetic import make_synthetic_em
 from unet.io import volume_writers
 from unet.io.volume_writers import create_volume
 from unet.io.volumes import open_volume
+from infer_runs import read_volume as _read, run_infer as _run
 from tiny_models import balanced_unet
 
 SHAPE = (3, 40, 56)
@@ -49,16 +50,6 @@ def data(tmp_path_factory) -> dict:
              "--probabilities", root / f"p_{padding}.tif", "--tile-size", tile, "--tile-batch", "1")
         whole[padding] = (tifffile.imread(root / f"m_{padding}.tif"), tifffile.imread(root / f"p_{padding}.tif"))
     return {"root": root, "ckpts": ckpts, "images": images, "whole": whole}
-
-
-def _run(ckpt: Path, *argv) -> None:
-    assert infer(["--ckpt", str(ckpt), *map(str, argv), "--device", "cpu", "--precision", "fp32",
-                  "--no-progress"]) == 0
-
-
-def _read(spec) -> np.ndarray:
-    with open_volume(str(spec)) as vol:
-        return vol.read()
 
 
 def _refused(capsys, ckpt: Path, *argv) -> str:

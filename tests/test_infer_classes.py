@@ -22,6 +22,7 @@ from unet.prediction.ensemble import load_ensemble
 from unet.prediction.overlay import CLASS_RGB, class_colours, overlay
 from unet.prediction.predictor import predict_probabilities
 from unet.prediction.tiling import TilingOptions
+from infer_runs import read_volume as _read, run_infer as _run
 from tiny_models import balanced_unet
 
 K = 3
@@ -62,16 +63,6 @@ def data(tmp_path_factory) -> dict:
     classes = probs.argmax(1).astype(np.uint8)
     assert set(np.unique(classes).tolist()) == set(range(K))  # every class predicted: the tests mean something
     return {"root": root, "images": images, "ckpts": ckpts, "probs": probs, "classes": classes}
-
-
-def _run(ckpt: Path, *argv) -> None:
-    assert infer(["--ckpt", str(ckpt), *map(str, argv), "--device", "cpu", "--precision", "fp32",
-                  "--no-progress"]) == 0
-
-
-def _read(spec) -> np.ndarray:
-    with open_volume(str(spec)) as vol:
-        return vol.read()
 
 
 def _check_probabilities(p: np.ndarray, data: dict) -> None:

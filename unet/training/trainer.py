@@ -351,11 +351,13 @@ class Trainer:
 
     def choose_memory_format(self, model: UNet, resume: dict | None) -> None:
         """The run's layout (:mod:`unet.training.layout`): as asked, as the resumed run had it, or measured on the
-        CPU; rank 0's choice on every rank (DDP's buckets expect the same strides everywhere)."""
+        CPU by rank 0; its choice on every rank (DDP's buckets expect the same strides everywhere)."""
         c = self.config
         recorded = resume["args"].get("memory_format") if resume is not None else None
         shape = (c.batch_size, self.model_config.in_channels, c.input_size, c.input_size)
-        name, line = choose_layout(c.memory_format, recorded, model.to(self.dev.device), self.dev, shape)
+        # Only rank 0 measures (the others wait at the broadcast): one probe, and not slowed by its neighbours'.
+        name, line = (choose_layout(c.memory_format, recorded, model.to(self.dev.device), self.dev, shape)
+                      if self.dist.is_main else (None, None))
         name = broadcast_object(name)
         if line:
             self.say(line)
