@@ -21,18 +21,17 @@ import tifffile  # noqa: E402
 
 from unet.atomic import atomic_path  # noqa: E402
 from unet.errors import UserError  # noqa: E402
-from unet.io.writers import label_dtype  # noqa: E402
+from unet.io.writers import label_dtype, shift_labels  # noqa: E402
 from unet.metrics.cells import label_cells  # noqa: E402
 
 
-def instance_stack_of(binary: np.ndarray) -> np.ndarray:
+def instance_stack_of(binary: np.ndarray, output: str) -> np.ndarray:
     """``(N, H, W)`` binary labels (0 = membrane, anything else = cell) -> ids unique over the stack."""
-    out, offset = [], 0
+    out, max_id = [], 0
     for cells in binary != 0:
-        ids = label_cells(cells)
-        out.append(np.where(ids > 0, ids + offset, 0))
-        offset += int(ids.max())
-    return np.stack(out).astype(label_dtype(offset))
+        ids, max_id = shift_labels(label_cells(cells), max_id, output)
+        out.append(ids)
+    return np.stack(out).astype(label_dtype(max_id))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if binary.ndim != 3 or not set(values.tolist()) <= {0, 1, 255}:
         p.exit(2, f"{p.prog}: error: {args.labels}: not binary labels (values {values[:6].tolist()}, shape "
                   f"{binary.shape}); expected 0 = membrane and 255 or 1 = cell\n")
-    instances = instance_stack_of(binary)
     try:
+        instances = instance_stack_of(binary, args.output)
         with atomic_path(Path(args.output)) as tmp:
             tifffile.imwrite(tmp, instances, photometric="minisblack", compression="zlib")
-    except UserError as e:  # e.g. the output's folder does not exist: one line, nothing written
+    except UserError as e:  # too many cells for uint32, or the output's folder does not exist: one line, nothing written
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"wrote {args.output}: {int(instances.max())} cells in {len(binary)} slices ({instances.dtype}); "
           f"train with --label-kind instances")
