@@ -21,11 +21,15 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
                "--num-classes", "--ignore-label", "--init-from", "--freeze-encoder-steps", "--tensorboard",
                "--no-tensorboard",
                # Issue 22 item 1: the training layout, measured on the CPU by default (unet.training.layout).
-               "--memory-format", "--memory_format"}, set()),
+               "--memory-format", "--memory_format",
+               # Issue 21 item 1: the OME-Zarr level, channel and time point of chunked training volumes
+               # (VolumeOptions, as infer.py's).
+               "--scale", "--channel", "--time"}, set()),
     # Issue 22 item 2: --precision auto|fp32|bf16|fp16 (auto = bf16 where the chip computes it natively).
     # Issue 21: evaluate.py takes DataOptions, so the own-data and z-range flags override the checkpoint's.
+    # Issue 21: --scale/--channel/--time (VolumeOptions) override the checkpoint's choices within own volumes.
     "evaluate": ({"--precision", "--train-images", "--train-labels", "--val-images", "--val-labels",
-                  "--val-slices"}, set()),
+                  "--val-slices", "--scale", "--channel", "--time"}, set()),
     # infer.py --export stays as a flag but only refuses, pointing to export.py --format pt2|onnx (issue 19).
     # Issue 20, chunked volumes: --scale/--channel/--time pick the OME-Zarr level, channel and time point of a
     # zarr/N5/HDF5 --input (VolumeOptions, for train.py/evaluate.py later too); --chunks is the y/x chunk shape of

@@ -8,6 +8,7 @@ import torch
 import zarr
 from PIL import Image
 
+from ome_files import write_ome_zarr
 from unet.checkpoint import load_checkpoint
 from unet.cli import evaluate as cli_evaluate
 from unet.cli import train as cli_train
@@ -16,6 +17,7 @@ from unet.data.labels import IGNORE, LabelOptions
 from unet.data.own_data import load_split, read_pair
 from unet.data.sampling import TrainTiles
 from unet.errors import UserError
+from unet.io.volumes import VolumeOptions
 
 TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "32", "--batch-size", "2",
         "--workers", "0", "--no-progress", "--log-every", "1"]
@@ -83,6 +85,49 @@ def test_folder_trains_and_validates_on_a_separate_hdf5_and_zarr_set(tmp_path, c
     assert summary["final_validation"]["num_images"] == 3
     record = evaluate("--ckpt", str(tmp_path / "run" / "last.pt"))
     assert record["fold"]["val_indices"] == [0, 1, 2] and record["data"]["source"] == str(tmp_path / "val.h5/raw")
+
+
+def _ome_pair(folder):
+    """A tczyx OME-Zarr image (2 time points, 2 channels, 3 slices, 2 levels) and its tzyx label image."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (2, 2, 3, 40, 40), dtype=np.uint8)
+    lab = np.where(img[:, 1] > 100, 255, 0).astype(np.uint8)
+    write_ome_zarr(folder / "img.ome.zarr", "tczyx", [img, img[..., ::2, ::2]])
+    write_ome_zarr(folder / "lab.ome.zarr", "tzyx", [lab, lab[..., ::2, ::2]])
+    return str(folder / "img.ome.zarr"), str(folder / "lab.ome.zarr"), img, lab
+
+
+def test_scale_channel_and_time_pick_the_training_slices_and_evaluate_keeps_them(tmp_path):
+    images, labels, img, lab = _ome_pair(tmp_path)
+    volume = VolumeOptions(scale=1, channel=1, time=1)
+    split = load_split(DataOptions(train_images=images, train_labels=labels), LabelOptions(), volume)
+    for k in range(3):  # level 1, time point 1, channel 1: one channel of 20 x 20, labels at the same level
+        np.testing.assert_allclose(split.train.images[k][0], img[1, 1, k, ::2, ::2] / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(split.train.labels[k], lab[1, k, ::2, ::2] > 0)
+    summary = train(tmp_path, "--train-images", images, "--train-labels", labels, "--val-slices", "2:3",
+                    "--scale", "1", "--channel", "1", "--time", "1", "--input-size", "16", "--max-steps", "1")
+    args = load_checkpoint(tmp_path / "run" / "last.pt")["args"]
+    assert (args["scale"], args["channel"], args["time"]) == (1, 1, 1)
+    record = evaluate("--ckpt", str(tmp_path / "run" / "last.pt"))  # the checkpoint's level, channel and time
+    assert record["metrics"]["dice_nvidia"] == pytest.approx(summary["final_validation"]["dice_nvidia"], abs=1e-6)
+    other = evaluate("--ckpt", str(tmp_path / "run" / "last.pt"), "--time", "0")  # given here: replaces it
+    assert other["metrics"]["dice_nvidia"] != pytest.approx(record["metrics"]["dice_nvidia"], abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scale", "1"], "--scale 1: only for chunked volumes, which --train-images and --val-images name"),
+    (["--time", "0", "--channel", "0"], "--channel 0, --time 0: only for chunked volumes"),
+])
+def test_volume_choices_without_own_volumes_are_refused(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train(tmp_path, *extra, "--max-steps", "1")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_scale_of_a_tiff_stack_is_refused_naming_it(tmp_path):
+    images, labels = _tiff_pair(tmp_path / "d")
+    with pytest.raises(UserError, match=r"img.tif: scale 1 asked for, but only OME-Zarr images have resolution"):
+        train(tmp_path, "--train-images", images, "--train-labels", labels, "--scale", "1", "--max-steps", "1")
 
 
 def test_three_classes_give_a_three_logit_head_and_per_class_metrics(tmp_path):

@@ -10,6 +10,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+from ome_files import write_ome_zarr
 from unet.data.synthetic import make_synthetic_em
 from unet.errors import UserError
 from unet.io.images import read_stack
@@ -149,19 +150,8 @@ def test_tiff_window_of_a_page_decodes_only_its_tiles_or_strips(tmp_path, monkey
 
 
 def _ome_group(path, zarr_format, axes, shapes, version_key):
-    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-    data = []
-    for k, shape in enumerate(shapes):
-        arr = root.create_array(str(k), shape=shape, chunks=shape, dtype="uint8")
-        values = (np.arange(np.prod(shape)) % 251).astype(np.uint8).reshape(shape) + k
-        arr[...] = values
-        data.append(values)
-    image = {"axes": [{"name": a} for a in axes],
-             "datasets": [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1] * len(axes)}]}
-                          for k in range(len(shapes))]}
-    root.attrs.update({"ome": {"version": "0.5", "multiscales": [image]}} if version_key == "ome"
-                      else {"multiscales": [dict(image, version="0.4")]})
-    return data
+    levels = [(np.arange(np.prod(shape)) % 251).astype(np.uint8).reshape(shape) + k for k, shape in enumerate(shapes)]
+    return write_ome_zarr(path, axes, levels, zarr_format=zarr_format, version_key=version_key)
 
 
 @pytest.mark.parametrize("zarr_format, version_key", [(2, "top"), (3, "ome")])

@@ -24,6 +24,7 @@ from unet.distributed import env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.evaluation.checkpoints import EvaluateOptions, evaluate_checkpoint, find_checkpoints
 from unet.evaluation.tables import CV_METRICS, STD_KIND, cv_markdown, cv_summary, fmt, format_table
+from unet.io.volumes import VolumeOptions
 from unet.prediction.instances import InstanceOptions
 from unet.prediction.tiling import TilingOptions
 from unet.run_log import jsonable
@@ -50,6 +51,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_options(source, EvaluateOptions, only=("cv_dir",))
     add_options(parser, EvaluateOptions, skip=("cv_dir",))
     add_options(parser, DataOptions, inherit="the checkpoint")
+    add_options(parser, VolumeOptions, inherit="the checkpoint")
     add_options(parser, DeviceOptions)
     add_options(parser, PrecisionOptions)
     add_options(parser, TilingOptions, skip=("memory_budget_mb",))
@@ -109,7 +111,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     options, data = options_from(args, EvaluateOptions), options_from(args, DataOptions)
     settings = {"data": data, "tiling": options_from(args, TilingOptions),
-                "instances": options_from(args, InstanceOptions)}
+                "instances": options_from(args, InstanceOptions), "volume": options_from(args, VolumeOptions)}
     dist = env_info()
     paths = _checkpoint_paths(options_from(args, CheckpointArgs).ckpt, options, data)
     device = options_from(args, DeviceOptions)

@@ -8,14 +8,15 @@ from unet.cli.common import HelpFormatter, add_options, options_from
 from unet.data.datasets import DataOptions
 from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
+from unet.io.volumes import VolumeOptions
 from unet.prediction.tiling import TilingOptions
 from unet.training.config import TILING_SKIP, RunConfig
 from unet.training.trainer import run_training
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """train.py's parser: DataOptions, LabelOptions, RunConfig, DeviceOptions and TilingOptions (no memory
-    budget)."""
+    """train.py's parser: DataOptions, LabelOptions, VolumeOptions, RunConfig, DeviceOptions and TilingOptions (no
+    memory budget)."""
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=HelpFormatter, add_help=add_help,
         description="Train a UNet on EM slices (ISBI 2012 layout, images/+labels/ folders, own TIFF stacks, "
@@ -24,6 +25,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "Fine-tune: python train.py --init-from best.pt --train-images x.tif --train-labels y.tif ...")
     add_options(p, DataOptions)
     add_options(p, LabelOptions)
+    add_options(p, VolumeOptions)
     add_options(p, RunConfig)
     add_options(p, DeviceOptions)
     add_options(p, TilingOptions, skip=TILING_SKIP)
@@ -33,7 +35,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The run's settings as parsed (derived values are resolved by :func:`run_training`)."""
     return options_from(args, RunConfig, data=options_from(args, DataOptions), labels=options_from(args, LabelOptions),
-                        device_options=options_from(args, DeviceOptions),
+                        volume=options_from(args, VolumeOptions), device_options=options_from(args, DeviceOptions),
                         tiling=options_from(args, TilingOptions))
 
 

@@ -23,7 +23,7 @@ from unet.data.labels import LabelOptions, check_some_labelled, label_target
 from unet.errors import UserError
 from unet.io.images import as_image, check_finite, list_images
 from unet.io.paths import parse_volume_path
-from unet.io.volumes import open_volume
+from unet.io.volumes import VolumeOptions, open_volume
 
 
 @dataclass
@@ -61,12 +61,16 @@ def check_data_options(data: DataOptions) -> None:
         raise UserError(f"{' and '.join(chosen)} each choose the validation slices; pass one of them")
 
 
-def read_slices(spec: str, *, labels: bool) -> tuple[list[np.ndarray], list[str], list[str]]:
+def read_slices(spec: str, *, labels: bool, volume: VolumeOptions = VolumeOptions()
+                ) -> tuple[list[np.ndarray], list[str], list[str]]:
     """The raw slices of an image or label source, in order.
 
     Args:
         spec: a folder of TIFF/PNG files, or a volume path (:mod:`unet.io.paths`).
         labels: read as labels (any integer type) rather than images.
+        volume: the resolution level, channel and time point of a chunked volume (``--scale``, ``--channel``,
+            ``--time``). Labels take the same level and time point but never a channel: a label image has one
+            value per pixel (OME-NGFF's ``labels/`` images share their image's levels and have no channel axis).
 
     Returns:
         (raw ``(H, W)`` or ``(C, H, W)`` slices in the stored dtype, slice names, the file or volume of each).
@@ -76,8 +80,9 @@ def read_slices(spec: str, *, labels: bool) -> tuple[list[np.ndarray], list[str]
     """
     slices, names, origin = [], [], []
     for source in _sources(spec):
-        with open_volume(source, labels=labels) as volume:
-            stack = volume.read()
+        channel = None if labels else volume.channel
+        with open_volume(source, scale=volume.scale, channel=channel, time=volume.time, labels=labels) as opened:
+            stack = opened.read()
         if not labels:
             check_finite(stack, source)  # a NaN pixel would make every loss NaN
         where = parse_volume_path(source)
@@ -116,7 +121,8 @@ def _sources(spec: str) -> list[str]:
     return [str(f) for f in files]
 
 
-def read_pair(images: str, labels: str, options: LabelOptions, channels: int | None = 1) -> SliceSet:
+def read_pair(images: str, labels: str, options: LabelOptions, channels: int | None = 1,
+              volume: VolumeOptions = VolumeOptions()) -> SliceSet:
     """Own images and their labels as a :class:`SliceSet` of targets.
 
     Args:
@@ -124,6 +130,7 @@ def read_pair(images: str, labels: str, options: LabelOptions, channels: int | N
         labels: the label source, one label slice per image slice.
         options: label kind, K and ignore value.
         channels: channels every image must have (None: any consistent count).
+        volume: which level, channel and time point of chunked volumes (:func:`read_slices`).
 
     Returns:
         The slices, their targets (classes 0..K-1 or IGNORE) and names.
@@ -132,8 +139,8 @@ def read_pair(images: str, labels: str, options: LabelOptions, channels: int | N
         UserError: slice counts or sizes that differ (naming both sources), bad label values (naming the
             values and the file), a label set that is all ignore value.
     """
-    raw_images, names, image_origin = read_slices(images, labels=False)
-    raw_labels, _, label_origin = read_slices(labels, labels=True)
+    raw_images, names, image_origin = read_slices(images, labels=False, volume=volume)
+    raw_labels, _, label_origin = read_slices(labels, labels=True, volume=volume)
     if len(raw_labels) != len(raw_images):
         raise UserError(f"{labels}: {len(raw_labels)} label slices for {len(raw_images)} image slices of {images}; "
                         f"every image slice needs exactly one label")
@@ -151,14 +158,18 @@ def read_pair(images: str, labels: str, options: LabelOptions, channels: int | N
 
 
 def load_whole_set(data: DataOptions, options: LabelOptions, *, split: str = "train",
-                   channels: int | None = 1) -> SliceSet:
+                   channels: int | None = 1, volume: VolumeOptions = VolumeOptions()) -> SliceSet:
     """Every slice that training draws from or holds out: own images, ``--data-dir``, or the synthetic set.
 
     Raises:
         UserError: a non-binary label kind asked of the synthetic set, or any problem with the files.
     """
     if data.train_images is not None:
-        return read_pair(data.train_images, data.train_labels, options, channels)
+        return read_pair(data.train_images, data.train_labels, options, channels, volume)
+    if volume.given():
+        raise UserError(f"{', '.join(volume.given())}: only for chunked volumes, which --train-images and "
+                        f"--val-images name (e.g. v.zarr/raw); --data-dir and the synthetic set have no levels, "
+                        f"channels or time points to choose; leave it unset")
     if data.data_dir is None:
         if options.label_kind != "binary":
             raise UserError(f"--label-kind {options.label_kind} needs own labels (--train-images and "
@@ -169,8 +180,9 @@ def load_whole_set(data: DataOptions, options: LabelOptions, *, split: str = "tr
     return whole
 
 
-def load_split(data: DataOptions, options: LabelOptions) -> DataSplit:
-    """The training and validation slices that ``data`` names, labels read as ``options`` say.
+def load_split(data: DataOptions, options: LabelOptions, volume: VolumeOptions = VolumeOptions()) -> DataSplit:
+    """The training and validation slices that ``data`` names, labels read as ``options`` say, chunked volumes
+    read at ``volume``'s level, channel and time point (training and validation volumes alike).
 
     Validation: ``--val-images`` (a separate set), ``--val-slices A:B`` (a contiguous z-range of the training
     data) or ``--fold`` (a fold of it); none of them: no validation.
@@ -179,12 +191,13 @@ def load_split(data: DataOptions, options: LabelOptions) -> DataSplit:
         UserError: contradicting flags, or any problem with the data.
     """
     check_data_options(data)
-    whole = load_whole_set(data, options)
+    whole = load_whole_set(data, options, volume=volume)
     if data.val_images is not None:
-        val = read_pair(data.val_images, data.val_labels, options, channels=whole.images[0].shape[0])
+        val = read_pair(data.val_images, data.val_labels, options, channels=whole.images[0].shape[0], volume=volume)
         return DataSplit(whole, val, f"validation set {data.val_images}")
     if data.val_slices is not None:
         train, val = slice_range_indices(len(whole), data.val_slices, whole.source)
         return DataSplit(whole.subset(train), whole.subset(val), f"slices {data.val_slices} held out")
     train, val = fold_indices(len(whole), data.fold, data.folds, data.fold_scheme, data.seed)
     return DataSplit(whole.subset(train), whole.subset(val), f"fold {data.fold} of {data.folds}, {data.fold_scheme}")
+

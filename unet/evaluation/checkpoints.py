@@ -20,6 +20,7 @@ from unet.data.datasets import DATA_GROUP, DataOptions
 from unet.data.folds import fold_indices, slice_range_indices
 from unet.data.labels import LabelOptions
 from unet.data.own_data import load_whole_set, read_pair, source_exists
+from unet.io.volumes import VolumeOptions
 from unet.device import DeviceSetup
 from unet.distributed import DistInfo
 from unet.errors import UserError
@@ -37,6 +38,7 @@ AS_TRAINED = DataOptions(data_dir=None, fold=None, folds=None, fold_scheme=None,
 SOURCE_GROUP = ("data_dir", "train_images", "train_labels")
 VALIDATION_GROUP = ("fold", "val_slices", "val_images", "val_labels")
 _DEFAULTS = DataOptions()  # what a setting is when neither the command line nor the checkpoint gives it
+_VOLUME = VolumeOptions()
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def find_checkpoints(cv_dir: str | Path) -> list[Path]:
     return found
 
 
-def _resolve_run(data: DataOptions, all_images: bool, ckpt: dict) -> dict[str, Any]:
+def _resolve_run(data: DataOptions, all_images: bool, ckpt: dict, volume: VolumeOptions | None = None
+                 ) -> dict[str, Any]:
     """The data and held-out slices to evaluate: ``data`` where given, else the checkpoint's, else the default.
 
     Returns:
@@ -121,6 +124,11 @@ def _resolve_run(data: DataOptions, all_images: bool, ckpt: dict) -> dict[str, A
     run.update(folds=int(run["folds"]), fold_scheme=str(run["fold_scheme"]), seed=int(run["seed"]))
     run["labels"] = LabelOptions(label_kind=saved.get("label_kind", "binary"), num_classes=saved.get("num_classes"),
                                  ignore_label=saved.get("ignore_label"))
+    # Each volume choice given here replaces the checkpoint's; the ones not given are what it was trained on.
+    given = volume or VolumeOptions(scale=None)
+    run["volume"] = VolumeOptions(**{name: value if value is not None else saved.get(name, getattr(_VOLUME, name))
+                                     for name, value in (("scale", given.scale), ("channel", given.channel),
+                                                         ("time", given.time))})
     return run
 
 
@@ -131,7 +139,7 @@ def _data_options(run: dict) -> DataOptions:
 
 def _load_data(run: dict, ckpt_path: Path, split: str, cache: dict):
     """The slices the validation indices refer to: the validation set, or the whole training data."""
-    key = tuple(run[f] for f in SOURCE_GROUP + ("val_images", "val_labels")) + (split, run["labels"])
+    key = tuple(run[f] for f in SOURCE_GROUP + ("val_images", "val_labels")) + (split, run["labels"], run["volume"])
     if key not in cache:
         for name in ("data_dir", "train_images", "val_images"):
             d = run[name]
@@ -141,9 +149,11 @@ def _load_data(run: dict, ckpt_path: Path, split: str, cache: dict):
                                 f"--{name.replace('_', '-')}")
         # channels=None: the channel check below names the checkpoint, which the reader cannot.
         if run["val_images"] is not None:
-            cache[key] = read_pair(run["val_images"], run["val_labels"], run["labels"], channels=None)
+            cache[key] = read_pair(run["val_images"], run["val_labels"], run["labels"], channels=None,
+                                   volume=run["volume"])
         else:
-            cache[key] = load_whole_set(_data_options(run), run["labels"], split=split, channels=None)
+            cache[key] = load_whole_set(_data_options(run), run["labels"], split=split, channels=None,
+                                        volume=run["volume"])
     return cache[key]
 
 
@@ -232,8 +242,8 @@ def _say_header(say, paths: list[Path], model, run: dict, slices, n_val: int, pl
 
 def evaluate_checkpoint(paths: Path | Sequence[Path], options: EvaluateOptions, dev: DeviceSetup, dist: DistInfo, *,
                         data: DataOptions = AS_TRAINED, tiling: TilingOptions = TilingOptions(),
-                        instances: InstanceOptions = InstanceOptions(), cache: dict | None = None,
-                        say=print) -> dict[str, Any]:
+                        instances: InstanceOptions = InstanceOptions(), volume: VolumeOptions | None = None,
+                        cache: dict | None = None, say=print) -> dict[str, Any]:
     """Evaluate one checkpoint (or an ensemble of several, their mean probability) on its fold.
 
     Args:
@@ -244,6 +254,7 @@ def evaluate_checkpoint(paths: Path | Sequence[Path], options: EvaluateOptions, 
         data: data directory and fold; None fields: the checkpoint's.
         tiling: whole-slice tiling (``tile_size`` is checked against every slice size first).
         instances: the seeded-watershed settings of the instance scores (used when ``options.instances``).
+        volume: the level, channel and time point of chunked data volumes; None fields: the checkpoint's.
         cache: slices already read, by data directory and split (shared over calls).
         say: prints the header lines (rank 0's printer under torchrun).
 
@@ -254,7 +265,7 @@ def evaluate_checkpoint(paths: Path | Sequence[Path], options: EvaluateOptions, 
     cache = {} if cache is None else cache
     start = time.perf_counter()
     model, ckpts = load_ensemble(paths)
-    run = _resolve_run(data, options.all_images, ckpts[0])
+    run = _resolve_run(data, options.all_images, ckpts[0], volume)
     slices = _load_data(run, paths[0], options.split, cache)
     if len(paths) > 1:
         _check_same_fold(paths, ckpts, len(slices))

@@ -60,6 +60,11 @@ class VolumeOptions:
         """:func:`open_volume` with these choices."""
         return open_volume(spec, scale=self.scale, channel=self.channel, time=self.time, labels=labels)
 
+    def given(self) -> list[str]:
+        """The choices that differ from the defaults, as typed on the command line (``["--scale 1"]``)."""
+        default = VolumeOptions()
+        return [f"--{name} {value}" for name, value in vars(self).items() if value != getattr(default, name)]
+
 
 def _check_axes(src: ArraySource, axes: str | None) -> str:
     if axes is not None:

@@ -190,8 +190,7 @@ def plan_jobs(input_path: str | Path | None, output: str | Path, *, probabilitie
 def _volume_choices(input_path: str | Path | None, volume: VolumeOptions, chunked: bool) -> VolumeOptions:
     """``volume`` itself; refused when set for an input that is not a chunked volume (TIFF/PNG keep their reader)."""
     if not chunked and volume != VolumeOptions():
-        given = [f"--{name} {value}" for name, value in vars(volume).items() if value != getattr(VolumeOptions(), name)]
-        raise UserError(f"{', '.join(given)}: only for zarr, N5 or HDF5 volume inputs (e.g. volume.zarr/raw), but "
+        raise UserError(f"{', '.join(volume.given())}: only for zarr, N5 or HDF5 volume inputs (e.g. volume.zarr/raw), but "
                         f"--input is {input_path or 'not given'}; leave it unset")
     return volume
 

@@ -14,6 +14,7 @@ from unet.data.datasets import DataOptions
 from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
 from unet.errors import UserError
+from unet.io.volumes import VolumeOptions
 from unet.model import PADDINGS
 from unet.options import field_default, identity_fields, option, option_fields, positive_int
 from unet.prediction.tiling import TilingOptions
@@ -38,7 +39,7 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
                    "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
                    "num_classes", "ignore_label", "init_from", "freeze_encoder_steps", "tensorboard",
-                   "memory_format")
+                   "memory_format", "scale", "channel", "time")
 # Adam's rate without --learning-rate: UNet_Medical's 1e-4 from scratch; a tenth of it when fine-tuning
 # (--init-from), so that a handful of slices adjusts the trained weights instead of overwriting them.
 DEFAULT_LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-4, 1e-5
@@ -53,7 +54,8 @@ def _alias(flag: str) -> tuple[str, str]:
 class RunConfig:
     """Everything that defines a training run; built once, never edited (:meth:`resolved` returns a copy).
 
-    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``labels`` (:class:`LabelOptions`),
+    Attributes beyond the flags: ``data`` (:class:`DataOptions`), ``labels`` (:class:`LabelOptions`), ``volume``
+    (:class:`VolumeOptions`: the level, channel and time point read of chunked training volumes),
     ``device_options`` (:class:`DeviceOptions`, the requested device and precision), ``tiling`` (:class:`TilingOptions`, validation's tiling),
     ``amp_dtype`` (the dtype autocast really uses, None without ``--amp``) and ``world_size``.
     """
@@ -148,6 +150,7 @@ class RunConfig:
                                        identity=True)
     data: DataOptions = field(default_factory=DataOptions)
     labels: LabelOptions = field(default_factory=LabelOptions)
+    volume: VolumeOptions = field(default_factory=VolumeOptions)
     device_options: DeviceOptions = field(default_factory=DeviceOptions)
     tiling: TilingOptions = field(default_factory=TilingOptions)
     amp_dtype: str | None = None
@@ -167,7 +170,7 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         """The flat dict checkpoints store under ``"args"`` (``weights_only`` loads no dataclasses)."""
-        flat = {**asdict(self.data), **asdict(self.labels), "device": self.device_options.device,
+        flat = {**asdict(self.data), **asdict(self.labels), **asdict(self.volume), "device": self.device_options.device,
                 "amp": self.device_options.amp,
                 **{k: v for k, v in asdict(self.tiling).items() if k not in TILING_SKIP},
                 **{f.name: getattr(self, f.name) for f, _ in option_fields(self)},
@@ -183,13 +186,13 @@ class RunConfig:
 # Settings that define a run: resuming with any of them changed would silently mix two experiments. The device
 # and the world size are no RunConfig flags, hence named here: the precision autocast really used counts.
 RUN_IDENTITY = (identity_fields(DataOptions) + identity_fields(LabelOptions) + identity_fields(RunConfig)
-                + ("amp", "amp_dtype", "world_size"))
+                + ("scale", "channel", "time", "amp", "amp_dtype", "world_size"))
 
 
 def identity_default(key: str):
     """What a checkpoint written before the identity setting ``key`` existed ran with: a key missing from an
     older checkpoint's ``"args"`` means that field's default (the flag's default then and now)."""
-    for cls in (DataOptions, LabelOptions, RunConfig):
+    for cls in (DataOptions, LabelOptions, VolumeOptions, RunConfig):
         for f, _ in option_fields(cls):
             if f.name == key:
                 return field_default(f)

@@ -284,7 +284,7 @@ class Trainer:
 
     def load_data(self) -> None:
         c = self.config
-        split = load_split(c.data, c.labels)
+        split = load_split(c.data, c.labels, c.volume)
         self.train_set, self.val_set, self.held_out = split.train, split.val, split.held_out
         if c.loss == "weighted_ce":
             self.train_weights = self.weight_maps()
