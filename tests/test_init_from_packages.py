@@ -350,3 +350,14 @@ def test_train_py_fine_tunes_from_a_foreign_package_and_records_it(tmp_path, cap
     init = load_checkpoint(tmp_path / "run" / "last.pt")["init"]
     assert init == {"path": str(package), "kind": "bioimageio", "sha256": _sha(tmp_path / "pkg" / "weights.pt"),
                     "fresh_head": False, "matched": "order", "weights": "pytorch_state_dict"}
+
+
+def test_a_folder_without_a_description_or_a_zip_without_one_is_refused_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: the folder holds no rdf.yaml or bioimageio.yaml or model.yaml; "
+                                        r"give a bioimage.io package"):
+        read_init(str(tmp_path / "empty"))
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes.txt", "no package")
+    with pytest.raises(UserError, match=r"other.zip: not a bioimage.io package bioimageio.spec can open \(No rdf.yaml"):
+        read_init(str(tmp_path / "other.zip"))

@@ -50,10 +50,11 @@ class PackageWeights:
 
 def looks_like_package(path: Path) -> bool:
     """Whether ``path`` is a bioimage.io package rather than a train.py checkpoint (also a zip archive)."""
-    if path.is_dir() or path.name.endswith(DESCRIPTION_FILES):
+    # A .zip is taken for a package even when it is not one: the package reader then says what is wrong.
+    if path.is_dir() or path.name.endswith(DESCRIPTION_FILES) or path.suffix.lower() == ".zip":
         return True
     if not zipfile.is_zipfile(path):
-        return path.suffix.lower() == ".zip"  # a broken .zip: the package reader says what is wrong
+        return False
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
     # torch.save's archive holds <name>/data.pkl, a package its description at the top level.
