@@ -13,6 +13,7 @@ from unet.errors import UserError
 from unet.export.bioimageio_network import package_network
 from unet.model import UNet
 from unet.training.config import FINE_TUNE_LEARNING_RATE
+from unet.training import init_package
 from unet.training.init_from import apply_init, encoder_parameters, read_init
 
 TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "32", "--batch-size", "2",
@@ -73,7 +74,9 @@ def test_another_architecture_is_refused_naming_the_first_mismatched_layer(tmp_p
     assert "another architecture than this run's (layer " + layer in message and "--base-filters" in message
 
 
-def test_bioimageio_package_zip_and_folder_load_the_unet_weights(tmp_path):
+def test_bioimageio_package_zip_and_folder_load_the_unet_weights_without_the_extra(tmp_path, monkeypatch):
+    """Without bioimageio.spec, export.py's weights.pt is read directly (tests/test_init_from_packages.py: with it)."""
+    monkeypatch.setattr(init_package, "have_spec", lambda: False)
     source = _unet(seed=3)
     folder = tmp_path / "pkg"
     folder.mkdir()
@@ -88,7 +91,7 @@ def test_bioimageio_package_zip_and_folder_load_the_unet_weights(tmp_path):
         model = _unet(seed=4)
         apply_init(model, init, LabelOptions())
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
-    with pytest.raises(UserError, match="the folder has no weights.pt"):
+    with pytest.raises(UserError, match="needs bioimageio.spec"):
         read_init(str(tmp_path))
 
 
@@ -98,7 +101,7 @@ def test_fine_tuning_run_records_its_start_freezes_the_encoder_and_lowers_the_ra
     train(tmp_path, "--init-from", str(base), "--freeze-encoder-steps", "-1", "--max-steps", "2")
     assert "init: " in capsys.readouterr().out
     before, after = load_checkpoint(base), load_checkpoint(tmp_path / "run" / "last.pt")
-    assert after["init"] == {"path": str(base), "kind": "checkpoint", "fresh_head": False,
+    assert after["init"] == {"path": str(base), "kind": "checkpoint", "fresh_head": False, "matched": "name",
                              "sha256": hashlib.sha256(base.read_bytes()).hexdigest()}
     assert after["args"]["init_from"] == str(base) and after["args"]["learning_rate"] == FINE_TUNE_LEARNING_RATE
     model = UNet(**ARCH)

@@ -142,7 +142,8 @@ class RunConfig:
                                              "measured matmul peak on CPU", name="peak_tflops", parse=float,
                                        group="benchmark")
     init_from: str | None = option(None, "fine-tune: start from this train.py checkpoint or bioimage.io package "
-                                         "(.zip or folder) of this project; weights load where shapes agree",
+                                         "(.zip, folder or rdf.yaml; this project's or another UNet's of the same "
+                                         "geometry); weights load where shapes agree",
                                    flags="--init-from", metavar="PATH", group="fine-tuning", identity=True)
     freeze_encoder_steps: int = option(0, "with --init-from: keep the encoder (down path and bottleneck) fixed for "
                                           "the first N steps (0: never, -1: the whole run)",
