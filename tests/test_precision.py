@@ -1,9 +1,12 @@
 """--precision (infer.py, evaluate.py): auto is bf16 autocast where the chip computes bf16 natively, else fp32."""
+from types import SimpleNamespace
+
 import pytest
 
 from unet.cli.commands import infer
 from unet.device import DeviceOptions, native_bf16, prediction_autocast  # the real native_bf16 (conftest pins
 from unet.errors import UserError                                        # unet.device's during the tests)
+from unet.training.narration import _emulated
 
 AMX = {"flags": "fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16"}
 AVX2 = {"flags": "fpu sse2 avx2 fma"}
@@ -67,3 +70,13 @@ def test_bf16_probabilities_stay_close_to_fp32():
         probs[amp] = predict_probabilities(dev.prepare_model(model), image, dev)[1]
     diff = (probs[True] - probs[False]).abs()
     assert diff.max() < 0.05 and diff.mean() < 0.002
+
+
+@pytest.mark.parametrize("device_type, amp, native, warned", [
+    ("cpu", "bf16", False, True), ("cpu", "bf16", True, False), ("cpu", "fp32", False, False),
+    ("cuda", "bf16", False, False)])
+def test_train_warns_when_amp_asks_a_cpu_for_emulated_bf16(device_type, amp, native, warned, monkeypatch):
+    monkeypatch.setattr("unet.device.native_bf16", lambda device_type, info=None: native)
+    said = _emulated(SimpleNamespace(type=device_type, amp_name=amp))
+    assert ("this CPU has no native bf16" in said and "drop --amp for fp32" in said) == warned
+    assert said == "" or warned

@@ -9,6 +9,7 @@ try:  # a private torch module, used only to name inductor's cache folder in a m
 except ImportError:  # another torch layout: the message says "torch's default" instead
     default_cache_dir = None
 
+from unet import device
 from unet.training.config import WEIGHT_MAP_SIGMA, WEIGHT_MAP_W0
 
 # The validation metrics a run prints after each validation (all are logged).
@@ -27,7 +28,7 @@ def opening_lines(trainer) -> list[str]:
           + (f" after {c.lr_warmup_steps} warm-up steps" if c.lr_warmup_steps else ""))
     return [
         f"unet-train: {t.dev.name()} ({t.dev.type}, {t.dev.amp_name}) x {ws} process(es); "
-        f"global batch {t.global_batch} = {c.batch_size} per device x {ws}",
+        f"global batch {t.global_batch} = {c.batch_size} per device x {ws}" + _emulated(t.dev),
         f"data: {t.data_name}: {len(t.train_set)} training / {len(t.val_set)} validation "
         f"slices ({t.held_out}); {_labels(c.labels)}; crops {c.input_size} -> "
         f"{t.output_size}, augment {c.augment_level if c.augment else 'off'}, {t.workers} loader worker(s)",
@@ -36,6 +37,14 @@ def opening_lines(trainer) -> list[str]:
         + (f"compiled (mode {c.compile_mode})" if c.compile else "eager")
         + f"; Adam {'fused' if t.dev.optimizer_kwargs().get('fused') else 'default'}, learning rate " + lr
         + _freeze(c.freeze_encoder_steps)]
+
+
+def _emulated(dev) -> str:
+    """A warning when ``--amp`` asks a CPU for bf16 it can only emulate (torch converts to and from fp32 around
+    fp32 kernels there), so the flag gains no speed and rounds for nothing."""
+    if dev.type != "cpu" or dev.amp_name != "bf16" or device.native_bf16("cpu"):  # looked up late: tests patch it
+        return ""
+    return "; note: this CPU has no native bf16 (no AVX512_BF16 or AMX), torch emulates it: drop --amp for fp32"
 
 
 def _labels(labels) -> str:
