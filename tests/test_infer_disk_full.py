@@ -3,7 +3,8 @@ line naming the output, no traceback, the finished blocks kept and recorded, not
 written, and ``--resume`` (space freed) finishes with the outputs of an uninterrupted run bit for bit.
 
 The full disk is made where a real one bites: zarr's local store writing a chunk file (``zarr.storage._local._put``)
-raises ENOSPC. (A read-only folder cannot be made in the tests: they run as root, whom permissions do not stop.)"""
+raises ENOSPC; a file system remounted read-only the same way with EROFS. (A read-only folder, chmod, cannot stand in:
+the tests run as root, whom permissions do not stop.)"""
 import errno
 import os
 from pathlib import Path
@@ -46,8 +47,9 @@ def _args(root: Path, out: Path) -> list:
             "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
 
 
-def _disk_full_after(monkeypatch, chunks: int) -> list:
-    """Chunk-file writes after the first ``chunks`` fail with ENOSPC, as on a full disk; returns the paths tried."""
+def _failing_after(monkeypatch, chunks: int, code: int) -> list:
+    """Chunk-file writes after the first ``chunks`` fail with ``code`` (ENOSPC: a full disk); returns the paths
+    tried."""
     tried = []
     real_put = zarr.storage._local._put
 
@@ -55,7 +57,7 @@ def _disk_full_after(monkeypatch, chunks: int) -> list:
         if Path(path).name.isdigit():  # a chunk file (v2 keys "z/y/x"); metadata is written before any block
             tried.append(Path(path))
             if len(tried) > chunks:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                raise OSError(code, os.strerror(code), str(path))
         return real_put(path, value, exclusive)
 
     monkeypatch.setattr(zarr.storage._local, "_put", put)
@@ -67,19 +69,22 @@ def _partial(container: Path) -> np.ndarray:
     return zarr.open_group(str(container) + ".partial", mode="r")["0"][:]
 
 
-def test_full_disk_keeps_finished_blocks_and_resume_completes(data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code, problem", [
+    (errno.ENOSPC, "No space left on device; the disk is full; free space or write elsewhere"),
+    (errno.EROFS, "Read-only file system; the file system is read-only; choose another folder"),
+])
+def test_disk_failing_mid_run_keeps_finished_blocks_and_resume_completes(data, tmp_path, monkeypatch, capsys, code, problem):
     args = _args(data["root"], tmp_path)
     capsys.readouterr()
     with monkeypatch.context() as m:
-        # Block b writes its mask chunk, then its probability chunk: the disk fills between block 7's two.
-        tried = _disk_full_after(m, 2 * FINISHED + 1)
+        # Block b writes its mask chunk, then its probability chunk: the disk fails between block 7's two.
+        tried = _failing_after(m, 2 * FINISHED + 1, code)
         code = _exit_code(infer, ["--ckpt", str(data["root"] / "same.pt"), *map(str, args), "--device", "cpu",
                                   "--precision", "fp32", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     lines = [line for line in err.strip().splitlines() if not line.startswith("predicting ")]
-    assert lines == [f"infer.py: error: cannot write {tmp_path / 'p.zarr'}: No space left on device; the disk is "
-                     f"full; free space or write elsewhere"]
+    assert lines == [f"infer.py: error: cannot write {tmp_path / 'p.zarr'}: {problem}"]
     assert len(tried) == 2 * FINISHED + 2 and tried[-1].is_relative_to(tmp_path / "p.zarr.partial")
     records = tmp_path / "m.zarr.unet_blocks" / "done"
     assert sorted(int(p.name) for p in records.iterdir()) == list(range(FINISHED))  # block 7 is not recorded
@@ -92,7 +97,7 @@ def test_full_disk_keeps_finished_blocks_and_resume_completes(data, tmp_path, mo
     assert not probs[0, 16:32, 48:56].any()  # block 7's probabilities never reached the disk
     assert not masks[1:].any() and not probs[1:].any()
 
-    run_infer(data["root"] / "same.pt", *args, "--resume")  # space freed: the same command plus --resume
+    run_infer(data["root"] / "same.pt", *args, "--resume")  # space freed (or rw again): the same command + --resume
     assert f"blocks: {NUM_BLOCKS - FINISHED} of {NUM_BLOCKS} predicted" in capsys.readouterr().out
     np.testing.assert_array_equal(read_volume(tmp_path / "m.zarr"), data["masks"])
     np.testing.assert_array_equal(read_volume(tmp_path / "p.zarr"), data["probs"])  # bit for bit
