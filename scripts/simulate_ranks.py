@@ -22,15 +22,17 @@ pure function of (rank, world size, done records), but the run is not: rank 0 al
 manifest and the others open them only after a barrier; rank 0 commits only after the last barrier; the block
 count is summed by an all-reduce. Without a process group those barriers are no-ops (``unet.distributed``), so the
 other ranks would race rank 0's creation and rank 0 would commit before they finished. The processes are forked
-from a forkserver that imported torch once (a fresh interpreter per rank costs ~5 s of CPU for the imports).
+from a forkserver that imported torch once (a fresh interpreter per rank would spend seconds of CPU on the
+imports alone, times 16 or 64).
 
 What is real and what stands in: each rank calls :func:`unet.prediction.stacks.run_inference` (infer.py's own
 call after loading the checkpoint) on the job :func:`unet.prediction.jobs.plan_jobs` plans, so the block grid,
 the rank's share, the done records, the writers and the commit are infer.py's. Only the forward pass stands in,
 through run_inference's ``forward`` argument (the seam ``torch.compile`` and OpenVINO use): a 'valid' 2-level UNet
 gives the tile geometry, and :class:`StandIn` returns logits ``(0, 64 (x - 0.5))`` of each tile's centre (sleeping
-``--delay`` s first, so that the kills land mid-run). The expected outputs are then known exactly: mask 255 where
-the input is >= 128, cell probability ``sigmoid(64 (v / 255 - 0.5))``.
+``--delay`` s first, as a slow forward would, so that the ranks work side by side; the resume's does not sleep,
+the stand-in's delay being no part of the run's identity). The expected outputs are then known exactly: mask 255
+where the input is >= 128, cell probability ``sigmoid(64 (v / 255 - 0.5))``.
 
 Each process appends one line per event to its own log (one ``write`` per event, O_APPEND: a SIGKILL leaves whole
 lines): ``write masks|probs <block>`` before a write, ``mark <block>`` after a completion record. The checks:

@@ -31,7 +31,7 @@ def sim():
     del sys.modules[spec.name]
 
 
-@pytest.mark.slow  # 16 + 6 processes (forked from one that imported torch): ~25 s on 2 busy cores
+@pytest.mark.slow  # 16 + 6 processes, forked from one that imported torch
 def test_sixteen_ranks_four_killed_then_six_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / "sim"), "--timeout", "120"],
