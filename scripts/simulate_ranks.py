@@ -12,9 +12,10 @@ block-wise path twice in separate processes, each a rank of a real gloo process 
    has recorded that many, so that the kill lands mid-block however busy the machine is: a block read, nothing
    written), the other half by themselves between a block's mask write and its probability write (a block
    half-written, never recorded).
-   The survivors finish their own blocks and then find their dead peers at the final collective (gloo fails
-   them; one still waiting there with all its blocks recorded is stopped by the launcher, as torchrun's agent
-   stops the workers of a failed group).
+   The survivors are left to finish their own blocks (torchrun's agent would stop them at once; letting them
+   finish leaves the resume exactly the victims' blocks and the most records to honour) and then find their dead
+   peers at the final collective: gloo fails them ("Connection closed by peer"); one still waiting there with
+   all its blocks recorded would be stopped by the launcher.
 2. ``--resume-ranks`` processes with ``resume`` set: the same command plus ``--resume``.
 
 Why real process-group ranks and not processes with RANK / WORLD_SIZE set: which blocks a rank predicts is a
