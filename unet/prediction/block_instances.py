@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from unet.distributed import DistInfo, barrier
+from unet.distributed import DistInfo, barrier, broadcast_object
 from unet.errors import UserError
 from unet.io.paths import parse_volume_path
 from unet.io.volume_writers import VolumeWriter, create_volume, open_partial_volume, partial_path
@@ -332,10 +333,11 @@ class InstancePasses:
         return self.stats
 
     def _mine(self, stage: str) -> Iterator[Block]:
-        """This rank's blocks (``r, r + W, ...``) not recorded in ``stage``, one at a time."""
-        done = self.records.done(stage)
-        world, rank = self.dist.world_size, self.dist.rank
-        return (b for b in self.grid if b.index % world == rank and b.index not in done)
+        """This rank's blocks (``r, r + W, ...`` of those not recorded in ``stage``), one at a time; rank 0's listing
+        of the records, so that every rank shares out the same remaining blocks."""
+        done = broadcast_object(self.records.done(stage) if self.dist.is_main else set())
+        remaining = (b for b in self.grid if b.index not in done)
+        return itertools.islice(remaining, self.dist.rank, None, self.dist.world_size)
 
     def _label_blocks(self) -> None:
         """Pass 2: each block's view through the watershed; its write box's labels stored, its overlaps recorded."""

@@ -13,6 +13,7 @@ When every block is in, the outputs are renamed to their final names and the rec
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from unet.distributed import DistInfo, all_reduce_sum, barrier
+from unet.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from unet.errors import UserError
 from unet.io.images import as_image, check_finite
 from unet.io.paths import parse_volume_path
@@ -175,9 +176,13 @@ def _start(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: BlockJo
     return writers, resuming
 
 
-def _found_done(records: BlockRecords, resuming: bool, grid: BlockGrid, stats: BlockStats, progress) -> set[int]:
-    """The blocks an interrupted run finished (none for a new run), counted and shown on the bar as whole slices."""
-    done = records.done() if resuming else set()
+def _found_done(records: BlockRecords, resuming: bool, grid: BlockGrid, stats: BlockStats, progress,
+                dist: DistInfo) -> set[int]:
+    """The blocks an interrupted run finished (none for a new run), counted and shown on the bar as whole slices.
+
+    Rank 0 lists the records and sends the set to every rank: the ranks share out the *remaining* blocks, so all
+    must see the same set (a rank listing later could see a block another rank has just finished)."""
+    done = broadcast_object(records.done() if resuming and dist.is_main else set())
     stats.skipped = len(done)
     if progress is not None:
         progress.update(sum(1 for z in range(grid.shape[0])
@@ -201,8 +206,8 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
                   dist: DistInfo | None = None, instances: BlockInstanceSettings | None = None) -> BlockStats:
     """Predict one chunked volume block by block into its chunked outputs; resumable (see the module docstring).
 
-    Under torchrun every rank calls this: rank ``r`` of ``W`` predicts blocks ``r, r + W, ...`` (those not
-    recorded as complete) and writes them into the shared ``.partial`` zarr outputs (chunk-aligned blocks never
+    Under torchrun every rank calls this: rank ``r`` of ``W`` predicts the blocks ``r, r + W, ...`` of those not
+    recorded as complete and writes them into the shared ``.partial`` zarr outputs (chunk-aligned blocks never
     share a chunk); only rank 0 creates the outputs and the manifest and, once every rank is done, commits.
     With ``job.instances`` the cell instances follow in passes of their own (:mod:`unet.prediction.block_instances`).
 
@@ -232,14 +237,16 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
     with contextlib.ExitStack() as opened:
         writers, resuming = _start(job, grid, chunks, settings, records, manifest, dist, opened,
                                    predictor.model.config.num_classes)
-        done = _found_done(records, resuming, grid, stats, progress)
+        done = _found_done(records, resuming, grid, stats, progress, dist)
         finish = _finisher(writers, records, settings, grid, stats, progress)
         if passes is not None:
             finish = passes.open(_float_cell_probabilities(writers, settings), resuming, opened, finish)
         vol = opened.enter_context(job.volume.open(str(job.stack.path)))
         batch = tile_batch_size(grid.plan, predictor.model, predictor.options)
         blend = predictor.options.blend if predictor.model.padding == "same" else None
-        mine = (b for b in grid if b.index % dist.world_size == dist.rank and b.index not in done)
+        # Round-robin over the blocks still to do, not over all blocks: after a kill the unrecorded blocks may all
+        # be a few ranks' share (those that died early), and a resume should spread them over every rank.
+        mine = itertools.islice((b for b in grid if b.index not in done), dist.rank, None, dist.world_size)
         with eval_mode(predictor.model), torch.inference_mode():
             predict_blocks(mine, grid, _reader(vol, job, predictor), lambda tiles: predictor.forward_batch(tiles, batch),
                            finish, batch, blend=blend, num_outputs=predictor.model.config.num_classes)
