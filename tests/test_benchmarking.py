@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unet.benchmarking import cpu_theoretical_peak
+from unet.benchmarking import _matmul_side, cpu_theoretical_peak
 from unet.device import DeviceSetup
 
 
@@ -29,3 +29,12 @@ def test_cpu_theoretical_peak_from_the_isa():
     assert avx2["fp32"] == pytest.approx(3e9 * 32) and avx2["bf16"] == avx2["fp32"]
     unknown = cpu_theoretical_peak(cores=1, info={"flags": "sse"})
     assert unknown["fp32"] is None and "unknown" in unknown["description"]
+
+
+def test_the_matmul_side_shrinks_only_when_one_matmul_would_not_fit_the_time():
+    cpu = torch.device("cpu")
+    # fp32 on any CPU: a 2048 matmul (17 GFLOP) takes well under 4 x 1 s, so the reading keeps its size
+    assert _matmul_side(cpu, torch.float32, 2048, 1.0, lambda: None) == 2048
+    # 0.1 ms for a 2048 matmul is beyond any CPU: the side falls to the 512 probe's
+    assert _matmul_side(cpu, torch.float32, 2048, 1e-4, lambda: None) == 512
+    assert _matmul_side(cpu, torch.float32, 256, 1e-4, lambda: None) == 256  # never above the side asked for

@@ -36,9 +36,33 @@ def model_flops(model: torch.nn.Module, input_shape: tuple[int, ...], backward: 
     return count_flops(step)
 
 
+def _matmul_side(device: torch.device, dtype: torch.dtype, size: int, seconds: float,
+                 synchronize: Callable[[], None]) -> int:
+    """``size``, or a smaller side when one ``size`` matmul would take far longer than ``seconds``.
+
+    A dtype the chip only emulates runs hundreds of times slower (bf16 on an AVX2-only AMD EPYC: 0.26 GFLOP/s,
+    so one 2048 matmul took 65 s and a 0.5 s reading 210 s). A 512 matmul's rate says so in a fraction of a
+    second; only then (a 2048 matmul projected at over 4x ``seconds``, which a native dtype never comes near)
+    is the side cut to what a quarter of ``seconds`` allows, so native readings keep their size.
+    """
+    probe = min(size, 512)
+    a = torch.randn(probe, probe, device=device, dtype=dtype)
+    a @ a  # first call: kernel selection, not throughput
+    synchronize()
+    t0 = time.perf_counter()
+    a @ a
+    synchronize()
+    rate = 2 * probe ** 3 / max(time.perf_counter() - t0, 1e-9)
+    if 2 * size ** 3 / rate <= 4 * seconds:
+        return size
+    return max(probe, int((rate * seconds / 8) ** (1 / 3)))
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
                         seconds: float = 1.0, synchronize: Callable[[], None] = lambda: None) -> float:
-    """Dense matmul FLOP/s reached on ``device`` (the practical peak MFU is measured against on a CPU)."""
+    """Dense matmul FLOP/s reached on ``device`` (the practical peak MFU is measured against on a CPU), on a side
+    of ``size`` or less where one such matmul would not fit in ``seconds`` (:func:`_matmul_side`)."""
+    size = _matmul_side(device, dtype, size, seconds, synchronize)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
