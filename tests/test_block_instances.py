@@ -21,6 +21,7 @@ from unet.prediction.block_records import BlockRecords
 from unet.prediction.blocks import block_grid
 from unet.prediction.instances import InstanceOptions, instance_stack
 from unet.prediction.tiling import TilingOptions
+from infer_runs import write_em_volume
 from tiny_models import balanced_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared cores (conftest)
@@ -191,10 +192,7 @@ def test_stitch_options_are_checked():
 def data(tmp_path_factory) -> dict:
     """A synthetic stack as OME-Zarr and a 'same' checkpoint."""
     root = tmp_path_factory.mktemp("block_instances")
-    images, _ = make_synthetic_em(*SHAPE, seed=5)
-    w = create_volume(str(root / "em.ome.zarr"), images.shape, np.uint8, (1, 16, 16))
-    w.write((0, 0, 0), images)
-    w.commit()
+    write_em_volume(root / "em.ome.zarr", SHAPE)
     save_checkpoint(root / "same.pt", balanced_unet("same"))
     return {"root": root, "ckpt": root / "same.pt"}
 

@@ -1,5 +1,4 @@
 """datasets/isbi2012.py without the network: local file:// mirrors and a failing opener."""
-import importlib.util
 import subprocess
 import sys
 import urllib.error
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from script_modules import load_script
 from unet.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +17,7 @@ SCRIPT = REPO / "datasets" / "isbi2012.py"
 
 @pytest.fixture(scope="module")
 def isbi_script():
-    spec = importlib.util.spec_from_file_location("isbi2012_download", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "isbi2012_download")
 
 
 def _mirror(folder: Path, shape=(30, 512, 512)) -> str:

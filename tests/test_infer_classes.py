@@ -12,7 +12,6 @@ from PIL import Image
 
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
-from unet.data.synthetic import make_synthetic_em
 from unet.device import setup_device
 from unet.io.images import scale_by_dtype
 from unet.io.volume_writers import create_volume, open_partial_volume
@@ -22,7 +21,7 @@ from unet.prediction.ensemble import load_ensemble
 from unet.prediction.overlay import CLASS_RGB, class_colours, overlay
 from unet.prediction.predictor import predict_probabilities
 from unet.prediction.tiling import TilingOptions
-from infer_runs import read_volume as _read, run_infer as _run
+from infer_runs import read_volume as _read, run_infer as _run, write_em_volume
 from tiny_models import balanced_unet
 
 K = 3
@@ -51,11 +50,8 @@ def _probabilities(ckpts: list[Path], images: np.ndarray) -> np.ndarray:
 def data(tmp_path_factory) -> dict:
     """A synthetic stack as TIFF and OME-Zarr, two K-class checkpoints, the first one's reference probabilities."""
     root = tmp_path_factory.mktemp("classes")
-    images, _ = make_synthetic_em(*SHAPE, seed=5)
+    images = write_em_volume(root / "em.ome.zarr", SHAPE)
     tifffile.imwrite(root / "stack.tif", images, photometric="minisblack")
-    w = create_volume(str(root / "em.ome.zarr"), images.shape, np.uint8, (1, 16, 16))
-    w.write((0, 0, 0), images)
-    w.commit()
     ckpts = [root / "k3.pt", root / "k3_seed1.pt"]
     for seed, path in enumerate(ckpts):
         save_checkpoint(path, _k_class_unet(seed))

@@ -15,9 +15,7 @@ import zarr
 
 from unet.checkpoint import save_checkpoint
 from unet.cli.commands import infer
-from unet.data.synthetic import make_synthetic_em
-from unet.io.volume_writers import create_volume
-from infer_runs import read_volume, run_infer
+from infer_runs import read_volume, run_infer, write_em_volume
 from tiny_models import balanced_unet
 
 SHAPE = (3, 40, 56)
@@ -32,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions; shared 
 def data(tmp_path_factory) -> dict:
     """An OME-Zarr input, a 'same' checkpoint and the outputs of an uninterrupted block-wise run."""
     root = tmp_path_factory.mktemp("disk_full")
-    images, _ = make_synthetic_em(*SHAPE, seed=5)
-    w = create_volume(str(root / "em.ome.zarr"), images.shape, np.uint8, (1, 16, 16))
-    w.write((0, 0, 0), images)
-    w.commit()
+    write_em_volume(root / "em.ome.zarr", SHAPE)
     save_checkpoint(root / "same.pt", balanced_unet("same"))
     run_infer(root / "same.pt", *_args(root, root / "ref"))
     return {"root": root, "masks": read_volume(root / "ref/m.zarr"), "probs": read_volume(root / "ref/p.zarr")}

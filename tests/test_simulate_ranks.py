@@ -1,6 +1,5 @@
 """scripts/simulate_ranks.py (issue 20): many gloo ranks of the block-wise path, some SIGKILLed mid-run, then
 --resume; and its checks, fed hand-made logs, find each violation they are there for."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from script_modules import load_script
 from unet.device import setup_device
 from unet.model import UNet
 from unet.prediction.predictor import tile_predictor
@@ -23,12 +23,8 @@ SCRIPT = REPO / "scripts" / "simulate_ranks.py"
 @pytest.fixture(scope="module")
 def sim():
     """The script as a module (its checks and stand-in; the processes are only started by running it)."""
-    spec = importlib.util.spec_from_file_location("simulate_ranks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield load_script(SCRIPT, "simulate_ranks")
+    del sys.modules["simulate_ranks"]
 
 
 @pytest.mark.slow  # 16 + 6 processes, forked from one that imported torch
