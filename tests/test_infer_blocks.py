@@ -269,6 +269,56 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert not (tmp_path / "m.h5").exists()
 
 
+@pytest.mark.slow  # torchrun processes
+def test_a_rank_killed_under_torchrun_stops_the_run_and_resume_finishes_it(tmp_path):
+    """Issue 20's fault list: a rank that dies under torchrun. The agent stops the other rank, torchrun exits
+    non-zero, the blocks recorded stay whole, and the same command with --resume (here on one process) predicts
+    only the rest and ends equal to an uninterrupted one-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_training_distributed import _worker_pid
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "em.ome.zarr"
+    from infer_runs import write_em_volume
+    write_em_volume(src, (6, 160, 160))
+    ckpt = tmp_path / "same.pt"
+    save_checkpoint(ckpt, balanced_unet("same"))
+    total = 6 * 10 * 10  # blocks of 16 x 16
+    args = ["--input", str(src), "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
+    _run(ckpt, *args, "--output", tmp_path / "ref.zarr")  # the uninterrupted one-process run
+    common = ["--ckpt", str(ckpt), *args, "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "m.zarr"
+    done_dir = tmp_path / "m.zarr.unet_blocks" / "done"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--max-restarts=0", str(repo / "infer.py"), *common, "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    victim = _worker_pid(proc.pid, rank="1")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(os.listdir(done_dir)) >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before a rank could be killed: make the volume larger"
+    os.kill(victim, signal.SIGKILL)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, log[-2000:]
+    recorded = len(os.listdir(done_dir))
+    assert 10 <= recorded < total, log[-2000:]  # the other rank stopped before finishing the volume
+    assert not out.exists() and (tmp_path / "m.zarr.partial").is_dir()  # nothing committed half-way
+    resumed = subprocess.run([sys.executable, str(repo / "infer.py"), *common, "--output", str(out), "--resume"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"blocks: {total - recorded} of {total} predicted" in resumed.stdout
+    np.testing.assert_array_equal(_read(out), _read(tmp_path / "ref.zarr"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["em.ome.zarr", "m.zarr", "ref.zarr", "same.pt"]
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 def test_traced_memory_depends_on_the_block_not_the_slice(tmp_path):
