@@ -15,8 +15,9 @@ writer): the HDF5 writer holds an exclusive lock (``<container>.partial.lock``, 
 when the process ends, even by SIGKILL) and a second writer, in this process or another, is refused.
 
 Formats follow the path (:mod:`unet.io.paths`): ``.zarr`` -> OME-Zarr image (v0.4 in a zarr v2 store by
-default, the version most viewers read; ``zarr_format=3`` writes v0.5), level 0 only, Blosc-zstd compressed,
-at the key (the store's root when none); ``.h5`` -> an HDF5 dataset at the key (``data`` when none), gzip.
+default, the version most viewers read; ``zarr_format=3`` writes v0.5), level 0 only, Blosc-zstd compressed
+(level 1: fast), at the key (the store's root when none); ``.h5`` -> an HDF5 dataset at the key (``data`` when
+none), gzip level 1 (4096^2 masks: 87 ms against level 4's 122 ms, 1.85 against 1.32 MiB).
 Axis order in memory is ``zyx`` or ``zcyx``; both formats store ``zcyx`` as ``czyx`` (OME-NGFF puts channels
 before space; HDF5 follows, so that a channel's volume is one contiguous block as in the zarr), and HDF5
 datasets get dimension labels, so :func:`unet.io.volumes.open_volume` reads both back in the writer's order.
@@ -180,11 +181,14 @@ def _create_zarr(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str, zar
     perm = [axes.index(a) for a in stored]
     root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
     group = root.require_group(vp.key) if vp.key else root
+    # zstd level 1, not 5: on EM slices and uint8 masks it writes 2.5-3.6x faster for 0-33 % more bytes (measured
+    # on 4096^2 blocks: a mask 56 ms / 1.6 MiB against 204 ms / 1.2 MiB; raw EM 14.4 against 14.3 MiB), and at
+    # level 5 writing the masks alone took a tenth of block-wise prediction's time on a 2-core CPU.
     if zarr_format == 2:
-        codec = {"compressors": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+        codec = {"compressors": numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE),
                  "chunk_key_encoding": {"name": "v2", "separator": "/"}}  # "/" as OME-NGFF 0.4 asks
     else:
-        codec = {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+        codec = {"compressors": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
                  "dimension_names": list(stored)}
     arr = group.create_array(OME_LEVEL0, shape=tuple(shape[k] for k in perm), chunks=tuple(chunks[k] for k in perm),
                              dtype=dtype, fill_value=0, **codec)
@@ -241,7 +245,7 @@ def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> 
     try:
         f = h5py.File(tmp, "w")
         ds = f.create_dataset(vp.key or DEFAULT_HDF5_KEY, shape=tuple(shape[k] for k in perm), dtype=dtype,
-                              chunks=tuple(chunks[k] for k in perm), compression="gzip", compression_opts=4,
+                              chunks=tuple(chunks[k] for k in perm), compression="gzip", compression_opts=1,
                               shuffle=True, fillvalue=0)
         for k, a in enumerate(stored):
             ds.dims[k].label = a
