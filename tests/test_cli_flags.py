@@ -22,6 +22,8 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
                "--no-tensorboard",
                # Issue 22 item 1: the training layout, measured on the CPU by default (unet.training.layout).
                "--memory-format", "--memory_format",
+               # Issue 22 item 1: glibc keeps freed host memory for the next step on the CPU (unet.host_memory).
+               "--host-allocator", "--host_allocator",
                # Issue 21 item 1: the OME-Zarr level, channel and time point of chunked training volumes
                # (VolumeOptions, as infer.py's).
                "--scale", "--channel", "--time"}, set()),

@@ -18,6 +18,7 @@ from unet.io.volumes import VolumeOptions
 from unet.model import PADDINGS
 from unet.options import field_default, identity_fields, option, option_fields, positive_int
 from unet.prediction.tiling import TilingOptions
+from unet.host_memory import HOST_ALLOCATORS
 from unet.training.layout import LAYOUT_CHOICES
 from unet.training.lr_schedule import LR_SCHEDULES
 from unet.training.tensorboard import tensorboard_installed
@@ -39,7 +40,7 @@ CHECKPOINT_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "worke
                    "tta", "world_size", "loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level",
                    "train_images", "train_labels", "val_images", "val_labels", "val_slices", "label_kind",
                    "num_classes", "ignore_label", "init_from", "freeze_encoder_steps", "tensorboard",
-                   "memory_format", "scale", "channel", "time")
+                   "memory_format", "scale", "channel", "time", "host_allocator")
 # Adam's rate without --learning-rate: UNet_Medical's 1e-4 from scratch; a tenth of it when fine-tuning
 # (--init-from), so that a handful of slices adjusts the trained weights instead of overwriting them.
 DEFAULT_LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-4, 1e-5
@@ -117,6 +118,10 @@ class RunConfig:
                                         "on the NPU, and on the CPU whichever of the two one training step measures "
                                         "faster at the start (printed; a resumed run keeps its layout)",
                                 flags=_alias("--memory-format"), choices=LAYOUT_CHOICES, group="optimisation")
+    host_allocator: str = option("auto", "auto: on the CPU (Linux, glibc) freed memory stays in the heap for the next "
+                                         "step instead of one mmap per large tensor (fp32 training +9-25 % on a "
+                                         "2-core Xeon, docs/benchmarks.md; printed); system: the C library's defaults",
+                                 flags=_alias("--host-allocator"), choices=HOST_ALLOCATORS, group="optimisation")
     model_dir: str = option("results", "checkpoints, logs and curves go here", flags=_alias("--model-dir"),
                             group="run")
     evaluate_every: int = option(0, "validate every N steps (0: only at the end)", flags=_alias("--evaluate-every"),

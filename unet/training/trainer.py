@@ -20,6 +20,7 @@ from unet.data.augment import AugmentConfig
 from unet.data.own_data import load_split
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
+from unet.host_memory import keep_freed_memory
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, broadcast_object, env_info, process_group,
                               rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
@@ -197,6 +198,9 @@ class Trainer:
         self.saver: BackgroundCheckpointer | None = None  # rank 0's checkpoint writer, while training
         self.train_weights: list | None = None  # --loss weighted_ce: one weight map per training slice
         self.first_step_s: float | None = None
+        # Before the model and the data allocate anything large (unet.host_memory says why).
+        self.allocator_line = (keep_freed_memory() if dev.type == "cpu" and config.host_allocator == "auto"
+                               else None)
 
     def fit(self) -> dict:
         """restore -> loop of train steps -> validate -> save; returns the summary (or the benchmark result)."""
@@ -386,6 +390,8 @@ class Trainer:
         """The run's opening lines (rank 0 prints)."""
         for line in narration.opening_lines(self):
             self.say(line)
+        if self.allocator_line:
+            self.say(self.allocator_line)
         if resumed:
             self.say(narration.resuming_line(self.model_dir, self.step))
 
