@@ -134,13 +134,14 @@ def throughput_part(work: Path, ckpt: Path, args) -> list[dict]:
         r = run_infer(infer_command(ckpt, str(work / src), str(work / dst), args, "--overwrite"))
         after, _ = forward_only_seconds(args)
         fwd_s = (before + after) / 2
-        r.update(part="throughput", format=fmt, gpx=gpx, forward_only_s=fwd_s, forward_only_before_after_s=[before, after],
-                 forwards=forwards,
-                 ratio=fwd_s / r["stream_s"], mpx_per_s=gpx * 1e3 / r["stream_s"])
+        r.update(part="throughput", format=fmt, gpx=gpx, forward_only_s=fwd_s, forwards=forwards,
+                 forward_only_before_after_s=[before, after], ratio=fwd_s / r["stream_s"],
+                 mpx_per_s=gpx * 1e3 / r["stream_s"])
         rows.append(r)
         print(f"  {fmt:8} {args.slices} x {args.size}^2 ({gpx:.2f} Gpx): infer.py {r['stream_s']:7.1f} s "
               f"({r['mpx_per_s']:.2f} Mpx/s, {r['blocks']} blocks)  forward-only {fwd_s:7.1f} s ({forwards} "
-              f"forwards; {before:.1f} s before, {after:.1f} s after)  ratio {r['ratio']:.3f}  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+              f"forwards; {before:.1f} s before, {after:.1f} s after)  ratio {r['ratio']:.3f}  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     return rows
 
 
@@ -200,16 +201,18 @@ def kill_part(work: Path, ckpt: Path, args, uninterrupted_s: float | None) -> di
     in_flight_s = killed_at - max(p.stat().st_mtime for p in records)
     r = run_infer(infer_command(ckpt, str(work / "vol.ome.zarr"), str(dst), args, "--resume"))
     lost = killed_after + r["wall_s"] - uninterrupted_s if uninterrupted_s else None
-    row = {"part": "kill", "blocks": total, "recorded_at_kill": len(records), "resume_predicted": r["blocks_predicted"],
-           "killed_after_s": killed_after, "in_flight_s": in_flight_s, "resume_wall_s": r["wall_s"], "lost_s": lost,
+    row = {"part": "kill", "blocks": total, "recorded_at_kill": len(records),
+           "resume_predicted": r["blocks_predicted"], "killed_after_s": killed_after, "in_flight_s": in_flight_s,
+           "resume_wall_s": r["wall_s"], "lost_s": lost,
            "in_flight_blocks": in_flight_s / per_block if per_block else None,
            "lost_blocks": lost / per_block if lost is not None else None}
     print(f"  SIGKILL after {killed_after:.1f} s with {len(records)} of {total} blocks recorded, {in_flight_s:.1f} s "
-          f"after the newest record" + (f" (= {row['in_flight_blocks']:.2f} block-times of work lost)" if per_block else "")
+          f"after the newest record"
+          + (f" (= {row['in_flight_blocks']:.2f} block-times of work lost)" if per_block else "")
           + f"; --resume predicted {r['blocks_predicted']} (= {total} - {len(records)}: "
           f"{r['blocks_predicted'] == total - len(records)})"
-          + (f"; kill + resume wall against the uninterrupted run (start-up included, host noise too): {lost:+.1f} s = "
-             f"{row['lost_blocks']:+.2f} block-times" if lost is not None else ""), flush=True)
+          + (f"; kill + resume wall against the uninterrupted run (start-up included, host noise too): "
+             f"{lost:+.1f} s = {row['lost_blocks']:+.2f} block-times" if lost is not None else ""), flush=True)
     return row
 
 

@@ -3,10 +3,11 @@
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns
 it to the kernel on ``free``. A UNet training step on the CPU allocates and frees its large activations and
 gradients every step (the reference model at batch 2: tensors of 84 MB), so each step page-faults gigabytes in
-again and the kernel zeroes them: on a 2-core Xeon, ``train.py --benchmark`` (fp32, reference model, batch 2) spent
-11-28 s of 63-77 s in the kernel with 6.6-6.7 M page faults, against 2-5 s and 1.3 M with mmap off (0.207, 0.223
-and 0.250 img/s against 0.258 and 0.272 in four runs: +9-25 %; docs/benchmarks.md). With mmap off and trimming above 2 GiB only, freed blocks stay in the heap and the next
-step reuses them; the cost is that the process keeps its peak footprint (here 3.7 GB of RSS instead of 3.2).
+again and the kernel zeroes them. On a 2-core Xeon, ``train.py --benchmark`` (fp32, reference model, batch 2)
+spent 11-28 s of 63-77 s in the kernel with 6.6-6.7 M page faults, against 2-5 s and 1.3 M with mmap off
+(0.207, 0.223 and 0.250 img/s against 0.258 and 0.272: +9-25 %; docs/benchmarks.md). With mmap off and
+trimming above 2 GiB only, freed blocks stay in the heap and the next step reuses them; the cost is that the
+process keeps its peak footprint (there 3.6-3.7 GB of RSS instead of 3.2).
 
 torch's own CPU allocator has no cache, and a preloaded jemalloc or tcmalloc (Intel's advice for CPU training)
 is no pip dependency; ``mallopt`` is glibc's documented way to do this from inside the process.
