@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -97,11 +98,12 @@ def run_infer(args: list[str], nproc: int = 0, env: dict | None = None) -> dict:
     return {"wall_s": wall, **parse_run(done.stdout + done.stderr)}
 
 
-def forward_only_seconds(args, min_seconds: float = 20.0) -> tuple[float, int]:
-    """Seconds for the forwards the block-wise run makes on the ``slices x size^2`` volume, and their number.
+def forward_only_timer(args, min_seconds: float = 20.0) -> tuple[Callable[[], float], int]:
+    """A timer of the forwards the block-wise run makes on the ``slices x size^2`` volume, and their number.
 
-    The rate is timed over at least ``min_seconds`` of forwards: a few forwards on a shared (virtual) host
-    vary by more than the 10 % the ratio is judged by."""
+    The model and tiles are built once; each call of the timer times at least ``min_seconds`` of forwards and
+    returns the seconds all the forwards would take: a few forwards on a shared (virtual) host vary by more than
+    the 10 % the ratio is judged by."""
     slices, size, tile = args.slices, args.size, args.tile
     torch.manual_seed(0)
     model = UNet(**MODEL).eval()
@@ -109,30 +111,35 @@ def forward_only_seconds(args, min_seconds: float = 20.0) -> tuple[float, int]:
     model = dev.prepare_model(model)
     options = TilingOptions(tile_size=tile[0], tile_batch=tile[1])
     hw = (size, size)
-    grid = block_grid((slices, *hw), block_shape_for((args.chunks, args.chunks), (args.block, args.block), hw), model, options)
-    tiles = sum(b.num_tiles for b in grid)
-    forwards = -(-tiles // tile[1])  # blocks share batches, so only the last forward is short
+    grid = block_grid((slices, *hw), block_shape_for((args.chunks, args.chunks), (args.block, args.block), hw),
+                      model, options)
+    forwards = -(-sum(b.num_tiles for b in grid) // tile[1])  # blocks share batches: only the last one is short
     predictor = tile_predictor(model, dev)
     batch = torch.rand(tile[1], 1, tile[0], tile[0], device=dev.device)
-    with torch.inference_mode():
-        predictor(batch)  # warm-up: oneDNN picks its kernels
-        done, t0 = 0, time.perf_counter()
-        while done < forwards and time.perf_counter() - t0 < min_seconds:
-            predictor(batch)
-            done += 1
-        dev.synchronize()
-    return forwards * (time.perf_counter() - t0) / done, forwards
+
+    def seconds() -> float:
+        with torch.inference_mode():
+            predictor(batch)  # warm-up: oneDNN picks its kernels
+            done, t0 = 0, time.perf_counter()
+            while done < forwards and time.perf_counter() - t0 < min_seconds:
+                predictor(batch)
+                done += 1
+            dev.synchronize()
+        return forwards * (time.perf_counter() - t0) / done
+
+    return seconds, forwards
 
 
 def throughput_part(work: Path, ckpt: Path, args) -> list[dict]:
     rows = []
     gpx = args.slices * args.size ** 2 / 1e9
+    forward_only_s, forwards = forward_only_timer(args)
     for fmt, src, dst in (("OME-Zarr", "vol.ome.zarr", "pred.ome.zarr"), ("HDF5", "vol.h5/raw", "pred.h5/masks")):
         # The yardstick is timed right before and right after the run, and averaged, so that a drift of the
         # host's speed during the run hits both sides alike.
-        before, forwards = forward_only_seconds(args)
+        before = forward_only_s()
         r = run_infer(infer_command(ckpt, str(work / src), str(work / dst), args, "--overwrite"))
-        after, _ = forward_only_seconds(args)
+        after = forward_only_s()
         fwd_s = (before + after) / 2
         r.update(part="throughput", format=fmt, gpx=gpx, forward_only_s=fwd_s, forwards=forwards,
                  forward_only_before_after_s=[before, after], ratio=fwd_s / r["stream_s"],

@@ -1,6 +1,11 @@
 """infer.py block by block on chunked volumes: the outputs of whole-slice prediction, reads bounded by the block,
 and --resume after a crash (only unrecorded blocks redone; another checkpoint, tiling or input refused)."""
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +18,11 @@ from unet.data.synthetic import make_synthetic_em
 from unet.io import volume_writers
 from unet.io.volume_writers import create_volume
 from unet.io.volumes import open_volume
-from infer_runs import read_volume as _read, run_infer as _run
+from infer_runs import read_volume as _read, run_infer as _run, write_em_volume
 from tiny_models import balanced_unet
+from torchrun_workers import worker_pid
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPE = (3, 40, 56)
 BLOCKS = ["--chunks", "16", "--block-size", "16"]  # 3 x 4 blocks per slice, 36 in all
@@ -243,18 +251,19 @@ def test_several_processes_refuse_hdf5_and_slice_runs(data, tmp_path, outputs, m
     assert list(tmp_path.iterdir()) == []
 
 
+def _subprocess_env() -> dict:
+    """The environment of infer.py run in its own process (under torchrun or not): this checkout, one thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow  # two torchrun processes
 def test_torchrun_two_processes_equal_one(data, tmp_path):
-    import os
-    import subprocess
-    import sys
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = _subprocess_env()
     common = ["--ckpt", str(data["ckpts"]["same"]), "--input", str(data["root"] / "em.ome.zarr"), "--device", "cpu",
               "--precision", "fp32", "--no-progress", "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(repo / "infer.py"), *common, "--output", str(tmp_path / "m.zarr"), "--probabilities",
+                          str(REPO / "infer.py"), *common, "--output", str(tmp_path / "m.zarr"), "--probabilities",
                           str(tmp_path / "p.zarr")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted") == 1  # summed; only rank 0 prints
@@ -263,7 +272,7 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     np.testing.assert_array_equal(_read(tmp_path / "p.zarr"), probs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "p.zarr"]
     h5 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         str(repo / "infer.py"), *common, "--output", str(tmp_path / "m.h5")],
+                         str(REPO / "infer.py"), *common, "--output", str(tmp_path / "m.h5")],
                         capture_output=True, text=True, env=env, timeout=300)
     assert h5.returncode != 0 and "m.h5: HDF5 cannot be written by several processes at once" in h5.stderr
     assert not (tmp_path / "m.h5").exists()
@@ -274,16 +283,7 @@ def test_a_rank_killed_under_torchrun_stops_the_run_and_resume_finishes_it(tmp_p
     """Issue 20's fault list: a rank that dies under torchrun. The agent stops the other rank, torchrun exits
     non-zero, the blocks recorded stay whole, and the same command with --resume (here on one process) predicts
     only the rest and ends equal to an uninterrupted one-process run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from test_training_distributed import _worker_pid
-
-    repo = Path(__file__).resolve().parents[1]
     src = tmp_path / "em.ome.zarr"
-    from infer_runs import write_em_volume
     write_em_volume(src, (6, 160, 160))
     ckpt = tmp_path / "same.pt"
     save_checkpoint(ckpt, balanced_unet("same"))
@@ -291,14 +291,13 @@ def test_a_rank_killed_under_torchrun_stops_the_run_and_resume_finishes_it(tmp_p
     args = ["--input", str(src), "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
     _run(ckpt, *args, "--output", tmp_path / "ref.zarr")  # the uninterrupted one-process run
     common = ["--ckpt", str(ckpt), *args, "--device", "cpu", "--precision", "fp32", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = _subprocess_env()
     out = tmp_path / "m.zarr"
     done_dir = tmp_path / "m.zarr.unet_blocks" / "done"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=0", str(repo / "infer.py"), *common, "--output", str(out)],
+                             "--max-restarts=0", str(REPO / "infer.py"), *common, "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    victim = _worker_pid(proc.pid, rank="1")
+    victim = worker_pid(proc.pid, rank="1")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if done_dir.is_dir() and len(os.listdir(done_dir)) >= 10:
@@ -311,7 +310,7 @@ def test_a_rank_killed_under_torchrun_stops_the_run_and_resume_finishes_it(tmp_p
     recorded = len(os.listdir(done_dir))
     assert 10 <= recorded < total, log[-2000:]  # the other rank stopped before finishing the volume
     assert not out.exists() and (tmp_path / "m.zarr.partial").is_dir()  # nothing committed half-way
-    resumed = subprocess.run([sys.executable, str(repo / "infer.py"), *common, "--output", str(out), "--resume"],
+    resumed = subprocess.run([sys.executable, str(REPO / "infer.py"), *common, "--output", str(out), "--resume"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"blocks: {total - recorded} of {total} predicted" in resumed.stdout

@@ -71,7 +71,8 @@ PRE_RUNCONFIG_ARGS = ("data_dir", "fold", "folds", "fold_scheme", "augment", "wo
 # Flags added since, stored after world_size (checkpoints without them resume with their defaults).
 NEW_ARGS = ("loss", "compile_mode", "lr_schedule", "lr_warmup_steps", "augment_level", "train_images",
             "train_labels", "val_images", "val_labels", "val_slices", "label_kind", "num_classes", "ignore_label",
-            "init_from", "freeze_encoder_steps", "tensorboard", "memory_format", "scale", "channel", "time", "host_allocator")
+            "init_from", "freeze_encoder_steps", "tensorboard", "memory_format", "scale", "channel", "time",
+            "host_allocator")
 
 
 def test_run_config_holds_every_flag_and_is_frozen():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from unet.checkpoint import load_checkpoint
+from torchrun_workers import worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--base-filters", "4", "--depth", "3", "--padding", "same", "--input-size", "64", "--batch-size", "2",
@@ -135,7 +136,7 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path):
         if (model_dir / "last.pt").exists() and load_checkpoint(model_dir / "last.pt")["step"] >= 10:
             break
         time.sleep(0.2)
-    victim = _worker_pid(proc.pid, rank="1")
+    victim = worker_pid(proc.pid, rank="1")
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -153,20 +154,3 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns
-
-
-def _worker_pid(agent_pid: int, rank: str) -> int:
-    """PID of the torchrun worker with RANK=rank, found through /proc (Linux)."""
-    for _ in range(100):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-                stat = (entry / "stat").read_text().split()
-            except OSError:
-                continue
-            if int(stat[3]) == agent_pid and f"RANK={rank}".encode() in env:
-                return int(entry.name)
-        time.sleep(0.1)
-    raise AssertionError("no worker process found")

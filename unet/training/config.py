@@ -14,11 +14,11 @@ from unet.data.datasets import DataOptions
 from unet.data.labels import LabelOptions
 from unet.device import DeviceOptions
 from unet.errors import UserError
+from unet.host_memory import HOST_ALLOCATORS
 from unet.io.volumes import VolumeOptions
 from unet.model import PADDINGS
 from unet.options import field_default, identity_fields, option, option_fields, positive_int
 from unet.prediction.tiling import TilingOptions
-from unet.host_memory import HOST_ALLOCATORS
 from unet.training.layout import LAYOUT_CHOICES
 from unet.training.lr_schedule import LR_SCHEDULES
 from unet.training.tensorboard import tensorboard_installed

@@ -20,11 +20,11 @@ from unet.data.augment import AugmentConfig
 from unet.data.own_data import load_split
 from unet.data.sampling import TrainTiles, build_train_loader, default_workers
 from unet.device import DeviceSetup, Prefetcher, setup_device
-from unet.host_memory import keep_freed_memory
 from unet.distributed import (DistInfo, all_reduce_min, all_reduce_sum, broadcast_object, env_info, process_group,
                               rank0_printer, same_on_all_ranks)
 from unet.errors import UserError
 from unet.evaluation.slices import evaluate_slices
+from unet.host_memory import keep_freed_memory
 from unet.losses import ce_dice_loss, weighted_cross_entropy
 from unet.model import ModelConfig, UNet
 from unet.prediction.tiling import check_tile_budget
