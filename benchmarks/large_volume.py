@@ -1,16 +1,17 @@
 """Block-wise inference of large chunked volumes: throughput, memory, processes and a kill, each row a real run.
 
     python benchmarks/large_volume.py --work /tmp/lv [--slices 16 --size 8192] [--big 16384]
-        [--parts throughput,memory,ranks,kill] [--json OUT] [--quick]
+        [--parts throughput,memory,ranks,kill] [--model small|reference] [--block-io auto[,inline]]
+        [--yardstick-s 20] [--json OUT] [--quick]
 
 The volume is synthetic EM (:func:`unet.data.synthetic.make_synthetic_em`: cells, membranes, organelles, one
 2048x2048 slice tiled with flips so that large slices cost seconds to make), written chunk by chunk as OME-Zarr
 and as HDF5 by the project's own writer. The model is the issue's small one (base 8, 'same', random weights,
-seed 0); tiles are pinned (``--tile-size``/``--tile-batch``) so that every row and the yardstick run the same
-tiles.
+seed 0), or with ``--model reference`` NVIDIA's (a GPU's realistic load); tiles are pinned
+(``--tile-size``/``--tile-batch``) so that every row and the yardstick run the same tiles.
 
-throughput: ``infer.py`` on the --slices x --size^2 volume (OME-Zarr in and out, then HDF5 in and out), against
-    forward-only: the same number of forwards of the same tile batch through infer.py's own tile predictor
+throughput: ``infer.py`` on the --slices x --size^2 volume (OME-Zarr in and out with each ``--block-io``, then
+    HDF5 in and out), against forward-only: the same number of forwards of the same tile batch through infer.py's own tile predictor
     (layout, autocast, softmax), on random tiles in memory. ratio = forward-only seconds / infer.py's seconds.
 memory: one --size^2 slice and one --big^2 slice (4x the pixels at the defaults): peak RSS of each run.
 ranks: ``torchrun --nproc_per_node 1`` and ``2`` on the OME-Zarr volume (each rank gets cores / ranks threads).
@@ -42,13 +43,15 @@ from infer_defaults import WRAPPER, checkpoint  # noqa: E402
 from unet.data.synthetic import make_synthetic_em  # noqa: E402
 from unet.device import DeviceOptions, PrecisionOptions, prediction_device, usable_cpus  # noqa: E402
 from unet.io.volume_writers import create_volume  # noqa: E402
+from unet.io.volumes import open_volume  # noqa: E402
 from unet.model import UNet  # noqa: E402
 from unet.prediction.block_records import records_path  # noqa: E402
 from unet.prediction.blocks import block_grid, block_shape_for  # noqa: E402
 from unet.prediction.predictor import tile_predictor  # noqa: E402
 from unet.prediction.tiling import TilingOptions  # noqa: E402
 
-MODEL = {"base_filters": 8, "padding": "same"}
+# small: the issue's model (base 8, 'same'); reference: NVIDIA's (base 64, 'valid'), a GPU's realistic load.
+MODELS = {"small": {"base_filters": 8, "padding": "same"}, "reference": {}}
 BASE_TILE = 2048  # the synthetic slice every large slice is tiled from
 
 
@@ -65,10 +68,19 @@ def make_volume(spec: str, slices: int, size: int, chunks: int) -> None:
         out.commit()
 
 
-def infer_command(ckpt: Path, src: str, dst: str, args, *extra: str) -> list[str]:
+def same_volume(path: Path, shape: tuple[int, int, int]) -> bool:
+    """Whether ``path`` holds a committed volume of ``shape`` (an earlier run's, for --reuse-volumes)."""
+    try:
+        with open_volume(str(path)) as vol:
+            return tuple(vol.shape) == shape
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: made again
+        return False
+
+
+def infer_command(ckpt: Path, src: str, dst: str, args, *extra: str, block_io: str = "auto") -> list[str]:
     return ["--ckpt", str(ckpt), "--input", src, "--output", dst, "--tile-size", str(args.tile[0]),
             "--tile-batch", str(args.tile[1]), "--block-size", str(args.block), "--chunks", str(args.chunks),
-            "--no-progress", *extra]
+            "--block-io", block_io, "--no-progress", *extra]
 
 
 def parse_run(out: str) -> dict:
@@ -98,15 +110,15 @@ def run_infer(args: list[str], nproc: int = 0, env: dict | None = None) -> dict:
     return {"wall_s": wall, **parse_run(done.stdout + done.stderr)}
 
 
-def forward_only_timer(args, min_seconds: float = 20.0) -> tuple[Callable[[], float], int]:
+def forward_only_timer(args) -> tuple[Callable[[], float], int]:
     """A timer of the forwards the block-wise run makes on the ``slices x size^2`` volume, and their number.
 
-    The model and tiles are built once; each call of the timer times at least ``min_seconds`` of forwards and
+    The model and tiles are built once; each call of the timer times at least ``--yardstick-s`` of forwards and
     returns the seconds all the forwards would take: a few forwards on a shared (virtual) host vary by more than
     the 10 % the ratio is judged by."""
     slices, size, tile = args.slices, args.size, args.tile
     torch.manual_seed(0)
-    model = UNet(**MODEL).eval()
+    model = UNet(**MODELS[args.model]).eval()
     dev = prediction_device(DeviceOptions(), PrecisionOptions().precision)  # infer.py's default device and precision
     model = dev.prepare_model(model)
     options = TilingOptions(tile_size=tile[0], tile_batch=tile[1])
@@ -121,7 +133,7 @@ def forward_only_timer(args, min_seconds: float = 20.0) -> tuple[Callable[[], fl
         with torch.inference_mode():
             predictor(batch)  # warm-up: oneDNN picks its kernels
             done, t0 = 0, time.perf_counter()
-            while done < forwards and time.perf_counter() - t0 < min_seconds:
+            while done < forwards and time.perf_counter() - t0 < args.yardstick_s:
                 predictor(batch)
                 done += 1
             dev.synchronize()
@@ -134,18 +146,20 @@ def throughput_part(work: Path, ckpt: Path, args) -> list[dict]:
     rows = []
     gpx = args.slices * args.size ** 2 / 1e9
     forward_only_s, forwards = forward_only_timer(args)
-    for fmt, src, dst in (("OME-Zarr", "vol.ome.zarr", "pred.ome.zarr"), ("HDF5", "vol.h5/raw", "pred.h5/masks")):
+    runs = [("OME-Zarr", "vol.ome.zarr", "pred.ome.zarr", mode) for mode in args.block_io]
+    runs.append(("HDF5", "vol.h5/raw", "pred.h5/masks", args.block_io[0]))
+    for fmt, src, dst, mode in runs:
         # The yardstick is timed right before and right after the run, and averaged, so that a drift of the
         # host's speed during the run hits both sides alike.
         before = forward_only_s()
-        r = run_infer(infer_command(ckpt, str(work / src), str(work / dst), args, "--overwrite"))
+        r = run_infer(infer_command(ckpt, str(work / src), str(work / dst), args, "--overwrite", block_io=mode))
         after = forward_only_s()
         fwd_s = (before + after) / 2
-        r.update(part="throughput", format=fmt, gpx=gpx, forward_only_s=fwd_s, forwards=forwards,
+        r.update(part="throughput", format=fmt, block_io=mode, gpx=gpx, forward_only_s=fwd_s, forwards=forwards,
                  forward_only_before_after_s=[before, after], ratio=fwd_s / r["stream_s"],
                  mpx_per_s=gpx * 1e3 / r["stream_s"])
         rows.append(r)
-        print(f"  {fmt:8} {args.slices} x {args.size}^2 ({gpx:.2f} Gpx): infer.py {r['stream_s']:7.1f} s "
+        print(f"  {fmt:8} --block-io {mode:7} {args.slices} x {args.size}^2 ({gpx:.2f} Gpx): infer.py {r['stream_s']:7.1f} s "
               f"({r['mpx_per_s']:.2f} Mpx/s, {r['blocks']} blocks)  forward-only {fwd_s:7.1f} s ({forwards} "
               f"forwards; {before:.1f} s before, {after:.1f} s after)  ratio {r['ratio']:.3f}  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
@@ -233,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=4096, help="infer.py --block-size")
     p.add_argument("--chunks", type=int, default=1024, help="chunk side of the volumes and outputs")
     p.add_argument("--parts", type=csv_list, default=["throughput", "memory", "ranks", "kill"])
+    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--block-io", type=csv_list, default=["auto"], metavar="MODE[,MODE]",
+                   help="infer.py --block-io of the OME-Zarr throughput rows (the first one: HDF5's and the rest)")
+    p.add_argument("--yardstick-s", type=float, default=20.0,
+                   help="seconds of forwards timed before and after each throughput row (at least)")
+    p.add_argument("--reuse-volumes", action="store_true",
+                   help="keep the --work volumes of an earlier run when their shape is this run's")
     p.add_argument("--json", default=None, metavar="OUT")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 x 512^2 and a 1024^2 slice, blocks 256, "
                                                         "chunks 128, tiles 128; no kill")
@@ -241,12 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         args.slices, args.size, args.big, args.block, args.chunks, args.tile = 2, 512, 1024, 256, 128, (128, 1)
         args.parts = [part for part in args.parts if part != "kill"]
     print(machine_header("large volumes, block-wise", prediction_device(DeviceOptions(), "auto")))
-    print(f"# model base 8 'same' (random, seed 0); tiles {args.tile[0]}, {args.tile[1]} per forward; blocks "
+    print(f"# model {args.model} {MODELS[args.model]} (random, seed 0); tiles {args.tile[0]}, {args.tile[1]} per forward; blocks "
           f"{args.block}, chunks {args.chunks}; precision: infer.py's default", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint(args.work, "small8", **MODEL)
+    ckpt = checkpoint(args.work, args.model, **MODELS[args.model])
     if {"throughput", "ranks", "kill"} & set(args.parts):
         for name in ("vol.ome.zarr", "vol.h5/raw"):
+            if args.reuse_volumes and same_volume(args.work / name, (args.slices, args.size, args.size)):
+                print(f"  reused {name}", flush=True)
+                continue
             t0 = time.perf_counter()
             make_volume(str(args.work / name), args.slices, args.size, args.chunks)
             print(f"  made {name}: {args.slices} x {args.size}^2 uint8 in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -258,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ranks" in args.parts:
         rows += ranks_part(args.work, ckpt, args)
     if "kill" in args.parts:
-        zarr_row = next((r for r in rows if r.get("format") == "OME-Zarr"), None)
+        zarr_row = next((r for r in rows if r.get("format") == "OME-Zarr" and r["block_io"] == "auto"), None)
         rows.append(kill_part(args.work, ckpt, args, zarr_row["wall_s"] if zarr_row else None))
     write_json(args.json, {"benchmark": "large_volume", "rows": rows})
     return 0

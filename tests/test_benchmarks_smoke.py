@@ -181,10 +181,11 @@ def test_infer_defaults_small(tmp_path):
 
 def test_large_volume_quick(tmp_path):
     out = run([sys.executable, str(BENCH / "large_volume.py"), "--quick", "--work", str(tmp_path / "lv"),
-               "--json", str(tmp_path / "lv.json")], tmp_path, timeout=600)
+               "--block-io", "auto,threads", "--json", str(tmp_path / "lv.json")], tmp_path, timeout=600)
     rows = json.loads((tmp_path / "lv.json").read_text())["rows"]
     throughput = [r for r in rows if r["part"] == "throughput"]
-    assert [r["format"] for r in throughput] == ["OME-Zarr", "HDF5"]
+    assert [(r["format"], r["block_io"]) for r in throughput] == [("OME-Zarr", "auto"), ("OME-Zarr", "threads"),
+                                                                   ("HDF5", "auto")]
     assert all(r["blocks"] == 2 * 4 and r["forwards"] > 0 and r["ratio"] > 0 for r in throughput)
     assert [r["size"] for r in rows if r["part"] == "memory"] == [512, 1024]
     assert [r["nproc"] for r in rows if r["part"] == "ranks"] == [1, 2]

@@ -76,12 +76,15 @@ def _blocks_line(capsys) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+@pytest.mark.parametrize("block_io", ["inline", "threads"])  # threads: the reader and writer of a GPU run
 @pytest.mark.parametrize("padding, tile", [("same", "16"), ("valid", "36")])
-def test_blockwise_outputs_equal_whole_slice_prediction(data, tmp_path, volume_reads, capsys, padding, tile):
+def test_blockwise_outputs_equal_whole_slice_prediction(data, tmp_path, volume_reads, capsys, padding, tile,
+                                                        block_io):
     reads = volume_reads  # conftest: every Volume.read of the test
     capsys.readouterr()
     _run(data["ckpts"][padding], "--input", data["root"] / "em.ome.zarr", "--output", tmp_path / "m.zarr",
-         "--probabilities", tmp_path / "p.h5/prob", "--tile-size", tile, "--tile-batch", "1", *BLOCKS)
+         "--probabilities", tmp_path / "p.h5/prob", "--tile-size", tile, "--tile-batch", "1", *BLOCKS,
+         "--block-io", block_io)
     assert _blocks_line(capsys) == (NUM_BLOCKS, NUM_BLOCKS)
     run_reads = list(reads)  # the run's reads (reading the outputs back below goes through Volume.read too)
     masks, probs = data["whole"][padding]
@@ -110,10 +113,11 @@ def _crash_after(monkeypatch, writes: int) -> list:
     return calls
 
 
-@pytest.mark.parametrize("prob", ["p.zarr", "p.h5/prob"])
-def test_kill_and_resume_redoes_only_unrecorded_blocks(data, tmp_path, monkeypatch, capsys, prob):
+@pytest.mark.parametrize("prob, block_io", [("p.zarr", "inline"), ("p.h5/prob", "inline"), ("p.zarr", "threads")])
+def test_kill_and_resume_redoes_only_unrecorded_blocks(data, tmp_path, monkeypatch, capsys, prob, block_io):
+    # With threads the crash is raised in the writer thread, while later blocks are already read and predicted.
     args = ["--input", data["root"] / "em.ome.zarr", "--output", tmp_path / "m.zarr", "--probabilities",
-            tmp_path / prob, "--tile-size", "16", "--tile-batch", "1", *BLOCKS]
+            tmp_path / prob, "--tile-size", "16", "--tile-batch", "1", *BLOCKS, "--block-io", block_io]
     container = prob.split("/")[0]
     k = 7
     # Block k's mask is written, its probabilities are not: a crash between the two, so block k is not complete.

@@ -172,10 +172,11 @@ def test_a_failed_run_leaves_no_chunked_output(data, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("blockwise", [False, True])
+@pytest.mark.parametrize("blockwise", [False, "inline", "threads"])
 def test_non_finite_pixels_mid_volume(data, tmp_path, capsys, blockwise):
     """Found by the reader at slice 3, after the outputs were started: one line. A TIFF output leaves nothing; a
-    block-wise run (chunked outputs) keeps its finished blocks for --resume (after the input is mended)."""
+    block-wise run (chunked outputs) keeps its finished blocks for --resume (after the input is mended), whether
+    the block reader is inline or its own thread (--block-io)."""
     images = data["images"].astype(np.float32) / 255
     images[3, 5, 7] = np.nan
     vol = tmp_path / "in"
@@ -184,8 +185,8 @@ def test_non_finite_pixels_mid_volume(data, tmp_path, capsys, blockwise):
         f.create_dataset("raw", data=images, chunks=(1, 40, 56))
     out = tmp_path / "out"
     out.mkdir()
-    outputs = (["--output", out / "m.zarr", "--probabilities", out / "p.h5/prob"] if blockwise
-               else ["--output", out / "m.tif"])
+    outputs = (["--output", out / "m.zarr", "--probabilities", out / "p.h5/prob", "--block-io", blockwise]
+               if blockwise else ["--output", out / "m.tif"])
     line = _refused(capsys, data["ckpt"], vol, "--input", vol / "f.h5", "--read-batch", "2", *outputs)
     assert "in/f.h5: slice 3 has 1 non-finite pixel(s)" in line  # its only dataset: no key needed
     left = sorted(p.name for p in out.iterdir())

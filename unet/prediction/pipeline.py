@@ -38,14 +38,14 @@ from unet.prediction.tiles import SliceTiles, predict_tiles
 from unet.prediction.tiling import TilePlan, TilingOptions, slice_plan, tile_batch_size
 from unet.prediction.plan_speed import PlanChoice, fastest_plan, time_call
 
-__all__ = ["StackPredictor", "READ_AHEAD", "WRITE_AHEAD", "TILE_PLANS"]
+__all__ = ["StackPredictor", "Pipe", "Stopped", "END", "READ_AHEAD", "WRITE_AHEAD", "TILE_PLANS"]
 
 TILE_PLANS = ("speed", "flops")
 
 READ_AHEAD = 4  # slices the reader may prepare before the device needs them
 WRITE_AHEAD = 4  # predicted slices that may wait for the writer
 _POLL_S = 0.1  # how often a blocked stage looks whether another one failed
-_END = object()
+END = object()
 
 # sink(k, image, mask, probability): image (C, H, W) float32 or None, mask (H, W) uint8 (mask_from_probabilities),
 # probability float32 or None: (H, W) cell probability of a two-class model, (K, H, W) of a K-class one
@@ -53,11 +53,11 @@ _END = object()
 Sink = Callable[[int, "np.ndarray | None", np.ndarray, "np.ndarray | None"], None]
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """Another stage failed: leave quietly, the failure is raised in the caller."""
 
 
-class _Pipe:
+class Pipe:
     """The stages' shared stop flag and first error, with queue calls that give up once it is set."""
 
     def __init__(self):
@@ -74,7 +74,7 @@ class _Pipe:
     def put(self, q: queue.Queue, item) -> None:
         while True:
             if self.stop.is_set():
-                raise _Stopped
+                raise Stopped
             try:
                 q.put(item, timeout=_POLL_S)
                 return
@@ -84,7 +84,7 @@ class _Pipe:
     def get(self, q: queue.Queue):
         while True:
             if self.stop.is_set():
-                raise _Stopped
+                raise Stopped
             try:
                 return q.get(timeout=_POLL_S)
             except queue.Empty:
@@ -95,7 +95,7 @@ class _Pipe:
         def body():
             try:
                 target(*args)
-            except _Stopped:
+            except Stopped:
                 pass
             except BaseException as e:  # noqa: BLE001 - handed to the caller unchanged
                 self.fail(e)
@@ -200,7 +200,7 @@ class StackPredictor:
         Raises:
             Whatever a stage raised first (e.g. a UserError from the reader or the sink).
         """
-        pipe = _Pipe()
+        pipe = Pipe()
         inbox: queue.Queue = queue.Queue(READ_AHEAD)
         outbox: queue.Queue = queue.Queue(WRITE_AHEAD)
         threads = [pipe.run(_read, pipe, inbox, chunks, source, keep_images, self.dev.pin_memory),
@@ -209,9 +209,9 @@ class StackPredictor:
         try:
             with eval_mode(self.model), torch.inference_mode():
                 count = self._predict(pipe, inbox, outbox, keep_probabilities, source)
-            pipe.put(outbox, _END)
+            pipe.put(outbox, END)
             threads[1].join()
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as e:
             pipe.fail(e)
@@ -223,7 +223,7 @@ class StackPredictor:
             raise pipe.error
         return count
 
-    def _predict(self, pipe: _Pipe, inbox: queue.Queue, outbox: queue.Queue, keep_probabilities: bool,
+    def _predict(self, pipe: Pipe, inbox: queue.Queue, outbox: queue.Queue, keep_probabilities: bool,
                  source: str) -> int:
         """The device loop: fill a batch from the open slices, predict, stitch, send finished slices on."""
         pending: deque[_Slice] = deque()
@@ -253,14 +253,14 @@ class StackPredictor:
             batch = torch.cat([batch, batch.new_zeros((full - n, *batch.shape[1:]))])
         return predict_tiles(self.predictor, batch, self.options.tta)[:n]
 
-    def _next_batch(self, pipe: _Pipe, inbox: queue.Queue, pending: deque, state: dict) -> list:
+    def _next_batch(self, pipe: Pipe, inbox: queue.Queue, pending: deque, state: dict) -> list:
         """``(slice, first tile, tiles)`` pieces of the next batch, in slice order; [] when all is done."""
         pieces, size = [], 0
         while not state["ended"] and (not state["batch"] or size < state["batch"]):
             open_slice = next((s for s in pending if s.open), None)
             if open_slice is None:
                 item = pipe.get(inbox)
-                if item is _END:
+                if item is END:
                     state["ended"] = True
                 else:
                     pending.append(self._start(item, state))
@@ -302,7 +302,7 @@ class StackPredictor:
         return s.index, image, host, event
 
 
-def _read(pipe: _Pipe, inbox: queue.Queue, chunks: Iterable[np.ndarray], source: str, keep_images: bool,
+def _read(pipe: Pipe, inbox: queue.Queue, chunks: Iterable[np.ndarray], source: str, keep_images: bool,
           pin: bool) -> None:
     """Reader thread: scale every page to [0, 1] float32 and queue it (pinned off CPU for async copies)."""
     for chunk in chunks:
@@ -310,12 +310,12 @@ def _read(pipe: _Pipe, inbox: queue.Queue, chunks: Iterable[np.ndarray], source:
             image = as_image(raw, source, None)  # the device loop checks the channel count against the model
             host = torch.from_numpy(image)
             pipe.put(inbox, (image if keep_images else None, host.pin_memory() if pin else host))
-    pipe.put(inbox, _END)
+    pipe.put(inbox, END)
 
 
-def _write(pipe: _Pipe, outbox: queue.Queue, sink: Sink) -> None:
+def _write(pipe: Pipe, outbox: queue.Queue, sink: Sink) -> None:
     """Writer thread: wait for each slice's copies, then hand it to the sink."""
-    while (item := pipe.get(outbox)) is not _END:
+    while (item := pipe.get(outbox)) is not END:
         index, image, host, event = item
         if event is not None:
             event.synchronize()

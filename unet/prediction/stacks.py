@@ -33,6 +33,7 @@ from unet.errors import UserError
 from unet.io.volume_stacks import DEFAULT_CHUNKS, LabelVolumeStackWriter, VolumeStackWriter, chunk_yx
 from unet.io.writers import COMPRESSIONS, HyperstackWriter, LabelStackWriter, StackWriter, write_png_atomic
 from unet.options import option, positive_int
+from unet.prediction.block_io import BLOCK_IO
 from unet.prediction.block_instances import BlockInstanceSettings, StitchOptions
 from unet.prediction.instances import InstanceOptions, cell_instances
 from unet.prediction.jobs import Job, is_volume_path, iter_job_pages
@@ -71,6 +72,7 @@ class InferOptions:
             is given.
         backend: ``torch`` or ``openvino`` (the caller builds the OpenVINO forward).
         block_size: y/x size of the blocks a chunked volume is predicted in (rounded up to whole chunks).
+        block_io: ``auto``, ``threads`` or ``inline`` (:func:`unet.prediction.block_io.threaded_block_io`).
         resume: finish an interrupted block-wise run, predicting only the blocks not recorded as complete.
     """
 
@@ -121,6 +123,9 @@ class InferOptions:
                                                         "outputs is predicted in, N or HxW pixels, rounded up to "
                                                         "whole --chunks (memory scales with it, not the slice)",
                                          flags="--block-size", parse=chunk_yx, metavar="N|HxW")
+    block_io: str = option("auto", "block-wise reading and writing: threads (beside the device loop), inline, or "
+                                   "auto = threads on a GPU/NPU, inline on a CPU (whose forwards use every core); "
+                                   "same results either way", flags="--block-io", choices=BLOCK_IO, group="speed")
     resume: bool = option(False, "finish an interrupted block-wise run (same command): predict only the blocks not "
                                  "recorded as complete; refused if the checkpoint, tiling, input or outputs differ",
                           flags="--resume", switch="on")
@@ -271,7 +276,7 @@ def run_job(job: Job, model: torch.nn.Module, dev, settings: InferOptions | None
 def block_settings(settings: InferOptions, identity: dict | None = None) -> BlockJobSettings:
     """The block-wise job's share of infer.py's settings, with the run's identity (checkpoints, precision)."""
     return BlockJobSettings(settings.chunks, settings.block_size, settings.prob_dtype, settings.overwrite,
-                            settings.resume, identity)
+                            settings.resume, identity, settings.block_io)
 
 
 def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferOptions | None = None, *,

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from unet.errors import UserError
 from unet.io.images import as_image, check_finite
 from unet.io.paths import parse_volume_path
 from unet.io.volume_writers import VolumeWriter, create_volume, open_partial_volume, partial_path
+from unet.prediction.block_io import BlockIO, threaded_block_io
 from unet.prediction.block_instances import BlockInstanceSettings, InstancePasses
 from unet.prediction.block_records import BlockRecords
 from unet.prediction.blocks import Block, BlockGrid, block_grid, block_shape_for, predict_blocks
@@ -49,6 +50,8 @@ class BlockJobSettings:
         overwrite: replace existing outputs and records.
         resume: continue an interrupted run (its records must match this run's identity).
         identity: what else makes the run (checkpoints' SHA-256, precision), recorded in the manifest.
+        io: ``auto``, ``threads`` or ``inline``: read and write in threads beside the device loop
+            (:func:`unet.prediction.block_io.threaded_block_io`); not part of the identity (same results).
     """
 
     chunks: tuple[int, int]
@@ -57,6 +60,7 @@ class BlockJobSettings:
     overwrite: bool = False
     resume: bool = False
     identity: dict | None = None
+    io: str = "auto"
 
 
 @dataclass
@@ -120,20 +124,41 @@ def _open_writers(job: Job, grid: BlockGrid, chunks: tuple[int, int], settings: 
     return writers
 
 
-def _reader(vol, job: Job, predictor: StackPredictor) -> Callable[[Block], torch.Tensor]:
-    """Block -> its read box as a [0, 1] float tensor on the device, checked as the stack reader checks pages."""
+def _host_reader(vol, job: Job) -> Callable[[Block], torch.Tensor]:
+    """Block -> its read box as a [0, 1] float tensor on the host, checked as the stack reader checks pages."""
     source = str(job.stack.path)
-    device = predictor.dev.device
 
     def read(block: Block) -> torch.Tensor:
         y0, y1, x0, x1 = block.read_box
         raw = vol.read(z=slice(block.z, block.z + 1), y=slice(y0, y1), x=slice(x0, x1))
         check_finite(raw, source, block.z)
-        x = torch.from_numpy(as_image(raw[0], source, None)).to(device)
-        check_channels(predictor.model, x)
-        return x
+        return torch.from_numpy(as_image(raw[0], source, None))
 
     return read
+
+
+def _predict_blocks(blocks: Iterable[Block], grid: BlockGrid, read_host: Callable[[Block], torch.Tensor],
+                    finish: Callable[[Block, torch.Tensor], None], predictor: StackPredictor, io: str) -> None:
+    """Predict ``blocks``: reading and writing inline, or in threads beside the device loop (:mod:`.block_io`)."""
+    model, device = predictor.model, predictor.dev.device
+    batch = tile_batch_size(grid.plan, model, predictor.options)
+    blend = predictor.options.blend if model.padding == "same" else None
+
+    def on_device(host: torch.Tensor) -> torch.Tensor:
+        x = host.to(device, non_blocking=True)
+        check_channels(model, x)
+        return x
+
+    def run(blocks, read, finish) -> None:
+        with eval_mode(model), torch.inference_mode():
+            predict_blocks(blocks, grid, read, lambda tiles: predictor.forward_batch(tiles, batch), finish, batch,
+                           blend=blend, num_outputs=model.config.num_classes)
+
+    if threaded_block_io(io, predictor.dev.type):
+        with BlockIO(blocks, read_host, finish, predictor.dev) as threads:
+            run(threads.blocks(), lambda block: on_device(threads.take(block)), threads.finish)
+    else:
+        run(blocks, lambda block: on_device(read_host(block)), finish)
 
 
 def _finisher(writers: dict[str, VolumeWriter], records: BlockRecords, settings: BlockJobSettings, grid: BlockGrid,
@@ -242,14 +267,10 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
         if passes is not None:
             finish = passes.open(_float_cell_probabilities(writers, settings), resuming, opened, finish)
         vol = opened.enter_context(job.volume.open(str(job.stack.path)))
-        batch = tile_batch_size(grid.plan, predictor.model, predictor.options)
-        blend = predictor.options.blend if predictor.model.padding == "same" else None
         # Round-robin over the blocks still to do, not over all blocks: after a kill the unrecorded blocks may all
         # be a few ranks' share (those that died early), and a resume should spread them over every rank.
         mine = itertools.islice((b for b in grid if b.index not in done), dist.rank, None, dist.world_size)
-        with eval_mode(predictor.model), torch.inference_mode():
-            predict_blocks(mine, grid, _reader(vol, job, predictor), lambda tiles: predictor.forward_batch(tiles, batch),
-                           finish, batch, blend=blend, num_outputs=predictor.model.config.num_classes)
+        _predict_blocks(mine, grid, _host_reader(vol, job), finish, predictor, settings.io)
         stats.predicted = int(all_reduce_sum(torch.tensor([stats.predicted]), predictor.dev.device)[0])
         barrier()  # every rank's blocks are written
         if passes is not None:
