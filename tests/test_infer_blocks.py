@@ -3,6 +3,7 @@ and --resume after a crash (only unrecorded blocks redone; another checkpoint, t
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -280,6 +281,35 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
     assert h5.returncode != 0 and "m.h5: HDF5 cannot be written by several processes at once" in h5.stderr
     assert not (tmp_path / "m.h5").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow  # two torchrun agents
+def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(data, tmp_path):
+    """Issue 20 item 4's many machines: two torchrun agents (two 'nodes' on this host, one process each) meet
+    through the c10d rendezvous, as on a cluster with a shared filesystem, and share the blocks."""
+    port = _free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=unet-infer-test", str(REPO / "infer.py"),
+            "--ckpt", str(data["ckpts"]["same"]), "--input", str(data["root"] / "em.ome.zarr"), "--device", "cpu",
+            "--precision", "fp32", "--no-progress", "--tile-size", "16", "--tile-batch", "1", *BLOCKS,
+            "--output", str(tmp_path / "m.zarr"), "--probabilities", str(tmp_path / "p.zarr")]
+    agents = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_subprocess_env()) for _ in range(2)]
+    outs = [agent.communicate(timeout=300) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outs]
+    said = "".join(out for out, _ in outs)
+    assert said.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted") == 1  # summed over both; rank 0 prints
+    assert "".join(err for _, err in outs).count("predicting ") == 1
+    masks, probs = data["whole"]["same"]
+    np.testing.assert_array_equal(_read(tmp_path / "m.zarr"), masks)
+    np.testing.assert_array_equal(_read(tmp_path / "p.zarr"), probs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "p.zarr"]
 
 
 @pytest.mark.slow  # torchrun processes
