@@ -21,6 +21,7 @@ import tensorstore as ts
 import zarr
 
 from unet.errors import UserError
+from unet.io.hdf5_chunks import ChunkCodec, direct_codec
 from unet.io.ome import multiscales_of, ome_level
 from unet.io.paths import VolumePath
 from unet.io.sources import ArraySource, axes_from_names
@@ -200,7 +201,14 @@ def open_hdf5(vp: VolumePath) -> ArraySource:
         raise
     # Contiguous datasets have no chunks; a plane per chunk is what a corrupt-data search then walks.
     chunks = ds.chunks or tuple([1] * (ds.ndim - 2) + list(ds.shape[-2:]))
-    return ArraySource(str(vp), tuple(ds.shape), np.dtype(ds.dtype), tuple(chunks), axes,
-                       read=lambda index: np.asarray(ds[index]),
+    read, close = (lambda index: np.asarray(ds[index])), f.close
+    if direct_codec(ds):  # gzip chunks decoded on every core, not h5py's one (unet.io.hdf5_chunks)
+        codec = ChunkCodec(ds)
+        read = codec.read
+
+        def close():
+            codec.close()
+            f.close()
+    return ArraySource(str(vp), tuple(ds.shape), np.dtype(ds.dtype), tuple(chunks), axes, read=read,
                        chunk_name=lambda coords: f"chunk {tuple(coords)} of dataset /{ds.name.lstrip('/')}",
-                       close=f.close)
+                       close=close)

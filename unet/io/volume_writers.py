@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec
 
 from unet.atomic import write_error
 from unet.errors import UserError
+from unet.io.hdf5_chunks import ChunkCodec, direct_codec
 from unet.io.ome import ome_attributes, ome_level
 from unet.io.paths import VolumePath, parse_volume_path
 
@@ -225,17 +226,26 @@ def _unlock(tmp: Path, fd: int) -> None:
 
 
 def _hdf5_writer(vp: VolumePath, tmp: Path, fd: int, f: h5py.File, ds: h5py.Dataset, axes: str) -> VolumeWriter:
+    # Our datasets are gzip (+ shuffle): their chunks are compressed on every core (unet.io.hdf5_chunks), and read
+    # back the same way, so that HDF5's chunk cache never holds a chunk that a direct write has replaced.
+    codec = ChunkCodec(ds) if direct_codec(ds) else None
+
     def store(index, block):
-        ds[index] = block
+        if codec is None:
+            ds[index] = block
+        else:
+            codec.write(index, block)
 
     def release():
+        if codec is not None:
+            codec.close()
         f.close()
         _unlock(tmp, fd)
 
     stored = "".join(d.label for d in ds.dims)  # the file's own order, whichever version wrote it
     return VolumeWriter(vp, _in_memory_order(ds.shape, stored, axes), np.dtype(ds.dtype),
                         _in_memory_order(ds.chunks, stored, axes), axes, store, release, stored, sync=f.flush,
-                        load=ds.__getitem__)
+                        load=ds.__getitem__ if codec is None else codec.read)
 
 
 def _create_hdf5(vp: VolumePath, tmp: Path, shape, dtype, chunks, axes: str) -> VolumeWriter:
