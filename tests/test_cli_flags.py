@@ -41,9 +41,10 @@ CHANGED: dict[str, tuple[set[str], set[str]]] = {
     # in; --resume finishes an interrupted block-wise run, redoing only the blocks not recorded as complete.
     # Issue 20 item 6: --instance-halo (context of a block's watershed) and --instance-stitch-iou (the IoU above which
     # two blocks' ids of a cell are joined) for --instances of a block-wise run. --block-io: the block-wise run
-    # reads and writes in threads beside the device loop (auto: on a GPU/NPU, not on a CPU).
+    # reads and writes in threads beside the device loop (auto: on a GPU/NPU, not on a CPU). --host-allocator:
+    # train.py's setting (glibc keeps freed memory) for infer.py's blocks and slices on the CPU (issue 22).
     "infer": ({"--scale", "--channel", "--time", "--chunks", "--precision", "--tile-plan", "--backend", "--block-size",
-               "--resume", "--instance-halo", "--instance-stitch-iou", "--block-io"}, set()),
+               "--resume", "--instance-halo", "--instance-stitch-iou", "--block-io", "--host-allocator"}, set()),
     # export.py --format bioimageio|pt2|onnx is the one way to export (issue 19); a program's static input size
     # got its own flag, since infer.py --export reused --tile-size, which means the tiling everywhere else.
     "export": ({"--example-size"}, set()),

@@ -39,7 +39,7 @@ def _faults(mode: str) -> tuple[list[str], list[int]]:
 @ON_LINUX
 def test_kept_memory_makes_later_steps_fault_far_fewer_pages_in():
     said, faults = _faults("keep")
-    assert said == ["host allocator: glibc heap, freed memory kept for the next step (no mmap per large tensor)"]
+    assert said == ["host allocator: glibc heap, freed memory kept for reuse (no mmap per large tensor)"]
     assert faults[0] >= 8192  # the first step maps its 32 MiB tensors (8192 pages each)
     # Later steps reuse them: at most a few tensors' pages fault again (where the heap's free blocks did not fit),
     # against ~200,000 faults in every step with glibc's defaults (below), more than the first step's.

@@ -49,4 +49,4 @@ def keep_freed_memory() -> str:
     if not all(mallopt(param, value) == 1 for param, value in
                ((_M_TRIM_THRESHOLD, _TRIM_ABOVE), (_M_TOP_PAD, _TOP_PAD), (_M_MMAP_MAX, 0))):
         return "host allocator: the system's (glibc's mallopt refused the setting)"
-    return "host allocator: glibc heap, freed memory kept for the next step (no mmap per large tensor)"
+    return "host allocator: glibc heap, freed memory kept for reuse (no mmap per large tensor)"

@@ -13,6 +13,7 @@ import torch
 from unet.atomic import file_sha256
 from unet.cli.common import CheckpointArgs, HelpFormatter, add_options, options_from
 from unet.device import DeviceOptions, PrecisionOptions, prediction_device
+from unet.host_memory import keep_freed_memory
 from unet.distributed import broadcast_object, env_info, process_group, rank0_printer
 from unet.errors import UserError
 from unet.io.volumes import VolumeOptions
@@ -83,6 +84,8 @@ def main(args: argparse.Namespace) -> RunResult:
                      num_classes=model.config.num_classes)
     dev = prediction_device(options_from(args, DeviceOptions), options_from(args, PrecisionOptions).precision,
                             dist.local_rank)
+    # Before the tiles, canvases and blocks allocate anything large (unet.host_memory says why).
+    allocator = keep_freed_memory() if dev.type == "cpu" and settings.host_allocator == "auto" else None
     model = dev.prepare_model(model)
     say = rank0_printer(dist)
     with process_group(dist, dev.backend, dev.device):
@@ -94,6 +97,8 @@ def main(args: argparse.Namespace) -> RunResult:
         members += f", {settings.backend} {openvino_version()}" if settings.backend == "openvino" else ""
         say(f"predicting {sum(j.stack.num_slices for j in jobs)} slices from {what} on {dev.name()} "
             f"({dev.type}, {dev.amp_name}{members})", file=sys.stderr)
+        if allocator is not None:
+            say(allocator)  # stdout, with the other figures: stderr holds the start line and errors only
         startup = time.perf_counter() - start
         quiet = settings if dist.is_main else dataclasses.replace(settings, no_progress=True)  # one bar: rank 0's
         result = run_inference(model, dev, jobs, quiet, options=options, instance_options=inst_options,

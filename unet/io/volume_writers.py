@@ -17,7 +17,8 @@ when the process ends, even by SIGKILL) and a second writer, in this process or 
 Formats follow the path (:mod:`unet.io.paths`): ``.zarr`` -> OME-Zarr image (v0.4 in a zarr v2 store by
 default, the version most viewers read; ``zarr_format=3`` writes v0.5), level 0 only, Blosc-zstd compressed
 (level 1: fast), at the key (the store's root when none); ``.h5`` -> an HDF5 dataset at the key (``data`` when
-none), gzip level 1 (4096^2 masks: 87 ms against level 4's 122 ms, 1.85 against 1.32 MiB).
+none), gzip level 1 (4096^2 masks: 87 ms against level 4's 122 ms, 1.85 against 1.32 MiB), its chunks
+compressed by a thread pool (:mod:`unet.io.hdf5_chunks`).
 Axis order in memory is ``zyx`` or ``zcyx``; both formats store ``zcyx`` as ``czyx`` (OME-NGFF puts channels
 before space; HDF5 follows, so that a channel's volume is one contiguous block as in the zarr), and HDF5
 datasets get dimension labels, so :func:`unet.io.volumes.open_volume` reads both back in the writer's order.
