@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared device check of issues 20 and 22 on a lent GPU, in one call of about 5 minutes:
+# The prepared device check of issues 20 and 22 on a lent GPU, in one call of about 8 minutes (477 s on an H200
+# host with 16 cores, 2026-12-04: step 1 about 4 minutes, step 2 about 4, most of it evaluate.py's CPU metrics):
 #   1. issue 20's GPU rows: benchmarks/large_volume.py --parts throughput on 16 x 8192^2 (OME-Zarr and HDF5),
 #      block-wise infer.py with --block-io auto (threads on a GPU) and inline, against forward-only on the same
 #      tiles; the small model (tiles 1024, 8 per forward) and the reference model (572, 16 per forward);
