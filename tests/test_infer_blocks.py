@@ -271,7 +271,8 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
                           str(REPO / "infer.py"), *common, "--output", str(tmp_path / "m.zarr"), "--probabilities",
                           str(tmp_path / "p.zarr")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
-    assert two.stdout.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted") == 1  # summed; only rank 0 prints
+    assert two.stdout.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted; by rank: {(NUM_BLOCKS + 1) // 2}, "
+                            f"{NUM_BLOCKS // 2}\n") == 1  # summed, and each rank's share; only rank 0 prints
     masks, probs = data["whole"]["same"]
     np.testing.assert_array_equal(_read(tmp_path / "m.zarr"), masks)
     np.testing.assert_array_equal(_read(tmp_path / "p.zarr"), probs)
@@ -305,6 +306,8 @@ def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(data, tmp_path)
     assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outs]
     said = "".join(out for out, _ in outs)
     assert said.count(f"blocks: {NUM_BLOCKS} of {NUM_BLOCKS} predicted") == 1  # summed over both; rank 0 prints
+    # Each agent's process predicted its round-robin share, blocks 0, 2, ... and 1, 3, ...
+    assert f"; by rank: {(NUM_BLOCKS + 1) // 2}, {NUM_BLOCKS // 2}\n" in said
     assert "".join(err for _, err in outs).count("predicting ") == 1
     masks, probs = data["whole"]["same"]
     np.testing.assert_array_equal(_read(tmp_path / "m.zarr"), masks)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from unet.cpus import usable_cpus  # noqa: F401 - part of the device layer's interface
 from unet.errors import UserError
 from unet.options import option
 
@@ -384,14 +385,6 @@ def _proc_kib(path: str, key: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the host's core count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def cpuinfo() -> dict[str, str]:

@@ -145,8 +145,10 @@ def _run_identity(jobs: list[Job], ckpts: tuple[str, ...], dev) -> dict | None:
 def _report(jobs: list[Job], settings: InferOptions, result: RunResult) -> None:
     """What was written, and the timings (start-up and warm-up apart from the streaming run)."""
     if result.blocks:
+        by_rank = result.blocks_by_rank
         print(f"blocks: {result.blocks - result.blocks_skipped} of {result.blocks} predicted"
-              + (f" ({result.blocks_skipped} found complete by --resume)" if result.blocks_skipped else ""))
+              + (f" ({result.blocks_skipped} found complete by --resume)" if result.blocks_skipped else "")
+              + (f"; by rank: {', '.join(map(str, by_rank))}" if len(by_rank) > 1 else ""))
     for job in jobs:
         extra = [p for p in (job.probabilities, job.instances) if p is not None]
         print(f"wrote {job.output}" + "".join(f" and {p}" for p in extra))

@@ -13,12 +13,13 @@ checksums, scale-offset) or no chunks go through h5py as before (:func:`direct_c
 from __future__ import annotations
 
 import itertools
-import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
+
+from unet.cpus import usable_cpus
 
 __all__ = ["direct_codec", "ChunkCodec"]
 
@@ -32,10 +33,6 @@ def direct_codec(ds: h5py.Dataset) -> bool:
     plist = ds.id.get_create_plist()
     filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
     return filters in ([_DEFLATE], [_SHUFFLE, _DEFLATE])
-
-
-def _workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ChunkCodec:
@@ -55,7 +52,7 @@ class ChunkCodec:
         self.shuffle = bool(ds.shuffle) and self.dtype.itemsize > 1  # a 1-byte shuffle moves nothing
         self.level = int(ds.compression_opts or 4)
         self.fill = np.zeros((), self.dtype) if ds.fillvalue is None else np.asarray(ds.fillvalue, self.dtype)
-        self.pool = ThreadPoolExecutor(max_workers=workers or _workers(), thread_name_prefix="unet-hdf5")
+        self.pool = ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="unet-hdf5")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -88,10 +85,12 @@ class ChunkCodec:
 
     def _decode(self, origin: tuple[int, ...]) -> np.ndarray:
         """One stored chunk, full size; the fill value (a 0-d array) where the chunk was never written."""
-        info = self.ds.id.get_chunk_info_by_coord(origin)
-        if info.byte_offset is None:
-            return self.fill
-        mask, raw = self.ds.id.read_direct_chunk(origin)
+        try:
+            mask, raw = self.ds.id.read_direct_chunk(origin)
+        except RuntimeError:  # h5py says "chunk storage is not allocated" so; ask HDF5 itself before trusting it
+            if self.ds.id.get_chunk_info_by_coord(origin).byte_offset is None:
+                return self.fill
+            raise
         # Bit k of the filter mask set: filter k of the pipeline (shuffle, deflate) was skipped for this chunk.
         shuffled = bool(self.ds.shuffle)
         if not mask & (1 << int(shuffled)):

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from unet.prediction.blocks import Block
-from unet.prediction.pipeline import END, Pipe, Stopped
+from unet.prediction.pipeline import END, Pipe, copy_to_host
 
 __all__ = ["BlockIO", "BLOCK_IO", "READ_AHEAD", "WRITE_BEHIND", "threaded_block_io"]
 
@@ -48,7 +48,8 @@ class BlockIO:
 
     Use ``blocks()`` as its blocks, ``take`` in its ``read`` (the host tensor; the caller moves it to the device)
     and ``finish`` as its ``finish``. On leaving, the writer is drained (every finished block written and recorded);
-    the first error of either thread is raised in the caller, unchanged (a UserError keeps its one line).
+    the first error of either thread or of the caller's loop is raised in the caller, unchanged (a UserError keeps
+    its one line).
 
     Args:
         blocks: the blocks to predict, in order (consumed by the reader thread).
@@ -81,31 +82,14 @@ class BlockIO:
 
     def finish(self, block: Block, probs: torch.Tensor) -> None:
         """Queue a predicted block for the writer: copied to pinned host memory without waiting for the copy."""
-        event = None
-        if self._dev.type != "cpu":
-            probs = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True).copy_(probs, non_blocking=True)
-            event = torch.Event(device=self._dev.device)
-            event.record()  # the writer waits for the copy, not the device loop
+        (probs,), event = copy_to_host([probs], self._dev)
         self.pipe.put(self._outbox, (block, probs, event))
 
     def __enter__(self) -> "BlockIO":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
-            if exc is None:
-                self.pipe.put(self._outbox, END)
-                self._threads[1].join()  # every queued block written and recorded
-        except Stopped:
-            pass
-        finally:
-            if exc is not None and not isinstance(exc, Stopped):
-                self.pipe.fail(exc)  # stop the threads; the caller's own error propagates
-            self.pipe.stop.set()
-            for thread in self._threads:
-                thread.join()
-        if self.pipe.error is not None and (exc is None or isinstance(exc, Stopped)):
-            raise self.pipe.error
+        self.pipe.close(self._threads, self._outbox, exc)  # the writer drained, or every stage stopped
         return False
 
 

@@ -38,7 +38,7 @@ from unet.prediction.tiles import SliceTiles, predict_tiles
 from unet.prediction.tiling import TilePlan, TilingOptions, slice_plan, tile_batch_size
 from unet.prediction.plan_speed import PlanChoice, fastest_plan, time_call
 
-__all__ = ["StackPredictor", "Pipe", "Stopped", "END", "READ_AHEAD", "WRITE_AHEAD", "TILE_PLANS"]
+__all__ = ["StackPredictor", "Pipe", "Stopped", "END", "READ_AHEAD", "WRITE_AHEAD", "TILE_PLANS", "copy_to_host"]
 
 TILE_PLANS = ("speed", "flops")
 
@@ -102,6 +102,40 @@ class Pipe:
         thread = threading.Thread(target=body, daemon=True, name=f"unet-{target.__name__.strip('_')}")
         thread.start()
         return thread
+
+    def close(self, threads: list[threading.Thread], outbox: queue.Queue, error: BaseException | None) -> None:
+        """End the stages once the main thread's part is over.
+
+        Without an error, the writer (``threads[-1]``, reading ``outbox``) gets END and is waited for, so every
+        queued item is written; with one, it stops them all. Either way every thread is joined, then the first
+        error of any stage, ``error`` included, is raised unchanged.
+        """
+        try:
+            if error is None:
+                self.put(outbox, END)
+                threads[-1].join()
+        except Stopped:
+            pass
+        finally:
+            if error is not None and not isinstance(error, Stopped):
+                self.fail(error)
+            self.stop.set()
+            for thread in threads:
+                thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def copy_to_host(tensors: list[torch.Tensor], dev: DeviceSetup) -> tuple[list[torch.Tensor], "torch.Event | None"]:
+    """Device tensors on their way to pinned host memory, and the event a writer thread waits for before reading
+    them (recorded on the current stream after the copies, so the device loop itself does not wait). On the CPU
+    the tensors themselves and no event."""
+    if dev.type == "cpu":
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    event = torch.Event(device=dev.device)
+    event.record()
+    return host, event
 
 
 @dataclass
@@ -205,22 +239,13 @@ class StackPredictor:
         outbox: queue.Queue = queue.Queue(WRITE_AHEAD)
         threads = [pipe.run(_read, pipe, inbox, chunks, source, keep_images, self.dev.pin_memory),
                    pipe.run(_write, pipe, outbox, sink)]
-        count = 0
+        count, error = 0, None
         try:
             with eval_mode(self.model), torch.inference_mode():
                 count = self._predict(pipe, inbox, outbox, keep_probabilities, source)
-            pipe.put(outbox, END)
-            threads[1].join()
-        except Stopped:
-            pass
-        except BaseException as e:
-            pipe.fail(e)
-        finally:
-            pipe.stop.set()
-            for thread in threads:
-                thread.join()
-        if pipe.error is not None:
-            raise pipe.error
+        except BaseException as e:  # noqa: BLE001 - raised again by close, unless a stage failed first
+            error = e
+        pipe.close(threads, outbox, error)
         return count
 
     def _predict(self, pipe: Pipe, inbox: queue.Queue, outbox: queue.Queue, keep_probabilities: bool,
@@ -294,11 +319,7 @@ class StackPredictor:
         probs = s.tiles.result()
         image, s.image, s.host = s.image, None, None  # the input is no longer needed here
         out = [mask_from_probabilities(probs)] + ([written_probabilities(probs)] if keep_probabilities else [])
-        if self.dev.type == "cpu":
-            return s.index, image, out, None
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
-        event = torch.Event(device=self.dev.device)
-        event.record()  # on the current stream, after the copies: the writer waits for it, not the device loop
+        host, event = copy_to_host(out, self.dev)
         return s.index, image, host, event
 
 

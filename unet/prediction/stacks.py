@@ -19,6 +19,7 @@ class probabilities (an ImageJ hyperstack ZCYX in TIFF, a ``czyx`` volume in OME
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -153,12 +154,14 @@ class RunResult:
             ``seconds``, or within ``warmup_seconds`` when a warm-up ran).
         blocks: blocks of the block-wise jobs (0 when none ran block-wise).
         blocks_skipped: of those, found complete by ``--resume`` and not predicted again.
+        blocks_by_rank: blocks each rank predicted (rank r's at index r; empty when none ran block-wise).
     """
 
     outputs: list[Path] = field(default_factory=list)
     slices: int = 0
     blocks: int = 0
     blocks_skipped: int = 0
+    blocks_by_rank: list[int] = field(default_factory=list)
     seconds: float = 0.0
     warmup_seconds: float = 0.0
     startup_seconds: float = 0.0
@@ -328,6 +331,8 @@ def run_inference(model: torch.nn.Module, dev, jobs: list[Job], settings: InferO
                 result.outputs += job.outputs()
                 result.blocks += stats.blocks
                 result.blocks_skipped += stats.skipped
+                result.blocks_by_rank = [a + b for a, b in
+                                         itertools.zip_longest(result.blocks_by_rank, stats.by_rank, fillvalue=0)]
             else:
                 result.outputs += run_job(job, model, dev, settings, progress=bar, instance_options=instance_options,
                                           predictor=predictor)

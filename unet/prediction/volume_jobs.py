@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -65,11 +65,13 @@ class BlockJobSettings:
 
 @dataclass
 class BlockStats:
-    """What a block-wise job did: blocks in the volume, found complete (resume), predicted now."""
+    """What a block-wise job did: blocks in the volume, found complete (resume), predicted now (over the ranks, and
+    by each rank: rank r's count at index r)."""
 
     blocks: int = 0
     skipped: int = 0
     predicted: int = 0
+    by_rank: list[int] = field(default_factory=list)
 
 
 def job_grid(job: Job, predictor: StackPredictor, settings: BlockJobSettings) -> tuple[BlockGrid, tuple[int, int]]:
@@ -271,7 +273,10 @@ def run_block_job(job: Job, predictor: StackPredictor, settings: BlockJobSetting
         # be a few ranks' share (those that died early), and a resume should spread them over every rank.
         mine = itertools.islice((b for b in grid if b.index not in done), dist.rank, None, dist.world_size)
         _predict_blocks(mine, grid, _host_reader(vol, job), finish, predictor, settings.io)
-        stats.predicted = int(all_reduce_sum(torch.tensor([stats.predicted]), predictor.dev.device)[0])
+        mine_done = torch.zeros(dist.world_size, dtype=torch.int64)
+        mine_done[dist.rank] = stats.predicted
+        stats.by_rank = all_reduce_sum(mine_done, predictor.dev.device).tolist()
+        stats.predicted = sum(stats.by_rank)
         barrier()  # every rank's blocks are written
         if passes is not None:
             passes.run()  # the instances, in passes of their own, shared among the ranks like the blocks
