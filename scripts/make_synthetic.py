@@ -1,7 +1,11 @@
-"""Write the built-in synthetic EM set to TIFF stacks, with 2 classes (membrane, cell) or 3 (membrane,
-cytoplasm, organelle): data to train on with train.py's own-data options (issue 21's multi-class experiment).
+"""Write a synthetic EM set to TIFF stacks, with 2 classes (membrane, cell) or 3 (membrane, cytoplasm,
+organelle): data to train on with train.py's own-data options (issue 21's multi-class and pre-training runs).
 
     python scripts/make_synthetic.py --output synthetic3/ --classes 3 [--count 30] [--size 256] [--seed 0]
+    python scripts/make_synthetic.py --output neuropil/ --style neuropil --classes 2 --count 40 --size 512
+
+``--style cells`` (default) is the built-in set's look; ``--style neuropil`` imitates ISBI-like neuropil
+(unet/data/neuropil.py).
 
 Writes ``images.tif`` (uint8) and ``labels.tif`` (2 classes: 0 = membrane, 255 = cell; 3 classes: class indices
 0, 1, 2) into --output, each to a temporary file renamed when complete, and prints each class's share.
@@ -29,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=30)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="cells", choices=("cells", "neuropil"))
     args = p.parse_args(argv)
     try:
-        images, labels = make_synthetic_em(args.count, args.size, args.size, args.seed, classes=args.classes)
+        images, labels = make_synthetic_em(args.count, args.size, args.size, args.seed, classes=args.classes,
+                                           style=args.style)
     except UserError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     out = Path(args.output)
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"{p.prog}: error: {e}\n")
     shares = ", ".join(f"{v}: {np.mean(labels == v):.1%}" for v in np.unique(labels))
     print(f"wrote {out / 'images.tif'} and {out / 'labels.tif'}: {args.count} slices of {args.size}x{args.size}, "
-          f"label shares {shares}")
+          f"({args.style}), label shares {shares}")
     return 0
 
 

@@ -79,3 +79,61 @@ def test_make_synthetic_script_writes_images_and_labels(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "s3" / "images.tif"), images)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "s3" / "labels.tif"), labels)
     assert "label shares 0:" in done.stdout
+
+
+def test_neuropil_style_is_deterministic_and_labels_membranes():
+    img, lab = make_synthetic_em(3, 72, 90, seed=4, style="neuropil")
+    assert img.shape == lab.shape == (3, 72, 90) and img.dtype == lab.dtype == np.uint8
+    assert set(np.unique(lab).tolist()) == {0, 255}
+    again, lab_again = make_synthetic_em(3, 72, 90, seed=4, style="neuropil")
+    assert np.array_equal(img, again) and np.array_equal(lab, lab_again)
+    longer, _ = make_synthetic_em(4, 72, 90, seed=4, style="neuropil")
+    assert np.array_equal(longer[:3], img)
+    cells, _ = make_synthetic_em(3, 72, 90, seed=4)
+    assert not np.array_equal(img, cells)
+    make_synthetic_em(1, 16, 16, style="neuropil")  # the smallest size still makes a slice
+
+
+def test_neuropil_looks_like_isbi_neuropil():
+    from scipy import ndimage as ndi
+    img, lab = make_synthetic_em(4, 256, 256, seed=2, style="neuropil")
+    membrane = lab == 0
+    assert 0.18 < membrane.mean() < 0.30                # ISBI 2012: 24.6 % membrane
+    assert img[membrane].mean() < img[~membrane].mean() - 40
+    # Neurites of very different sizes side by side: the 90th percentile cell is several times the median one,
+    # where the "cells" style's even Voronoi cells stay below three times it.
+    def spread(labels):
+        areas = np.concatenate([np.bincount(ndi.label(s != 0)[0].ravel())[1:] for s in labels])
+        return np.percentile(areas, 90) / np.median(areas)
+    assert spread(lab) > 4 > 3 > spread(make_synthetic_em(4, 256, 256, seed=2)[1])
+
+
+def test_neuropil_mitochondria_are_dark_cell_interior():
+    images, labels3 = make_synthetic_em(3, 256, 256, seed=5, style="neuropil", classes=3)
+    _, labels2 = make_synthetic_em(3, 256, 256, seed=5, style="neuropil")
+    np.testing.assert_array_equal(labels3 == 0, labels2 == 0)
+    mito = labels3 == 2
+    assert 0.005 < mito.mean() < 0.08
+    assert (labels2[mito] == 255).all()                # labelled cell interior in the binary set, as in ISBI
+    assert images[mito].mean() < images[labels3 == 1].mean() - 30
+
+
+def test_unknown_style_is_refused():
+    with pytest.raises(UserError, match="synthetic style must be one of cells, neuropil, not 'isbi'"):
+        make_synthetic_em(1, 32, 32, style="isbi")
+
+
+def test_make_synthetic_script_neuropil_style(tmp_path):
+    import subprocess
+    import sys
+    import tifffile
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
+    done = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "np"), "--count", "2",
+                           "--size", "64", "--seed", "3", "--style", "neuropil", "--classes", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    images, labels = make_synthetic_em(2, 64, 64, seed=3, style="neuropil")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "np" / "images.tif"), images)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "np" / "labels.tif"), labels)
+    assert "(neuropil)" in done.stdout

@@ -1,8 +1,10 @@
 """Synthetic EM-like slices with exact membrane labels, for smoke runs and tests without real data.
 
-Each slice: irregular cells (a Voronoi tessellation of a smoothly warped plane), dark membranes of
+Two styles. ``"cells"`` (the default, the built-in set): each slice has irregular cells (a Voronoi tessellation of a smoothly warped plane), dark membranes of
 varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012, or a
 class of their own with ``classes=3``), per-cell grey levels, uneven illumination, blur and noise.
+``"neuropil"`` (:mod:`unet.data.neuropil`) imitates ISBI-like neuropil: neurites of very different sizes,
+extracellular gaps, striped mitochondria, vesicle clusters; made as a pre-training set (docs/training.md).
 
 Pure numpy/scipy: the :class:`~unet.data.datasets.SliceSet` wrapper is :func:`unet.data.datasets.synthetic_dataset`.
 """
@@ -11,21 +13,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from unet.data.neuropil import neuropil_slice
+from unet.data.noise import smooth_noise
 from unet.errors import UserError
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian-smoothed white noise."""
-    # Wide kernels are slow; smooth a coarse grid and upsample instead (same look, a fraction of the time).
-    factor = max(1, int(sigma // 2))
-    coarse = tuple(-(-s // factor) + 1 for s in shape) if factor > 1 else shape
-    field = ndi.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), sigma / factor, mode="wrap")
-    if factor > 1:
-        field = ndi.zoom(field, factor, order=1, grid_mode=False)[:shape[0], :shape[1]]
-    return (field - field.mean()) / (field.std() + 1e-8)
-
-
-def _one_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cells_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 image, uint8 membrane label 0/255, bool organelle mask) of one slice."""
     area = height * width
     # ISBI cells are roughly 40-80 px across at 512 x 512; keep a similar density at any size.
@@ -42,33 +35,33 @@ def _one_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     sigma = max(height, width) / 12
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     amp = rng.uniform(4, 9)
-    cells = ndi.map_coordinates(cells, [yy + amp * _smooth_noise(rng, (height, width), sigma),
-                                        xx + amp * _smooth_noise(rng, (height, width), sigma)],
+    cells = ndi.map_coordinates(cells, [yy + amp * smooth_noise(rng, (height, width), sigma),
+                                        xx + amp * smooth_noise(rng, (height, width), sigma)],
                                 order=0, mode="mirror")
 
     edge = np.zeros((height, width), dtype=bool)
     edge[:-1] |= cells[:-1] != cells[1:]
     edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
     dist = ndi.distance_transform_edt(~edge)
-    thickness = 1.0 + 2.0 * (0.5 + 0.5 * np.tanh(_smooth_noise(rng, (height, width), sigma / 2)))
+    thickness = 1.0 + 2.0 * (0.5 + 0.5 * np.tanh(smooth_noise(rng, (height, width), sigma / 2)))
     membrane = dist < thickness
     label = np.where(membrane, 0, 255).astype(np.uint8)
 
     # Per-cell grey level plus fine texture, then darker organelles away from the membranes.
     cell_grey = rng.uniform(0.55, 0.8, cells.max() + 1).astype(np.float32)
-    img = cell_grey[cells] + 0.05 * _smooth_noise(rng, (height, width), 1.5)
-    blobs = (_smooth_noise(rng, (height, width), 3.0) > 1.6) & (dist > thickness + 3)
+    img = cell_grey[cells] + 0.05 * smooth_noise(rng, (height, width), 1.5)
+    blobs = (smooth_noise(rng, (height, width), 3.0) > 1.6) & (dist > thickness + 3)
     img = np.where(blobs, img - rng.uniform(0.2, 0.3), img)
-    img = np.where(membrane, rng.uniform(0.12, 0.25) + 0.05 * _smooth_noise(rng, (height, width), 2.0), img)
+    img = np.where(membrane, rng.uniform(0.12, 0.25) + 0.05 * smooth_noise(rng, (height, width), 2.0), img)
 
-    illumination = 1.0 + rng.uniform(0.1, 0.25) * _smooth_noise(rng, (height, width), max(height, width) / 4)
+    illumination = 1.0 + rng.uniform(0.1, 0.25) * smooth_noise(rng, (height, width), max(height, width) / 4)
     img = ndi.gaussian_filter(img * illumination, rng.uniform(0.6, 1.2))
     img = img + rng.uniform(0.02, 0.05) * rng.standard_normal((height, width)).astype(np.float32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label, blobs
 
 
 def make_synthetic_em(count: int, height: int, width: int, seed: int = 0,
-                      classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                      classes: int = 2, style: str = "cells") -> tuple[np.ndarray, np.ndarray]:
     """Deterministic EM-like slices and their exact labels.
 
     Args:
@@ -77,6 +70,8 @@ def make_synthetic_em(count: int, height: int, width: int, seed: int = 0,
         seed: slices depend only on (seed, slice index), so a longer set extends a shorter one.
         classes: 2 = membrane labels (ISBI's convention); 3 = class indices 0 = membrane, 1 = cytoplasm,
             2 = organelle (the same images either way).
+        style: ``"cells"`` (even cells, blob organelles) or ``"neuropil"`` (ISBI-like neurites; its organelles
+            are mitochondria).
 
     Returns:
         ``(images, labels)``: uint8 ``(count, height, width)`` each; labels 255 = cell interior, 0 = membrane
@@ -88,10 +83,16 @@ def make_synthetic_em(count: int, height: int, width: int, seed: int = 0,
     if classes not in (2, 3):
         raise UserError(f"synthetic data has 2 classes (membrane, cell) or 3 (membrane, cytoplasm, organelle), "
                         f"not {classes}")
+    if style not in STYLES:
+        raise UserError(f"synthetic style must be one of {', '.join(STYLES)}, not {style!r}")
+    make_slice = STYLES[style]
     images = np.empty((count, height, width), dtype=np.uint8)
     labels = np.empty((count, height, width), dtype=np.uint8)
     for k in range(count):
-        images[k], membrane, organelles = _one_slice(np.random.default_rng([seed, k]), height, width)
+        images[k], membrane, organelles = make_slice(np.random.default_rng([seed, k]), height, width)
         labels[k] = membrane if classes == 2 else np.where(membrane == 0, 0, np.where(organelles, 2, 1))
     return images, labels
 
+
+
+STYLES = {"cells": _cells_slice, "neuropil": neuropil_slice}
