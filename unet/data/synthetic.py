@@ -1,8 +1,9 @@
 """Synthetic EM-like slices with exact membrane labels, for smoke runs and tests without real data.
 
-Two styles. ``"cells"`` (the default, the built-in set): each slice has irregular cells (a Voronoi tessellation of a smoothly warped plane), dark membranes of
-varying thickness between them, darker organelles inside cells (labelled cell interior, as in ISBI 2012, or a
-class of their own with ``classes=3``), per-cell grey levels, uneven illumination, blur and noise.
+Two styles. ``"cells"`` (the default, the built-in set): each slice has irregular cells (a Voronoi tessellation
+of a smoothly warped plane), dark membranes of varying thickness between them, darker organelles inside cells
+(labelled cell interior, as in ISBI 2012, or a class of their own with ``classes=3``), per-cell grey levels,
+uneven illumination, blur and noise.
 ``"neuropil"`` (:mod:`unet.data.neuropil`) imitates ISBI-like neuropil: neurites of very different sizes,
 extracellular gaps, striped mitochondria, vesicle clusters; made as a pre-training set (docs/training.md).
 
