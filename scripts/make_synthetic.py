@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
 from unet.atomic import atomic_path  # noqa: E402
-from unet.data.synthetic import make_synthetic_em  # noqa: E402
+from unet.data.synthetic import STYLES, make_synthetic_em  # noqa: E402
 from unet.errors import UserError  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=30)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--style", default="cells", choices=("cells", "neuropil"))
+    p.add_argument("--style", default="cells", choices=tuple(STYLES))
     args = p.parse_args(argv)
     try:
         images, labels = make_synthetic_em(args.count, args.size, args.size, args.seed, classes=args.classes,

@@ -91,7 +91,8 @@ def test_neuropil_style_is_deterministic_and_labels_membranes():
     assert np.array_equal(longer[:3], img)
     cells, _ = make_synthetic_em(3, 72, 90, seed=4)
     assert not np.array_equal(img, cells)
-    make_synthetic_em(1, 16, 16, style="neuropil")  # the smallest size still makes a slice
+    tiny_img, tiny_lab = make_synthetic_em(1, 16, 16, style="neuropil")  # the smallest size still makes a slice
+    assert tiny_img.shape == tiny_lab.shape == (1, 16, 16) and set(np.unique(tiny_lab)) <= {0, 255}
 
 
 def test_neuropil_looks_like_isbi_neuropil():

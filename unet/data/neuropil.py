@@ -6,9 +6,9 @@ membranes, small extracellular gaps where three or more cells meet, mitochondria
 synaptic vesicles. The ``"cells"`` style (even Voronoi cells, blob organelles) is made for smoke runs and was no
 pre-training start for ISBI (docs/training.md); this one imitates the geometry above:
 
-* cells: discs with log-normal radii packed at random (largest first), grown into an *additively weighted*
-  Voronoi partition (a pixel belongs to the disc whose rim is nearest), so big and small neurites sit side by
-  side as in neuropil, then the plane is warped so boundaries bend;
+* cells: discs with log-normal radii packed at random (roughly largest first), grown into an *additively
+  weighted* Voronoi partition (a pixel belongs to the disc whose rim is nearest), so big and small neurites sit
+  side by side as in neuropil, then the plane is warped so boundaries bend;
 * membranes: a band of varying width (3-7 px) on every cell boundary, plus the extracellular space (pixels far
   from every disc rim), both labelled membrane as ISBI's annotators did;
 * inside cells (labelled cell interior; class 2 = mitochondria with ``classes=3``): striped elliptical
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from unet.data.noise import smooth_noise
+from unet.data.fields import boundary_distance, smooth_noise, warp
 
 # Neurite radii in pixels (log-normal, clipped): median and spread chosen so the membrane share at 512 x 512
 # comes out near ISBI's 0.246 (tests/test_data_synthetic.py checks the range).
@@ -34,25 +34,22 @@ def _pack_discs(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
     mean_area = np.pi * _RADIUS_MEDIAN ** 2 * np.exp(2 * _RADIUS_SIGMA ** 2)
     wanted = int(2.5 * span.prod() / mean_area)
     radii = np.clip(rng.lognormal(np.log(_RADIUS_MEDIAN), _RADIUS_SIGMA, wanted), _RADIUS_MIN, _RADIUS_MAX)
-    placed_c = np.empty((0, 2))
-    placed_r = np.empty(0)
+    centres = np.empty((len(radii), 2))
+    placed = np.empty(len(radii))
+    n = 0
     # Largest first packs densely but lays big discs out like a honeycomb; a noisy order keeps it dense and
     # irregular, as neuropil is.
     for r in radii[np.argsort(-radii * rng.lognormal(0, 0.4, len(radii)))]:
         # Vectorised tries: 24 candidate positions at once, the first that clears every placed disc wins.
         cand = rng.random((24, 2)) * span - margin
         gap = rng.uniform(1.0, 3.0)
-        if len(placed_r):
-            d = np.hypot(cand[:, None, 0] - placed_c[None, :, 0], cand[:, None, 1] - placed_c[None, :, 1])
-            ok = np.all(d >= placed_r[None, :] + r + gap, axis=1)
-            if not ok.any():
-                continue
-            c = cand[np.argmax(ok)]
-        else:
-            c = cand[0]
-        placed_c = np.vstack([placed_c, c])
-        placed_r = np.append(placed_r, r)
-    return placed_c, placed_r
+        d = np.hypot(cand[:, None, 0] - centres[None, :n, 0], cand[:, None, 1] - centres[None, :n, 1])
+        ok = np.all(d >= placed[None, :n] + r + gap, axis=1)  # all() of nothing: the first disc always fits
+        if not ok.any():
+            continue
+        centres[n], placed[n] = cand[np.argmax(ok)], r
+        n += 1
+    return centres[:n], placed[:n]
 
 
 def _weighted_voronoi(centres: np.ndarray, radii: np.ndarray, height: int,
@@ -133,22 +130,20 @@ def neuropil_slice(rng: np.random.Generator, height: int,
     sigma = max(height, width) / 10
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     wide, fine = rng.uniform(3, 7), rng.uniform(2.5, 4.5)
-    warp = [yy + wide * smooth_noise(rng, (height, width), sigma) + fine * smooth_noise(rng, (height, width), 10),
+    coords = [yy + wide * smooth_noise(rng, (height, width), sigma) + fine * smooth_noise(rng, (height, width), 10),
             xx + wide * smooth_noise(rng, (height, width), sigma) + fine * smooth_noise(rng, (height, width), 10)]
-    cells = ndi.map_coordinates(cells, warp, order=0, mode="mirror")
-    slack = ndi.map_coordinates(slack, warp, order=1, mode="mirror")
+    cells = warp(cells, coords, order=0)
+    slack = warp(slack, coords, order=1)
 
-    edge = np.zeros((height, width), dtype=bool)
-    edge[:-1] |= cells[:-1] != cells[1:]
-    edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
-    inner = ndi.distance_transform_edt(~edge)  # distance to the nearest cell boundary
+    inner = boundary_distance(cells)
     thickness = 1.5 + 2.2 / (1 + np.exp(-1.5 * smooth_noise(rng, (height, width), sigma / 3)))
     extracellular = slack > rng.uniform(11, 16)
     membrane = (inner < thickness) | extracellular
     label = np.where(membrane, 0, 255).astype(np.uint8)
 
-    mito, stripes = _mitochondria(rng, cells, inner - thickness, radii)
-    vesicles = _vesicles(rng, cells, inner - thickness)
+    interior = inner - thickness  # depth inside the cell, past the membrane band
+    mito, stripes = _mitochondria(rng, cells, interior, radii)
+    vesicles = _vesicles(rng, cells, interior)
 
     # Neighbouring neurites differ little in grey in ISBI; texture (grain and mottling) is strong.
     cell_grey = (rng.uniform(0.6, 0.72) + rng.uniform(-0.06, 0.06, cells.max() + 1)).astype(np.float32)

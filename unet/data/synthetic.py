@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from unet.data.neuropil import neuropil_slice
-from unet.data.noise import smooth_noise
+from unet.data.fields import boundary_distance, smooth_noise, warp
 from unet.errors import UserError
 
 
@@ -36,14 +36,9 @@ def _cells_slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     sigma = max(height, width) / 12
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     amp = rng.uniform(4, 9)
-    cells = ndi.map_coordinates(cells, [yy + amp * smooth_noise(rng, (height, width), sigma),
-                                        xx + amp * smooth_noise(rng, (height, width), sigma)],
-                                order=0, mode="mirror")
-
-    edge = np.zeros((height, width), dtype=bool)
-    edge[:-1] |= cells[:-1] != cells[1:]
-    edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
-    dist = ndi.distance_transform_edt(~edge)
+    cells = warp(cells, [yy + amp * smooth_noise(rng, (height, width), sigma),
+                         xx + amp * smooth_noise(rng, (height, width), sigma)], order=0)
+    dist = boundary_distance(cells)
     thickness = 1.0 + 2.0 * (0.5 + 0.5 * np.tanh(smooth_noise(rng, (height, width), sigma / 2)))
     membrane = dist < thickness
     label = np.where(membrane, 0, 255).astype(np.uint8)
@@ -93,7 +88,6 @@ def make_synthetic_em(count: int, height: int, width: int, seed: int = 0,
         images[k], membrane, organelles = make_slice(np.random.default_rng([seed, k]), height, width)
         labels[k] = membrane if classes == 2 else np.where(membrane == 0, 0, np.where(organelles, 2, 1))
     return images, labels
-
 
 
 STYLES = {"cells": _cells_slice, "neuropil": neuropil_slice}

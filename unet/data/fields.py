@@ -1,4 +1,4 @@
-"""Smooth random fields shared by the synthetic EM generators (synthetic.py, neuropil.py)."""
+"""Fields both synthetic EM generators (synthetic.py's cells, neuropil.py) build slices from."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,3 +14,16 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     if factor > 1:
         field = ndi.zoom(field, factor, order=1, grid_mode=False)[:shape[0], :shape[1]]
     return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def warp(image: np.ndarray, coords: list[np.ndarray], order: int) -> np.ndarray:
+    """``image`` sampled at ``coords`` (a smooth displacement of the pixel grid), mirrored at the border."""
+    return ndi.map_coordinates(image, coords, order=order, mode="mirror")
+
+
+def boundary_distance(cells: np.ndarray) -> np.ndarray:
+    """Distance of every pixel to the nearest boundary between two cell ids (0 on a boundary pixel)."""
+    edge = np.zeros(cells.shape, dtype=bool)
+    edge[:-1] |= cells[:-1] != cells[1:]
+    edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
+    return ndi.distance_transform_edt(~edge)
